@@ -1,0 +1,574 @@
+"""The catalog: image metadata, vectors and failures in SQLite, through SQLAlchemy 2.0.
+
+The only module that imports SQLAlchemy. The catalog is the library's source of truth: it
+holds every image's vector as a float32 blob next to its metadata, so the FAISS index is a
+derived file that can always be rebuilt (`clipdex repair`) and a renamed file can reuse its
+vector by content hash. Every write transaction bumps ``generation``; the index file records
+the generation it was saved at, which tells on open whether the two agree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DatabaseError, OperationalError
+
+from .errors import LibraryError, LibraryLocked
+
+SCHEMA_VERSION = 2  # == len(MIGRATIONS)
+metadata = MetaData()
+
+meta_table = Table(
+    "meta",
+    metadata,
+    Column("key", String, primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+images = Table(
+    "images",
+    metadata,
+    Column("id", Integer, primary_key=True),  # also the FAISS id; never reused (AUTOINCREMENT)
+    Column("path", Text, nullable=False, unique=True),
+    Column("size", Integer, nullable=False),
+    Column("mtime_ns", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False, index=True),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("format", String),
+    Column("taken_at", DateTime),
+    Column("camera_make", String),
+    Column("camera_model", String),
+    Column("gps_lat", Float),
+    Column("gps_lon", Float),
+    Column("indexed_at", DateTime, nullable=False),
+    Column("vector", LargeBinary, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+failures = Table(
+    "failures",
+    metadata,
+    Column("path", Text, primary_key=True),
+    Column("size", Integer),
+    Column("mtime_ns", Integer),
+    Column("error", Text, nullable=False),
+    Column("failed_at", DateTime, nullable=False),
+)
+
+
+# Zero-shot tags (`clipdex tag`): the top labels of each image with their probability.
+# Labels compare case-insensitively (NOCASE), so `--tag Cat` finds "cat" through the index.
+tags = Table(
+    "tags",
+    metadata,
+    Column("image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    Column("label", String(collation="NOCASE"), primary_key=True),
+    Column("score", Float, nullable=False),
+    Index("ix_tags_label", "label"),
+)
+
+# Which label set each image was last tagged with (a digest of labels, prompts, model and
+# thresholds): `clipdex tag` only visits images whose digest differs, so it is incremental,
+# resumable after a kill, and re-tags everything when the label set changes.
+tagged = Table(
+    "tagged",
+    metadata,
+    Column("image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    Column("labelset", String(64), nullable=False),
+    Column("tagged_at", DateTime, nullable=False),
+)
+
+
+def _migration_1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[meta_table, images, failures])
+
+
+def _migration_2(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[tags, tagged])
+
+
+# Named, ordered migrations: index i brings the schema from version i to i + 1.
+MIGRATIONS = [_migration_1, _migration_2]
+
+IMAGE_FIELDS = (
+    "width",
+    "height",
+    "format",
+    "taken_at",
+    "camera_make",
+    "camera_model",
+    "gps_lat",
+    "gps_lon",
+)
+
+
+@dataclass
+class ImageRecord:
+    """One encoded file, ready to be stored."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    vector: np.ndarray
+    width: int
+    height: int
+    format: str | None = None
+    taken_at: dt.datetime | None = None
+    camera_make: str | None = None
+    camera_model: str | None = None
+    gps_lat: float | None = None
+    gps_lon: float | None = None
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What the catalog knows of a file on disk, to decide whether it changed."""
+
+    id: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class ImageFilter:
+    """Conditions on catalog rows, all of which must hold; an unset field matches anything.
+
+    ``after``/``before`` bound the capture time (EXIF, else the file's mtime in local time):
+    ``after`` inclusive, ``before`` exclusive. ``folders`` are absolute folder paths or
+    globs (an image matches when it lies anywhere under one of them). ``camera`` is a
+    case-insensitive substring of "make model". ``min_long``/``min_short`` bound the long
+    and the short side, whatever the orientation. ``formats`` are Pillow format names (any
+    of them); ``tags`` are labels that must all be present.
+    """
+
+    after: dt.datetime | None = None
+    before: dt.datetime | None = None
+    folders: tuple[str, ...] = ()
+    camera: str | None = None
+    min_long: int = 0
+    min_short: int = 0
+    formats: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    def is_empty(self) -> bool:
+        return self == ImageFilter()
+
+
+def capture_time(row: dict) -> dt.datetime:
+    """A row's capture time: EXIF ``taken_at``, else its mtime as a naive local time.
+
+    The same rule as the SQL in :meth:`Catalog.filter_ids`, for sorting results by date.
+    """
+    taken = row.get("taken_at")
+    if isinstance(taken, dt.datetime):
+        return taken
+    return dt.datetime.fromtimestamp(row["mtime_ns"] / 1e9)
+
+
+def _julian(value: dt.datetime):
+    return func.julianday(value.strftime("%Y-%m-%d %H:%M:%S.%f"))
+
+
+def _capture_julian():
+    mtime = func.julianday(images.c.mtime_ns / 1_000_000_000, "unixepoch", "localtime")
+    return func.coalesce(func.julianday(images.c.taken_at), mtime)
+
+
+_GLOB_CHARS = set("*?[")
+
+
+def _folder_condition(folder: str):
+    if _GLOB_CHARS & set(folder):
+        return images.c.path.op("GLOB")(folder.rstrip("/") + "/*")
+    prefix = folder.rstrip("/") + "/"
+    return func.substr(images.c.path, 1, len(prefix)) == prefix
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _filter_conditions(spec: ImageFilter) -> list:
+    """The WHERE terms of an :class:`ImageFilter` (SQLite dialect)."""
+    conditions = []
+    if spec.after is not None:
+        conditions.append(_capture_julian() >= _julian(spec.after))
+    if spec.before is not None:
+        conditions.append(_capture_julian() < _julian(spec.before))
+    if spec.folders:
+        conditions.append(or_(*(_folder_condition(f) for f in spec.folders)))
+    if spec.camera:
+        camera = (
+            func.coalesce(images.c.camera_make, "") + " " + func.coalesce(images.c.camera_model, "")
+        )
+        conditions.append(camera.like(f"%{_like_escape(spec.camera)}%", escape="\\"))
+    if spec.min_long or spec.min_short:
+        conditions.append(func.max(images.c.width, images.c.height) >= spec.min_long)
+        conditions.append(func.min(images.c.width, images.c.height) >= spec.min_short)
+    if spec.formats:
+        conditions.append(func.upper(images.c.format).in_([f.upper() for f in spec.formats]))
+    for label in spec.tags:
+        conditions.append(
+            exists().where(and_(tags.c.image_id == images.c.id, tags.c.label == label))
+        )
+    return conditions
+
+
+def vector_to_blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def blob_to_vector(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL: readers (searches) never block the indexer and always see a committed state.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Catalog:
+    """Typed access to the library's SQLite database."""
+
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise LibraryError(f"no catalog at {self.path}: run `clipdex index PATH` first")
+        self.engine: Engine = create_engine(f"sqlite:///{self.path}", future=True)
+        event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            self._migrate()
+        except LibraryLocked:
+            raise
+        except (DatabaseError, OperationalError) as exc:
+            raise LibraryError(
+                f"the catalog {self.path} is unreadable ({exc.orig}): restore it from a backup, "
+                "or move the library directory away and index again"
+            ) from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema -----------------------------------------------------------------------
+    def _migrate(self) -> None:
+        with self.engine.begin() as conn:
+            version = self._schema_version(conn)
+            if version > len(MIGRATIONS):
+                raise LibraryError(
+                    f"the catalog {self.path} has schema version {version}, newer than this "
+                    f"clipdex understands ({len(MIGRATIONS)}): upgrade clipdex"
+                )
+            for step in MIGRATIONS[version:]:
+                step(conn)
+            if version < len(MIGRATIONS):
+                self._set(conn, "schema_version", str(len(MIGRATIONS)))
+
+    def _schema_version(self, conn: Connection) -> int:
+        has_meta = conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
+        ).first()
+        if not has_meta:
+            return 0
+        value = conn.execute(
+            select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+        ).scalar()
+        return int(value or 0)
+
+    # -- key/value ----------------------------------------------------------------------
+    @staticmethod
+    def _set(conn: Connection, key: str, value: str) -> None:
+        conn.execute(delete(meta_table).where(meta_table.c.key == key))
+        conn.execute(insert(meta_table).values(key=key, value=value))
+
+    def get_meta(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(meta_table.c.value).where(meta_table.c.key == key)).scalar()
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.engine.begin() as conn:
+            self._set(conn, key, value)
+
+    def generation(self) -> int:
+        """A counter bumped by every write; the index file records the one it matches."""
+        return int(self.get_meta("generation") or 0)
+
+    def _bump(self, conn: Connection) -> None:
+        current = conn.execute(
+            select(meta_table.c.value).where(meta_table.c.key == "generation")
+        ).scalar()
+        self._set(conn, "generation", str(int(current or 0) + 1))
+
+    # -- reads --------------------------------------------------------------------------
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(images)).scalar_one()
+
+    def failure_count(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(failures)).scalar_one()
+
+    def file_states(self, under: str) -> dict[str, FileState]:
+        """Every catalogued path inside the folder ``under`` (absolute, resolved)."""
+        prefix = under.rstrip("/") + "/"
+        query = select(images.c.path, images.c.id, images.c.size, images.c.mtime_ns).where(
+            func.substr(images.c.path, 1, len(prefix)) == prefix
+        )
+        with self.engine.connect() as conn:
+            return {
+                row.path: FileState(row.id, row.size, row.mtime_ns) for row in conn.execute(query)
+            }
+
+    def find_by_hash(self, sha256: str) -> tuple[dict, np.ndarray] | None:
+        """Metadata and vector of any image with this content, for renamed or copied files."""
+        query = select(images).where(images.c.sha256 == sha256).limit(1)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        fields = {name: getattr(row, name) for name in IMAGE_FIELDS}
+        return fields, blob_to_vector(row.vector)
+
+    def ids(self) -> np.ndarray:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(images.c.id).order_by(images.c.id)).scalars().all()
+        return np.asarray(rows, dtype=np.int64)
+
+    def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) for the given ids that exist, in chunks to respect SQLite limits."""
+        found_ids: list[int] = []
+        found: list[np.ndarray] = []
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            query = select(images.c.id, images.c.vector).where(images.c.id.in_(chunk))
+            with self.engine.connect() as conn:
+                for row in conn.execute(query):
+                    found_ids.append(row.id)
+                    found.append(blob_to_vector(row.vector))
+        vectors = np.vstack(found) if found else np.zeros((0, 0), dtype=np.float32)
+        return np.asarray(found_ids, dtype=np.int64), vectors
+
+    def iter_vectors(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every (ids, vectors) in id order, in batches: the input of an index rebuild."""
+        last = 0
+        while True:
+            query = (
+                select(images.c.id, images.c.vector)
+                .where(images.c.id > last)
+                .order_by(images.c.id)
+                .limit(batch)
+            )
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                return
+            last = rows[-1].id
+            yield (
+                np.asarray([r.id for r in rows], dtype=np.int64),
+                np.vstack([blob_to_vector(r.vector) for r in rows]),
+            )
+
+    def get_images(self, ids: Iterable[int]) -> dict[int, dict]:
+        """Metadata rows (without vectors) for the given ids, keyed by id."""
+        columns = [c for c in images.c if c.name != "vector"]
+        ids = [int(i) for i in ids]
+        out: dict[int, dict] = {}
+        for start in range(0, len(ids), 500):
+            query = select(*columns).where(images.c.id.in_(ids[start : start + 500]))
+            with self.engine.connect() as conn:
+                out.update({row.id: dict(row._mapping) for row in conn.execute(query)})
+        return out
+
+    def id_for_path(self, path: str) -> int | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(images.c.id).where(images.c.path == path)).scalar()
+
+    def filter_ids(self, spec: ImageFilter) -> np.ndarray:
+        """Ids of the images matching ``spec``, ascending."""
+        query = select(images.c.id).where(*_filter_conditions(spec)).order_by(images.c.id)
+        with self.engine.connect() as conn:
+            return np.asarray(conn.execute(query).scalars().all(), dtype=np.int64)
+
+    def formats(self) -> list[str]:
+        """The distinct image formats in the library (for error messages)."""
+        query = select(images.c.format).distinct().where(images.c.format.is_not(None))
+        with self.engine.connect() as conn:
+            return sorted(conn.execute(query).scalars().all())
+
+    # -- tags -----------------------------------------------------------------------------
+    def tag_counts(self) -> list[tuple[str, int]]:
+        """Every stored label with the number of images carrying it, most frequent first."""
+        count = func.count().label("n")
+        query = (
+            select(tags.c.label, count).group_by(tags.c.label).order_by(count.desc(), tags.c.label)
+        )
+        with self.engine.connect() as conn:
+            return [(row.label, row.n) for row in conn.execute(query)]
+
+    def has_tags(self) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(tags.c.image_id).limit(1)).first() is not None
+
+    def tags_for(self, ids: Iterable[int]) -> dict[int, list[tuple[str, float]]]:
+        """Stored (label, score) pairs of the given images, best first; untagged ids absent."""
+        ids = [int(i) for i in ids]
+        out: dict[int, list[tuple[str, float]]] = {}
+        for start in range(0, len(ids), 500):
+            query = (
+                select(tags.c.image_id, tags.c.label, tags.c.score)
+                .where(tags.c.image_id.in_(ids[start : start + 500]))
+                .order_by(tags.c.image_id, tags.c.score.desc(), tags.c.label)
+            )
+            with self.engine.connect() as conn:
+                for row in conn.execute(query):
+                    out.setdefault(row.image_id, []).append((row.label, float(row.score)))
+        return out
+
+    def untagged(self, labelset: str, after_id: int = 0, limit: int = 2000) -> list[int]:
+        """Ids above ``after_id`` not yet tagged with ``labelset``, ascending, at most ``limit``."""
+        done = exists().where(and_(tagged.c.image_id == images.c.id, tagged.c.labelset == labelset))
+        query = (
+            select(images.c.id)
+            .where(images.c.id > after_id, ~done)
+            .order_by(images.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def store_tags(
+        self, labelset: str, assignments: dict[int, Sequence[tuple[str, float]]]
+    ) -> None:
+        """Replace the tags of the given images and mark them tagged with ``labelset``."""
+        now = _now()
+        ids = [int(i) for i in assignments]
+        with self.engine.begin() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                conn.execute(delete(tags).where(tags.c.image_id.in_(chunk)))
+                conn.execute(delete(tagged).where(tagged.c.image_id.in_(chunk)))
+            rows = [
+                {"image_id": int(i), "label": label, "score": float(score)}
+                for i, pairs in assignments.items()
+                for label, score in pairs
+            ]
+            if rows:
+                conn.execute(insert(tags), rows)
+            marks = [{"image_id": i, "labelset": labelset, "tagged_at": now} for i in ids]
+            if marks:
+                conn.execute(insert(tagged), marks)
+
+    def list_failures(self) -> list[dict]:
+        query = select(failures.c.path, failures.c.error).order_by(failures.c.path)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    # -- writes -------------------------------------------------------------------------
+    def commit_batch(
+        self,
+        records: Sequence[ImageRecord],
+        failed: Sequence[tuple[str, int | None, int | None, str]] = (),
+        removed_paths: Sequence[str] = (),
+    ) -> list[int]:
+        """Store new images, failures and removals in ONE transaction; returns the new ids.
+
+        A path that is stored again (changed file) replaces its old row and gets a new id,
+        so a stale vector in the index can never be returned under the new content.
+        """
+        new_ids: list[int] = []
+        with self.engine.begin() as conn:
+            paths = [r.path for r in records] + [f[0] for f in failed] + list(removed_paths)
+            self._delete_paths(conn, paths)
+            for record in records:
+                values = {name: getattr(record, name) for name in IMAGE_FIELDS}
+                result = conn.execute(
+                    insert(images).values(
+                        path=record.path,
+                        size=record.size,
+                        mtime_ns=record.mtime_ns,
+                        sha256=record.sha256,
+                        vector=vector_to_blob(record.vector),
+                        indexed_at=_now(),
+                        **values,
+                    )
+                )
+                new_ids.append(int(result.inserted_primary_key[0]))
+            for path, size, mtime_ns, error in failed:
+                conn.execute(
+                    insert(failures).values(
+                        path=path, size=size, mtime_ns=mtime_ns, error=error, failed_at=_now()
+                    )
+                )
+            self._bump(conn)
+        return new_ids
+
+    @staticmethod
+    def _delete_paths(conn: Connection, paths: Sequence[str]) -> None:
+        for start in range(0, len(paths), 500):
+            chunk = list(paths[start : start + 500])
+            conn.execute(delete(images).where(images.c.path.in_(chunk)))
+            conn.execute(delete(failures).where(failures.c.path.in_(chunk)))
+
+    def forget_failures_under(self, under: str, keep: set[str]) -> None:
+        """Drop failure rows of files inside ``under`` that are no longer on disk."""
+        prefix = under.rstrip("/") + "/"
+        query = select(failures.c.path).where(
+            func.substr(failures.c.path, 1, len(prefix)) == prefix
+        )
+        with self.engine.begin() as conn:
+            gone = [p for p in conn.execute(query).scalars() if p not in keep]
+            for start in range(0, len(gone), 500):
+                conn.execute(delete(failures).where(failures.c.path.in_(gone[start : start + 500])))
+
+    def delete_ids(self, ids: Sequence[int]) -> None:
+        with self.engine.begin() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = [int(i) for i in ids[start : start + 500]]
+                conn.execute(delete(images).where(images.c.id.in_(chunk)))
+            self._bump(conn)
+
+    def touch(self, image_id: int, size: int, mtime_ns: int) -> None:
+        """Record a new mtime for a file whose content hash did not change."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(images).where(images.c.id == image_id).values(size=size, mtime_ns=mtime_ns)
+            )

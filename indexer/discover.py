@@ -1,0 +1,111 @@
+"""Find the image files under the folders a user points at.
+
+Recursive, hidden folders and files skipped, ``--exclude`` globs honoured, directory
+symlinks followed once (a loop is detected by device + inode and not followed again).
+Problems with single entries (no permission, a name the OS cannot stat) are reported, not
+raised, so one bad folder never stops a run.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .decode import IMAGE_SUFFIXES
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    path: str  # absolute
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Discovery:
+    """What one walk found: image files and entries that could not be read."""
+
+    files: list[FoundFile] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def resolve_root(path: str | os.PathLike) -> Path:
+    """An existing folder or file as an absolute path; a clear error otherwise."""
+    root = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    if not root.exists():
+        raise ConfigError(f"{path} does not exist: pass an existing folder or image file")
+    return root
+
+
+def is_excluded(path: str, root: str, excludes: Sequence[str]) -> bool:
+    """True when a glob matches the path relative to root, the absolute path or the name."""
+    if not excludes:
+        return False
+    relative = os.path.relpath(path, root)
+    name = os.path.basename(path)
+    return any(
+        fnmatch.fnmatch(relative, glob)
+        or fnmatch.fnmatch(path, glob)
+        or fnmatch.fnmatch(name, glob)
+        for glob in excludes
+    )
+
+
+def discover(root: Path, excludes: Sequence[str] = ()) -> Discovery:
+    """Every image file under ``root`` (or ``root`` itself when it is a file)."""
+    found = Discovery()
+    if root.is_file():
+        _add_file(found, str(root), str(root.parent), excludes, explicit=True)
+        return found
+    seen_dirs: set[tuple[int, int]] = set()
+    for path in _walk(str(root), seen_dirs, found):
+        _add_file(found, path, str(root), excludes, explicit=False)
+    return found
+
+
+def _add_file(
+    found: Discovery, path: str, root: str, excludes: Sequence[str], explicit: bool
+) -> None:
+    if os.path.splitext(path)[1].lower() not in IMAGE_SUFFIXES and not explicit:
+        return
+    if is_excluded(path, root, excludes):
+        return
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        found.problems.append((path, f"cannot read file: {exc.strerror or exc}"))
+        return
+    found.files.append(FoundFile(path, stat.st_size, stat.st_mtime_ns))
+
+
+def _walk(folder: str, seen: set[tuple[int, int]], found: Discovery) -> Iterator[str]:
+    try:
+        stat = os.stat(folder)
+    except OSError as exc:
+        found.problems.append((folder, f"cannot read folder: {exc.strerror or exc}"))
+        return
+    key = (stat.st_dev, stat.st_ino)
+    if key in seen:  # symlink loop or a second link to a folder already walked
+        return
+    seen.add(key)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        found.problems.append((folder, f"cannot list folder: {exc.strerror or exc}"))
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir()
+            is_file = not is_dir and entry.is_file()
+        except OSError:
+            continue
+        if is_dir:
+            yield from _walk(entry.path, seen, found)
+        elif is_file:
+            yield entry.path

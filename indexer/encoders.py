@@ -1,0 +1,67 @@
+"""Choose and build an encoder backend; the one entry point the edges call.
+
+``auto`` runs ONNX Runtime on a CPU (faster there, and a query never imports torch) and
+torch with fp16 autocast on a CUDA GPU (or on Apple's MPS when asked for). Both backends
+report the same :class:`~indexer.model.ModelIdentity` for the same weights, so a library
+indexed with one is searched and extended with the other.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import ConfigError
+from .model import Encoder
+
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def load_encoder(
+    weights: Path | None = None,
+    device: str = "auto",
+    backend: str = "auto",
+    *,
+    cache_dir: Path | None = None,
+) -> Encoder:
+    """An encoder for MobileCLIP-S2 with the given weights (None: the hub's datacompdr)."""
+    chosen = resolve_backend(backend, device)
+    if chosen == "onnx":
+        from .onnx_encoder import OnnxEncoder
+
+        return OnnxEncoder(weights, cache_dir=cache_dir)
+    from .torch_encoder import TorchEncoder
+
+    return TorchEncoder(weights, device)
+
+
+def resolve_backend(backend: str = "auto", device: str = "auto") -> str:
+    """``torch`` or ``onnx`` for a requested backend and device; never imports torch on a CPU."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend == "onnx":
+        if device not in ("auto", "cpu"):
+            raise ConfigError(
+                f"--backend onnx runs on the CPU, not on {device}: use --backend torch "
+                f"--device {device}, or --device cpu"
+            )
+        return "onnx"
+    if backend == "torch":
+        return "torch"
+    if device == "auto":
+        return "torch" if cuda_available() else "onnx"
+    return "onnx" if device == "cpu" else "torch"
+
+
+def cuda_available() -> bool:
+    """Whether torch would run on a CUDA GPU; asks torch only when an NVIDIA driver is present."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    driver = Path("/proc/driver/nvidia/gpus")
+    if not (driver.is_dir() and any(driver.iterdir())) and not Path("/dev/nvidia0").exists():
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())

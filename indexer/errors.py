@@ -1,0 +1,79 @@
+"""Typed domain errors.
+
+Every error clipdex raises on purpose derives from :class:`ClipdexError`. Its message is
+written for the user (it names the thing and says what to do); the CLI prints it on one
+line and exits 1, the REST app turns it into a JSON error with the status in
+``http_status``. Nothing in ``indexer/`` knows about either edge: the status is a hint the
+edge may read.
+"""
+
+from __future__ import annotations
+
+
+class ClipdexError(Exception):
+    """Base class of every expected failure; ``str(err)`` is the user-facing message."""
+
+    code = "error"
+    http_status = 400
+
+
+class ConfigError(ClipdexError):
+    """A flag, environment variable or argument has a value clipdex cannot use."""
+
+    code = "bad_config"
+
+
+class WeightsUnavailable(ClipdexError):
+    """The model weights cannot be loaded (offline, missing or unreadable file)."""
+
+    code = "weights_unavailable"
+    http_status = 503
+
+
+class ModelMismatch(ClipdexError):
+    """The library was built with another model than the one asked for."""
+
+    code = "model_mismatch"
+    http_status = 409
+
+
+class LibraryError(ClipdexError):
+    """The library directory is missing, unreadable or damaged."""
+
+    code = "library_error"
+    http_status = 503
+
+
+class LibraryLocked(LibraryError):
+    """Another process is writing to the library."""
+
+    code = "library_locked"
+    http_status = 409
+
+
+class NotFound(ClipdexError):
+    """An image id or path that is not in the library."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class QueryError(ClipdexError):
+    """A malformed query (grammar, filter, k)."""
+
+    code = "bad_query"
+    http_status = 400
+
+
+class DecodeError(ClipdexError):
+    """One file could not be turned into an image; the message is the human reason."""
+
+    code = "not_an_image"
+    http_status = 415
+
+
+class ImageTooLarge(DecodeError):
+    """An image over the pixel limit (decompression-bomb guard)."""
+
+    code = "image_too_large"
+    http_status = 413

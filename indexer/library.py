@@ -1,0 +1,199 @@
+"""A library: one directory holding the catalog, the vector index and the model identity.
+
+Layout::
+
+    LIBRARY/catalog.sqlite        metadata + vectors (source of truth), SQLite WAL
+    LIBRARY/vectors.<gen>.faiss   FAISS index saved when the catalog was at generation <gen>
+    LIBRARY/write.lock            held (flock) by the one process allowed to write
+
+Opening reconciles the two stores: catalog rows missing from the index are added from
+their stored vectors, index ids without a row are dropped. Writers checkpoint by
+committing the catalog, then saving the index under the new generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .catalog import Catalog
+from .errors import LibraryError, LibraryLocked, ModelMismatch
+from .model import ModelIdentity
+from .vectors import VectorIndex
+
+CATALOG_FILE = "catalog.sqlite"
+LOCK_FILE = "write.lock"
+INDEX_PATTERN = re.compile(r"^vectors\.(\d+)\.faiss$")
+
+
+class Library:
+    """Catalog + vector index of one library directory, kept consistent."""
+
+    def __init__(self, root: Path, catalog: Catalog, index: VectorIndex, generation: int) -> None:
+        self.root = root
+        self.catalog = catalog
+        self.index = index
+        self.index_generation = generation
+        self._lock_handle = None
+
+    # -- opening ------------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str | os.PathLike, *, create: bool = False, mmap: bool = False) -> Library:
+        """Open (or with ``create`` make) the library at ``root`` and reconcile its stores."""
+        root = Path(root).expanduser()
+        if not (root / CATALOG_FILE).exists():
+            if not create:
+                raise LibraryError(
+                    f"no clipdex library at {root}: run `clipdex index PATH --library {root}` "
+                    "first, or pass the right --library"
+                )
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LibraryError(
+                    f"cannot create the library folder {root}: {exc.strerror}"
+                ) from exc
+        catalog = Catalog(root / CATALOG_FILE)
+        generation, path = _latest_index_file(root)
+        index = VectorIndex.load(path, mmap=mmap) if path else VectorIndex()
+        library = cls(root, catalog, index, generation)
+        if generation != catalog.generation():
+            library.reconcile()
+        return library
+
+    def close(self) -> None:
+        self.release_lock()
+        self.catalog.close()
+
+    def __enter__(self) -> Library:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- model identity -----------------------------------------------------------------
+    @property
+    def identity(self) -> ModelIdentity | None:
+        text = self.catalog.get_meta("model")
+        return ModelIdentity.from_json(text) if text else None
+
+    def bind_model(self, identity: ModelIdentity) -> None:
+        """Record the library's model on first use; refuse any other model afterwards."""
+        stored = self.identity
+        if stored is None:
+            self.catalog.set_meta("model", identity.to_json())
+            return
+        self.check_model(identity)
+
+    def check_model(self, identity: ModelIdentity) -> None:
+        stored = self.identity
+        if stored is not None and stored != identity:
+            raise ModelMismatch(
+                f"the library {self.root} was built with {stored.name}, not {identity.name}: "
+                "pass the same weights (--weights) as when it was built, or use another --library"
+            )
+
+    # -- consistency --------------------------------------------------------------------
+    def reconcile(self) -> tuple[int, int]:
+        """Make the index hold exactly the catalog's vectors; returns (added, dropped)."""
+        catalog_ids = self.catalog.ids()
+        index_ids = self.index.ids()
+        missing = np.setdiff1d(catalog_ids, index_ids, assume_unique=True)
+        orphans = np.setdiff1d(index_ids, catalog_ids, assume_unique=True)
+        if len(orphans):
+            self._ensure_writable_index()
+            self.index.remove(orphans)
+        for start in range(0, len(missing), 5000):
+            ids, vectors = self.catalog.vectors(missing[start : start + 5000])
+            self._ensure_writable_index()
+            self.index.add(ids, vectors)
+        self.index_generation = self.catalog.generation()
+        return len(missing), len(orphans)
+
+    def _ensure_writable_index(self) -> None:
+        """A memory-mapped index is read-only: copy it into memory before changing it."""
+        import faiss
+
+        if self.index.mmapped:
+            self.index = VectorIndex(self.index.dim, faiss.clone_index(self.index.index))
+
+    def refresh(self) -> bool:
+        """Pick up a newer checkpoint written by another process; True if anything changed."""
+        if self.catalog.generation() == self.index_generation:
+            return False
+        generation, path = _latest_index_file(self.root)
+        if path and generation > self.index_generation:
+            self.index = VectorIndex.load(path)
+            self.index_generation = generation
+        if self.index_generation != self.catalog.generation():
+            self.reconcile()
+        return True
+
+    def checkpoint(self) -> None:
+        """Save the index under the catalog's current generation; drop older index files."""
+        generation = self.catalog.generation()
+        target = self.root / f"vectors.{generation}.faiss"
+        self.index.save(target)
+        self.index_generation = generation
+        for other in self.root.iterdir():
+            match = INDEX_PATTERN.match(other.name)
+            if match and int(match.group(1)) != generation:
+                other.unlink(missing_ok=True)
+
+    def rebuild_index(self) -> int:
+        """Build the index again from the catalog's vectors alone; returns its size."""
+        index = VectorIndex()
+        for ids, vectors in self.catalog.iter_vectors():
+            index.add(ids, vectors)
+        self.index = index
+        self.checkpoint()
+        return len(index)
+
+    # -- writer lock --------------------------------------------------------------------
+    def acquire_lock(self) -> None:
+        """Become the library's only writer, or raise :class:`LibraryLocked` at once."""
+        handle = open(self.root / LOCK_FILE, "a+")  # noqa: SIM115 - held until release_lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            handle.close()
+            raise LibraryLocked(
+                f"another clipdex process is indexing into {self.root}: wait for it to finish"
+            ) from exc
+        self._lock_handle = handle
+
+    def release_lock(self) -> None:
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Library]:
+        self.acquire_lock()
+        try:
+            # Another writer may have finished between our open and the lock.
+            self.refresh()
+            yield self
+        finally:
+            self.release_lock()
+
+    # -- facts --------------------------------------------------------------------------
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+
+def _latest_index_file(root: Path) -> tuple[int, Path | None]:
+    best: tuple[int, Path | None] = (-1, None)
+    if not root.is_dir():
+        return best
+    for entry in root.iterdir():
+        match = INDEX_PATTERN.match(entry.name)
+        if match and int(match.group(1)) > best[0]:
+            best = (int(match.group(1)), entry)
+    return best

@@ -1,0 +1,252 @@
+"""MobileCLIP-S2 through ONNX Runtime: the CPU backend, and the torch-free query path.
+
+Both towers are exported once from the re-parameterised open_clip model (by
+:mod:`indexer.onnx_export`, in a child process: this module and the process that uses it
+never import torch), verified against torch, and cached under
+``<cache>/onnx/<architecture>--<weights>--v<N>/``:
+
+    image.onnx   (N, 3, 256, 256) float32 in [0, 1] -> (N, 512) raw image features
+    text.onnx    (N, 77) int64 token ids             -> (N, 512) raw text features
+    *.onnx.data  their weights (ONNX external data: loads faster than one big protobuf)
+    meta.json    identity, logit scale, the verification cosines, file sizes
+
+``meta.json`` is written last and the folder is renamed into place whole, so a folder that
+exists is a complete, verified export. The weights' identity (checkpoint sha256) is memoised
+on disk by (path, size, mtime, inode), so a cold query neither hashes a 250 MB checkpoint
+nor imports torch to find its export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import WeightsUnavailable
+from .model import DEFAULT_PRETRAINED, ModelIdentity, l2_normalise
+from .torch_encoder import weights_help  # torch_encoder imports torch only when it runs
+
+EXPORT_VERSION = 2  # bump when the exported graphs change: old cache folders are then ignored
+IMAGE_FILE, TEXT_FILE, META_FILE = "image.onnx", "text.onnx", "meta.json"
+HASHES_FILE = "checkpoints.json"
+log = logging.getLogger("clipdex")
+
+
+def data_file(model_file: str) -> str:
+    """The name of the weights file beside an exported graph."""
+    return f"{model_file}.data"
+
+
+def default_cache_dir() -> Path:
+    """Where exported models live: ``CLIPDEX_CACHE`` or the user's cache dir for clipdex."""
+    configured = os.environ.get("CLIPDEX_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("clipdex"))
+
+
+# -- weights identity without torch -----------------------------------------------------------
+def weights_identity(weights: Path | None, cache_dir: Path) -> ModelIdentity:
+    """The identity of ``weights`` (None: the hub tag), same as the torch backend computes.
+
+    A checkpoint's sha256 is remembered in ``<cache>/checkpoints.json`` under its resolved
+    path, keyed by size, mtime and inode, so it is hashed once, not once per process.
+    """
+    if weights is None:
+        return ModelIdentity(weights=DEFAULT_PRETRAINED)
+    return ModelIdentity(weights=f"sha256:{_cached_sha256(Path(weights), cache_dir)}")
+
+
+def _cached_sha256(path: Path, cache_dir: Path) -> str:
+    stat = path.stat()
+    key = str(path.resolve())
+    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    memo_file = cache_dir / HASHES_FILE
+    memo = _read_json(memo_file)
+    entry = memo.get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and entry.get("sha256"):
+        return str(entry["sha256"])
+    digest = _sha256_file(path)
+    memo[key] = {"stamp": stamp, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
+        _write_atomic(memo_file, json.dumps(memo, indent=1).encode())
+    return digest
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- the cached export ------------------------------------------------------------------------
+def export_dir(identity: ModelIdentity, cache_dir: Path) -> Path:
+    """The cache folder of one model's export, found by weights tag or checkpoint hash."""
+    weights = identity.weights.replace(":", "-")
+    return cache_dir / "onnx" / f"{identity.architecture}--{weights}--v{EXPORT_VERSION}"
+
+
+def read_export(folder: Path, identity: ModelIdentity) -> dict | None:
+    """The export's metadata if ``folder`` holds a complete, verified export of ``identity``."""
+    meta = _read_json(folder / META_FILE)
+    if not meta or meta.get("identity") != json.loads(identity.to_json()):
+        return None
+    for name, size in meta.get("files", {}).items():
+        try:
+            if (folder / name).stat().st_size != size:
+                return None
+        except OSError:
+            return None
+    expected = {IMAGE_FILE, TEXT_FILE, data_file(IMAGE_FILE), data_file(TEXT_FILE)}
+    return meta if expected <= set(meta.get("files", {})) else None
+
+
+def ensure_export(weights: Path | None, identity: ModelIdentity, cache_dir: Path) -> dict:
+    """Metadata of the verified export of ``weights``, exporting it first if needed.
+
+    The export runs in a spawned child process (it needs torch and open_clip, which this
+    process never imports); its typed errors (e.g. WeightsUnavailable) are raised here.
+    """
+    folder = export_dir(identity, cache_dir)
+    meta = read_export(folder, identity)
+    if meta is not None:
+        return meta
+    log.warning("exporting %s to ONNX once (~20 s); later runs reuse %s", identity.name, folder)
+    _export_in_child(weights, identity, folder)
+    meta = read_export(folder, identity)
+    if meta is None:
+        raise WeightsUnavailable(f"the ONNX export in {folder} is incomplete: delete it and retry")
+    return meta
+
+
+def _export_in_child(weights: Path | None, identity: ModelIdentity, folder: Path) -> None:
+    """Run ``python -m indexer.onnx_export`` and turn its failure back into a typed error."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "indexer.onnx_export", str(folder), identity.to_json()]
+    if weights is not None:
+        command.append(str(weights))
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode == 0:
+        return
+    lines = done.stdout.strip().splitlines()
+    message = json.loads(lines[-1]).get("message") if lines and lines[-1].startswith("{") else None
+    if not message:
+        tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        message = (
+            f"the ONNX export of {identity.name} failed ({tail[0][:200]}): "
+            "retry, or use --backend torch"
+        )
+    raise WeightsUnavailable(message)
+
+
+# -- the encoder ------------------------------------------------------------------------------
+class OnnxEncoder:
+    """Both towers in ONNX Runtime on the CPU; sessions are created on first use."""
+
+    backend = "onnx"
+
+    def __init__(
+        self,
+        weights: Path | None = None,
+        *,
+        cache_dir: Path | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.weights = Path(weights) if weights else None
+        if self.weights is not None and not self.weights.is_file():
+            raise WeightsUnavailable(f"weights file {weights} does not exist: {weights_help()}")
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.threads = threads
+        self.identity = weights_identity(self.weights, self.cache_dir)
+        self._meta: dict | None = None
+        self._sessions: dict[str, object] = {}
+
+    @property
+    def meta(self) -> dict:
+        """The verified export's metadata (exports on first use)."""
+        if self._meta is None:
+            self._meta = ensure_export(self.weights, self.identity, self.cache_dir)
+        return self._meta
+
+    @property
+    def folder(self) -> Path:
+        return export_dir(self.identity, self.cache_dir)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.meta["logit_scale"])
+
+    def prepare(self) -> None:
+        """Export now if needed (before a long run starts, not in the middle of it)."""
+        _ = self.meta
+
+    def session(self, name: str):
+        """The ONNX Runtime session of one tower file, created once."""
+        if name not in self._sessions:
+            _ = self.meta
+            self._sessions[name] = _make_session(self.folder / name, self.threads)
+        return self._sessions[name]
+
+    def encode_images(self, batch: np.ndarray) -> np.ndarray:
+        """(N,3,256,256) float32 in [0,1] -> (N,512) unit vectors."""
+        pixels = np.ascontiguousarray(batch, dtype=np.float32)
+        return l2_normalise(self.session(IMAGE_FILE).run(None, {"pixels": pixels})[0])
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """N strings -> (N,512) unit vectors (torch-free tokenizer, same ids as open_clip)."""
+        from .tokenizer import Tokenizer
+
+        tokens = Tokenizer.load().encode(list(texts))
+        return l2_normalise(self.session(TEXT_FILE).run(None, {"tokens": tokens})[0])
+
+
+def _make_session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own untyped failures
+        raise WeightsUnavailable(
+            f"cannot load the ONNX model {path} ({str(exc).splitlines()[0][:160]}): "
+            f"delete {path.parent} to export it again"
+        ) from exc
+

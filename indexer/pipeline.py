@@ -1,0 +1,278 @@
+"""Indexing: discover -> read + hash -> (reuse | decode -> encode) -> checkpointed storage.
+
+Reading, hashing and decoding run in worker processes (:mod:`indexer.workers`) while this
+process runs the model on the previous batch, so decoding overlaps with inference. A file
+whose content hash is already in the catalog (or was encoded earlier in the run) is neither
+decoded nor encoded. At most ``batch_size + 2 * workers`` files are in flight plus one batch
+being encoded, which bounds memory; a file that hangs, crashes its worker or needs too much
+memory is recorded as failed and costs only itself.
+
+Results are committed in checkpoints: the catalog first (one transaction with new rows,
+failures and replaced rows), then the index file, so a process killed at any moment leaves a
+library that opens, and the next run resumes where it was.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .catalog import ImageRecord
+from .decode import DEFAULT_MAX_MEGAPIXELS
+from .discover import FoundFile, discover, resolve_root
+from .library import Library
+from .model import Encoder
+from .workers import DEFAULT_DECODER, DecodeLimits, DecodePool, Outcome
+
+
+@dataclass
+class IndexOptions:
+    """How to index; resolved at the edge and passed in."""
+
+    excludes: Sequence[str] = ()
+    batch_size: int = 16
+    workers: int = max(1, min(4, (os.cpu_count() or 2)))
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    checkpoint_every: int = 256  # images
+    checkpoint_seconds: float = 60.0
+    decode_seconds: float = 30.0  # per-file time limit in the decode workers
+    decode_memory_mb: int = 2048  # per-file memory a decode worker may add (Linux)
+    decoder: str = DEFAULT_DECODER  # "module:function" run by the workers; tests swap it
+
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(self.max_megapixels, self.decode_seconds, self.decode_memory_mb)
+
+
+@dataclass
+class IndexReport:
+    """What one run did; ``as_dict`` is the CLI's ``--json`` document."""
+
+    indexed: int = 0
+    unchanged: int = 0
+    reused: int = 0
+    removed: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "indexed": self.indexed,
+            "unchanged": self.unchanged,
+            "reused": self.reused,
+            "removed": self.removed,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class Progress:
+    """Receives progress; the CLI subclasses it to draw a bar. The default does nothing."""
+
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, count: int = 1) -> None:
+        pass
+
+
+@dataclass
+class _Plan:
+    todo: list[FoundFile] = field(default_factory=list)
+    unchanged: int = 0
+    vanished: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    old_ids: dict[str, int] = field(default_factory=dict)  # path -> id it had before
+
+
+def plan(library: Library, roots: Iterable[Path], excludes: Sequence[str]) -> _Plan:
+    """Split what is on disk into unchanged, to do and vanished, by path, size and mtime."""
+    result = _Plan()
+    for root in roots:
+        found = discover(root, excludes)
+        result.problems.extend(found.problems)
+        if root.is_dir():
+            states = library.catalog.file_states(str(root))
+        else:
+            states = library.catalog.file_states(str(root.parent))
+            states = {str(root): states[str(root)]} if str(root) in states else {}
+        on_disk = {f.path for f in found.files}
+        for item in found.files:
+            state = states.get(item.path)
+            if state and state.size == item.size and state.mtime_ns == item.mtime_ns:
+                result.unchanged += 1
+                continue
+            if state:
+                result.old_ids[item.path] = state.id
+            result.todo.append(item)
+        for path, state in states.items():
+            if path not in on_disk:
+                result.vanished.append(path)
+                result.old_ids[path] = state.id
+        if root.is_dir():
+            library.catalog.forget_failures_under(str(root), on_disk)
+    return result
+
+
+class _HashMemo:
+    """Content hashes encoded in this run or stored in the catalog (asked by the pool's thread)."""
+
+    def __init__(self, library: Library) -> None:
+        self._catalog = library.catalog
+        self._seen: dict[str, tuple[dict, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, sha256: str) -> tuple[dict, np.ndarray] | None:
+        with self._lock:
+            hit = self._seen.get(sha256)
+        return hit if hit is not None else self._catalog.find_by_hash(sha256)
+
+    def remember(self, sha256: str, fields: dict, vector: np.ndarray) -> None:
+        with self._lock:
+            self._seen[sha256] = (fields, vector)
+
+
+class _Writer:
+    """Accumulates results and commits them in checkpoints."""
+
+    def __init__(self, library: Library, plan_: _Plan, options: IndexOptions) -> None:
+        self.library = library
+        self.plan = plan_
+        self.options = options
+        self.records: list[ImageRecord] = []
+        self.failed: list[tuple[str, int | None, int | None, str]] = []
+        self.last = time.monotonic()
+
+    def add(self, item: Outcome, vector: np.ndarray) -> None:
+        found = item.found
+        self.records.append(
+            ImageRecord(found.path, found.size, found.mtime_ns, item.sha256, vector, **item.fields)
+        )
+
+    def fail(self, found: FoundFile, reason: str) -> None:
+        self.failed.append((found.path, found.size, found.mtime_ns, reason))
+
+    def maybe_checkpoint(self) -> None:
+        due = time.monotonic() - self.last >= self.options.checkpoint_seconds
+        if len(self.records) + len(self.failed) >= self.options.checkpoint_every or due:
+            self.checkpoint()
+
+    def checkpoint(self, removed: Sequence[str] = ()) -> None:
+        """Catalog transaction first, then the index file under the new generation."""
+        touched = [r.path for r in self.records] + [f[0] for f in self.failed] + list(removed)
+        replaced = [self.plan.old_ids[p] for p in touched if p in self.plan.old_ids]
+        ids = self.library.catalog.commit_batch(self.records, self.failed, removed)
+        index = self.library.index
+        index.remove(np.asarray(replaced, dtype=np.int64))
+        if self.records:
+            index.add(np.asarray(ids, np.int64), np.vstack([r.vector for r in self.records]))
+        self.library.checkpoint()
+        self.records, self.failed = [], []
+        self.last = time.monotonic()
+
+
+def index_paths(
+    library: Library,
+    encoder: Encoder,
+    paths: Sequence[str | os.PathLike],
+    options: IndexOptions | None = None,
+    progress: Progress | None = None,
+) -> IndexReport:
+    """Index (or update) the given folders/files into ``library`` with ``encoder``."""
+    options = options or IndexOptions()
+    progress = progress or Progress()
+    started = time.monotonic()
+    roots = [resolve_root(p) for p in paths]
+    report = IndexReport()
+    with library.writing():
+        library.bind_model(encoder.identity)
+        work = plan(library, roots, options.excludes)
+        report.unchanged = work.unchanged
+        progress.start(len(work.todo))
+        writer = _Writer(library, work, options)
+        for path, reason in work.problems:
+            report.failures.append((path, reason))
+        _run(work.todo, library, encoder, options, writer, report, progress)
+        writer.checkpoint(removed=work.vanished)
+        report.removed = len(work.vanished)
+    report.failed = len(report.failures)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _run(
+    todo: list[FoundFile],
+    library: Library,
+    encoder: Encoder,
+    options: IndexOptions,
+    writer: _Writer,
+    report: IndexReport,
+    progress: Progress,
+) -> None:
+    if not todo:
+        return
+    prepare = getattr(encoder, "prepare", None)
+    if prepare is not None:
+        prepare()  # e.g. a first-time ONNX export, before the workers start
+    memo = _HashMemo(library)
+    batch: list[Outcome] = []
+    pool = DecodePool(
+        options.workers,
+        options.limits(),
+        memo.lookup,
+        capacity=options.batch_size + 2 * options.workers,
+        decoder=options.decoder,
+    )
+    for item in pool.map(todo):
+        _route(item, batch, writer, report, progress)
+        if len(batch) >= options.batch_size:
+            _encode(batch, encoder, memo, writer, report, progress)
+            batch = []
+        writer.maybe_checkpoint()
+    if batch:
+        _encode(batch, encoder, memo, writer, report, progress)
+
+
+def _route(
+    item: Outcome, batch: list[Outcome], writer: _Writer, report: IndexReport, progress: Progress
+) -> None:
+    if item.error is not None:
+        writer.fail(item.found, item.error)
+        report.failures.append((item.found.path, item.error))
+        progress.advance()
+    elif item.vector is not None:
+        writer.add(item, item.vector)
+        report.reused += 1
+        progress.advance()
+    else:
+        batch.append(item)
+
+
+def _encode(
+    batch: list[Outcome],
+    encoder: Encoder,
+    memo: _HashMemo,
+    writer: _Writer,
+    report: IndexReport,
+    progress: Progress,
+) -> None:
+    """Encode each distinct content once; copies decoded in the same batch share the vector."""
+    unique: dict[str, Outcome] = {}
+    for item in batch:
+        unique.setdefault(item.sha256, item)
+    vectors = encoder.encode_images(np.stack([item.pixels for item in unique.values()]))
+    by_hash = dict(zip(unique, vectors))
+    for sha256, vector in by_hash.items():
+        memo.remember(sha256, unique[sha256].fields, vector)
+    for item in batch:
+        item.pixels = None
+        writer.add(item, by_hash[item.sha256])
+    report.indexed += len(unique)
+    report.reused += len(batch) - len(unique)
+    progress.advance(len(batch))

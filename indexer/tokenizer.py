@@ -1,0 +1,140 @@
+"""Torch-free CLIP text tokenizer for MobileCLIP-S2.
+
+``open_clip.get_tokenizer('MobileCLIP-S2')`` is open_clip's ``SimpleTokenizer`` with its
+defaults: OpenAI CLIP's byte-level BPE (``bpe_simple_vocab_16e6.txt.gz``, shipped in
+``indexer/assets``), the ``'lower'`` clean function, no reduction mask, context length 77.
+This module reproduces it id for id with stdlib, numpy, ftfy and regex only, so a text
+query answered through ONNX Runtime never pays the ~8 s ``import torch, open_clip``.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+
+import ftfy
+import numpy as np
+import regex
+
+CONTEXT_LENGTH = 77
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+_MERGE_COUNT = 49152 - 256 - 2  # open_clip reads lines 1..48894 of the merges file
+_SPECIALS = ("<start_of_text>", "<end_of_text>")
+# open_clip's pre-tokenizer, flags included: IGNORECASE matters for the specials and the
+# contractions (e.g. U+017F "long s" case-folds to "s").
+_PATTERN = regex.compile(
+    "|".join(_SPECIALS) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+_CACHE_LIMIT = 100_000  # words; keeps a long-running server's memo bounded
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, in open_clip's order (= vocabulary ids)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    table = {b: chr(b) for b in printable}
+    rest = (b for b in range(256) if b not in table)
+    table.update((b, chr(256 + n)) for n, b in enumerate(rest))
+    return table
+
+
+def clean(text: str) -> str:
+    """open_clip's ``'lower'`` clean: ftfy, HTML-unescape twice, collapse whitespace, lowercase."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.split()).lower()
+
+
+def _merge_pair(word: list[str], first: str, second: str) -> list[str]:
+    """Merge every non-overlapping ``first second`` pair in ``word``, scanning left to right."""
+    merged: list[str] = []
+    i = 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == first and word[i + 1] == second:
+            merged.append(first + second)
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return merged
+
+
+class Tokenizer:
+    """CLIP byte-level BPE tokenizer; ``encode`` matches open_clip's ``SimpleTokenizer``."""
+
+    def __init__(self, merges: Sequence[tuple[str, str]]) -> None:
+        """Build the vocabulary from ordered BPE merges (rank = position)."""
+        alphabet = _byte_alphabet()
+        chars = list(alphabet.values())
+        vocab = [*chars, *(c + "</w>" for c in chars), *map("".join, merges), *_SPECIALS]
+        self._ids = {token: i for i, token in enumerate(vocab)}
+        self._ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self._to_alphabet = str.maketrans(alphabet)
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self.sot_id, self.eot_id = (self._ids[s] for s in _SPECIALS)
+        self.vocab_size = len(vocab)
+
+    @classmethod
+    def from_file(cls, path: Path) -> Tokenizer:
+        """Read a gzipped CLIP merges file (header line, then one ``a b`` merge per line)."""
+        lines = gzip.decompress(Path(path).read_bytes()).decode("utf-8").split("\n")
+        return cls([tuple(line.split()) for line in lines[1 : _MERGE_COUNT + 1]])
+
+    @classmethod
+    @functools.cache
+    def load(cls) -> Tokenizer:
+        """The tokenizer over the vocabulary shipped with clipdex, built once per process."""
+        with resources.as_file(resources.files("indexer") / "assets" / VOCAB_FILE) as path:
+            return cls.from_file(path)
+
+    def encode(
+        self, texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH
+    ) -> np.ndarray:
+        """Token ids, shape ``(len(texts), context_length)``, int64, zero-padded.
+
+        Each row is ``<sot> tokens <eot>``; a text too long keeps its first
+        ``context_length - 2`` tokens and still ends in ``<eot>`` (open_clip's truncation).
+        """
+        if context_length < 2:
+            raise ValueError(f"context_length must be at least 2, got {context_length}")
+        texts = [texts] if isinstance(texts, str) else texts
+        out = np.zeros((len(texts), context_length), dtype=np.int64)
+        for row, text in enumerate(texts):
+            body = itertools.islice(self.token_ids(text), context_length - 2)
+            ids = [self.sot_id, *body, self.eot_id]
+            out[row, : len(ids)] = ids
+        return out
+
+    def token_ids(self, text: str) -> Iterator[int]:
+        """Lazily yield the BPE ids of ``text`` (no ``<sot>``/``<eot>``)."""
+        for match in _PATTERN.finditer(clean(text)):
+            yield from self._word_ids(match.group())
+
+    def _word_ids(self, word: str) -> tuple[int, ...]:
+        """Ids of one pre-tokenized word, memoised."""
+        symbols = word.encode("utf-8").decode("latin-1").translate(self._to_alphabet)
+        ids = self._cache.get(symbols)
+        if ids is None:
+            ids = tuple(self._ids[piece] for piece in self._bpe(symbols))
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[symbols] = ids
+        return ids
+
+    def _bpe(self, symbols: str) -> list[str]:
+        """Apply merges lowest rank first until none applies; specials pass through whole."""
+        if symbols in _SPECIALS:
+            return [symbols]
+        word = [*symbols[:-1], symbols[-1] + "</w>"]
+        while len(word) > 1:
+            pair = min(itertools.pairwise(word), key=lambda p: self._ranks.get(p, math.inf))
+            if pair not in self._ranks:
+                break
+            word = _merge_pair(word, *pair)
+        return word

@@ -1,0 +1,424 @@
+"""Decode worker processes: read, hash and decode files beside the inference process.
+
+Each worker is a ``python -m indexer.workers`` child (a plain subprocess: it never re-runs
+the caller's ``__main__`` and imports only numpy, Pillow and :mod:`indexer.decode`) joined
+to the parent by a private pair of pipes. A supervisor thread in the parent
+
+- hands one file at a time to each idle worker; the worker reads and hashes it and asks
+  whether the content is already known (catalog or this run): a known file is never decoded;
+- keeps at most ``capacity`` files dispatched or waiting for the consumer (back-pressure:
+  a slow consumer stops the reading, which bounds memory);
+- enforces the per-file time limit, and replaces a worker that overruns or dies, recording
+  its file as failed with a human reason; the worker caps its own address space, so a file
+  that needs too much memory fails alone with a MemoryError.
+
+Outcomes come back in completion order, not input order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+import numpy as np
+
+from .decode import DEFAULT_MAX_MEGAPIXELS, decode_for_model, describe_failure
+from .discover import FoundFile
+from .errors import ClipdexError
+
+DEFAULT_DECODER = "indexer.workers:decode_file"
+STARTUP_SECONDS = 60.0  # a worker that is not up by then means a broken installation
+_POLL_SECONDS = 0.05  # how often the supervisor looks for freed slots and overruns
+
+Lookup = Callable[[str], "tuple[dict, np.ndarray] | None"]
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Per-file bounds enforced in the workers."""
+
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    seconds: float = 30.0  # wall time to read + decode one file
+    memory_mb: int = 2048  # address space a worker may add while decoding (Linux); 0: none
+
+
+@dataclass
+class Outcome:
+    """One file after the pool: model input to encode, a known vector to reuse, or a failure."""
+
+    found: FoundFile
+    sha256: str = ""
+    pixels: np.ndarray | None = None
+    fields: dict | None = None
+    vector: np.ndarray | None = None
+    error: str | None = None
+
+
+# -- the worker side ----------------------------------------------------------------------------
+def decode_file(data: bytes, path: str, max_megapixels: float) -> tuple[np.ndarray, dict]:
+    """The default decoder: model input and the catalog's fields for one file's bytes."""
+    pixels, info = decode_for_model(data, max_megapixels=max_megapixels)
+    fields = {
+        "width": info.width,
+        "height": info.height,
+        "format": info.format,
+        "taken_at": info.taken_at,
+        "camera_make": info.camera_make,
+        "camera_model": info.camera_model,
+        "gps_lat": info.gps_lat,
+        "gps_lon": info.gps_lon,
+    }
+    return pixels, fields
+
+
+def serve(inbox: Connection, outbox: Connection, decoder: Callable, limits: DecodeLimits) -> None:
+    """The worker loop: one path in, ``hashed`` out, then ``decode`` or ``skip``, until EOF."""
+    outbox.send(("ready",))
+    while True:
+        try:
+            path = inbox.recv()
+        except EOFError:
+            return
+        if path is None:
+            return
+        _serve_one(path, inbox, outbox, decoder, limits)
+
+
+def _serve_one(path: str, inbox, outbox, decoder: Callable, limits: DecodeLimits) -> None:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        outbox.send(("failed", _read_failure(exc, path)))
+        return
+    outbox.send(("hashed", hashlib.sha256(data).hexdigest()))
+    if inbox.recv() != "decode":
+        return
+    try:
+        pixels, fields = decoder(data, path, limits.max_megapixels)
+    except MemoryError:
+        del data
+        outbox.send(("failed", _memory_failure(limits)))
+        return
+    except ClipdexError as exc:
+        outbox.send(("failed", str(exc)))
+        return
+    except Exception as exc:  # the boundary: every failure becomes a reason
+        outbox.send(("failed", describe_failure(exc, path)))
+        return
+    outbox.send(("decoded", pixels, fields))
+
+
+def _read_failure(exc: OSError, path: str) -> str:
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return describe_failure(exc, path)
+    return f"cannot read file: {exc.strerror or exc}"
+
+
+def _memory_failure(limits: DecodeLimits) -> str:
+    return (
+        f"decoding needs more than {limits.memory_mb} MB, the per-file memory limit "
+        "(lower --max-megapixels, or the file is hostile)"
+    )
+
+
+def _cap_memory(memory_mb: int) -> None:
+    """Limit this process's address space to what it uses now plus ``memory_mb``."""
+    if memory_mb <= 0:
+        return
+    try:
+        import resource
+
+        pages = int(Path("/proc/self/statm").read_text().split()[0])
+    except (ImportError, OSError, ValueError, IndexError):
+        return  # not Linux: no cap (RLIMIT_AS is not enforced on macOS anyway)
+    limit = pages * os.sysconf("SC_PAGE_SIZE") + memory_mb * 2**20
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def resolve_decoder(reference: str) -> Callable:
+    """``"package.module:function"`` -> the function (tests substitute hostile decoders)."""
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m indexer.workers READ_FD WRITE_FD CONFIG_JSON``: serve until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    read_fd, write_fd, config = int(argv[0]), int(argv[1]), json.loads(argv[2])
+    limits = DecodeLimits(**config["limits"])
+    decoder = resolve_decoder(config["decoder"])
+    with contextlib.suppress(Exception):  # load lazy codecs (HEIF) before the memory cap
+        from .decode import _readable_formats
+
+        _readable_formats()
+    _cap_memory(limits.memory_mb)
+    inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the parent went away
+        serve(inbox, outbox, decoder, limits)
+    return 0
+
+
+# -- the parent side ----------------------------------------------------------------------------
+class _Worker:
+    """One worker process as the parent sees it: its pipes and the file it is working on."""
+
+    def __init__(self, decoder: str, limits: DecodeLimits) -> None:
+        child_in, self_out = os.pipe()
+        self_in, child_out = os.pipe()
+        config = json.dumps({"decoder": decoder, "limits": limits.__dict__})
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "indexer.workers", str(child_in), str(child_out), config],
+            pass_fds=(child_in, child_out),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            env=_worker_env(),
+        )
+        os.close(child_in)
+        os.close(child_out)
+        self.outbox = Connection(self_out, readable=False)
+        self.inbox = Connection(self_in, writable=False)
+        self.started = time.monotonic()
+        self.ready = False
+        self.found: FoundFile | None = None
+        self.sha256 = ""
+        self.deadline = float("inf")
+
+    def give(self, found: FoundFile, seconds: float) -> bool:
+        """Send a file; False when the worker is gone."""
+        self.found, self.sha256 = found, ""
+        self.deadline = time.monotonic() + seconds if self.ready else float("inf")
+        return self.send(found.path)
+
+    def send(self, message) -> bool:
+        try:
+            self.outbox.send(message)
+        except OSError:
+            return False
+        return True
+
+    def done(self) -> FoundFile:
+        found, self.found, self.deadline = self.found, None, float("inf")
+        return found
+
+    def exit_reason(self) -> str:
+        """How the process ended, in words, e.g. 'killed by SIGSEGV'."""
+        try:
+            code = self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-code).name}"
+            return f"killed by signal {-code}"
+        return f"exit status {code}"
+
+    def stop(self, *, force: bool = False) -> None:
+        if not force:
+            self.send(None)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=2)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for conn in (self.inbox, self.outbox):
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+def _worker_env() -> dict[str, str]:
+    """The child sees this checkout's packages and stays single-threaded and lean."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    single = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    return {**os.environ, **single, "PYTHONPATH": path, "MALLOC_ARENA_MAX": "2"}
+
+
+_END = object()
+
+
+class DecodePool:
+    """Worker processes that turn found files into :class:`Outcome` objects, with bounds."""
+
+    def __init__(
+        self,
+        workers: int = 2,
+        limits: DecodeLimits | None = None,
+        lookup: Lookup | None = None,
+        capacity: int | None = None,
+        decoder: str = DEFAULT_DECODER,
+    ) -> None:
+        self.size = max(1, int(workers))
+        self.limits = limits or DecodeLimits()
+        self.lookup = lookup or (lambda sha256: None)
+        self.capacity = max(self.size, capacity or 4 * self.size)
+        self.decoder = decoder
+        self.peak_outstanding = 0  # most files dispatched but not yet taken by the consumer
+        self.restarts = 0  # workers replaced after a crash or an overrun
+        self._outstanding = 0
+        self._lock = threading.Lock()
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._workers: list[_Worker] = []
+
+    def map(self, files: Iterable[FoundFile]) -> Iterator[Outcome]:
+        """Outcomes of ``files`` as they complete; stops the workers when done or abandoned."""
+        self._workers = [_Worker(self.decoder, self.limits) for _ in range(self.size)]
+        supervisor = threading.Thread(
+            target=self._supervise, args=(iter(files),), name="clipdex-decode", daemon=True
+        )
+        supervisor.start()
+        try:
+            while (item := self._results.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                with self._lock:
+                    self._outstanding -= 1
+                yield item
+        finally:
+            self._stopping.set()
+            supervisor.join()
+            failed = sys.exc_info()[0] is not None
+            for worker in self._workers:
+                worker.stop(force=failed or worker.found is not None)
+
+    # -- the supervisor thread ------------------------------------------------------------------
+    def _supervise(self, source: Iterator[FoundFile]) -> None:
+        try:
+            more = True
+            while not self._stopping.is_set():
+                if more:
+                    more = self._dispatch(source)
+                busy = [w for w in self._workers if w.found is not None]
+                if not more and not busy:
+                    break
+                self._listen(busy)
+                self._expire(busy)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._results.put(exc)
+        finally:
+            self._results.put(_END)
+
+    def _dispatch(self, source: Iterator[FoundFile]) -> bool:
+        """Give files to idle workers while slots are free; False once ``source`` is empty."""
+        for i in range(len(self._workers)):
+            if self._workers[i].found is not None:
+                continue
+            with self._lock:
+                if self._outstanding >= self.capacity:
+                    return True
+            found = next(source, None)
+            if found is None:
+                return False
+            with self._lock:
+                self._outstanding += 1
+                self.peak_outstanding = max(self.peak_outstanding, self._outstanding)
+            if not self._workers[i].give(found, self.limits.seconds):
+                self._restart_idle(i).give(found, self.limits.seconds)
+        return True
+
+    def _restart_idle(self, index: int) -> _Worker:
+        """Replace a worker found dead while idle (its last file was already reported)."""
+        old = self._workers[index]
+        old.found = None
+        if not old.ready:
+            self._not_started(old)
+        old.stop(force=True)
+        self._workers[index] = _Worker(self.decoder, self.limits)
+        self.restarts += 1
+        return self._workers[index]
+
+    def _listen(self, busy: list[_Worker]) -> None:
+        """Wait briefly for messages from busy workers and act on each."""
+        by_conn = {w.inbox: w for w in busy}
+        for conn in wait(list(by_conn), timeout=self._timeout(busy)):
+            worker = by_conn[conn]
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                self._died(worker)
+                continue
+            self._on_message(worker, message)
+
+    def _timeout(self, busy: list[_Worker]) -> float:
+        soonest = min((w.deadline for w in busy), default=float("inf"))
+        return max(0.0, min(_POLL_SECONDS, soonest - time.monotonic()))
+
+    def _on_message(self, worker: _Worker, message: tuple) -> None:
+        kind = message[0]
+        if kind == "ready":
+            worker.ready = True
+            worker.deadline = time.monotonic() + self.limits.seconds
+        elif kind == "hashed":
+            worker.sha256 = message[1]
+            known = self.lookup(worker.sha256)
+            if known is None:
+                worker.send("decode")
+            else:
+                worker.send("skip")
+                fields, vector = known
+                self._emit(Outcome(worker.done(), message[1], fields=dict(fields), vector=vector))
+        elif kind == "decoded":
+            sha256 = worker.sha256
+            self._emit(Outcome(worker.done(), sha256, pixels=message[1], fields=message[2]))
+        elif kind == "failed":
+            sha256 = worker.sha256
+            self._emit(Outcome(worker.done(), sha256, error=message[1]))
+
+    def _died(self, worker: _Worker) -> None:
+        if not worker.ready:
+            self._not_started(worker)
+        reason = f"the decoder crashed on this file (worker process {worker.exit_reason()})"
+        self._replace(self._workers.index(worker), reason)
+
+    @staticmethod
+    def _not_started(worker: _Worker) -> None:
+        raise ClipdexError(
+            f"a decode worker could not start ({worker.exit_reason()}): see the error above; "
+            f"is clipdex installed for {sys.executable}?"
+        )
+
+    def _expire(self, busy: list[_Worker]) -> None:
+        now = time.monotonic()
+        for worker in busy:
+            if worker.found is None:
+                continue
+            if worker.deadline <= now:
+                worker.process.kill()
+                seconds = f"{self.limits.seconds:g}"
+                reason = f"decoding took longer than {seconds} s, the per-file time limit"
+                self._replace(self._workers.index(worker), reason)
+            elif not worker.ready and now - worker.started > STARTUP_SECONDS:
+                raise ClipdexError(f"a decode worker did not start in {STARTUP_SECONDS:g} s")
+
+    def _replace(self, index: int, reason: str) -> None:
+        """Record the worker's file as failed and put a fresh worker in its place."""
+        old = self._workers[index]
+        if old.found is not None:
+            sha256 = old.sha256
+            self._emit(Outcome(old.done(), sha256, error=reason))
+        old.stop(force=True)
+        self._workers[index] = _Worker(self.decoder, self.limits)
+        self.restarts += 1
+
+    def _emit(self, outcome: Outcome) -> None:
+        self._results.put(outcome)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,94 @@
+"""Catalog + vector index: storage, reconciliation, model identity, lock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexer.catalog import ImageRecord
+from indexer.errors import LibraryError, LibraryLocked, ModelMismatch
+from indexer.library import Library
+from indexer.model import ModelIdentity, l2_normalise
+
+
+def _records(n: int, start: int = 0) -> list[ImageRecord]:
+    rng = np.random.default_rng(start)
+    vectors = l2_normalise(rng.standard_normal((n, 512)))
+    return [
+        ImageRecord(
+            f"/photos/p{start + i}.jpg", 100 + i, 1_000 + i, f"{start + i:064x}", vectors[i], 64, 48
+        )
+        for i in range(n)
+    ]
+
+
+def _store(library: Library, records: list[ImageRecord]) -> list[int]:
+    ids = library.catalog.commit_batch(records)
+    library.index.add(np.asarray(ids), np.vstack([r.vector for r in records]))
+    library.checkpoint()
+    return ids
+
+
+def test_open_missing_library_says_how_to_create(tmp_path):
+    with pytest.raises(LibraryError, match="clipdex index"):
+        Library.open(tmp_path / "nope")
+
+
+def test_stored_vectors_are_searchable_by_id(tmp_path):
+    with Library.open(tmp_path / "lib", create=True) as library:
+        records = _records(5)
+        ids = _store(library, records)
+        scores, found = library.index.search(records[2].vector[None], 1)
+        assert found[0][0] == ids[2]
+        assert scores[0][0] == pytest.approx(1.0, abs=1e-5)
+    with Library.open(tmp_path / "lib") as reopened:
+        assert sorted(reopened.index.ids()) == sorted(ids)
+
+
+def test_reconcile_adds_rows_missing_from_index_and_drops_orphans(tmp_path):
+    library = Library.open(tmp_path / "lib", create=True)
+    ids = _store(library, _records(4))
+    # A crash after the catalog commit but before the index save:
+    library.catalog.commit_batch(_records(3, start=10))
+    # ...and an index holding an id whose row is gone:
+    library.catalog.delete_ids([ids[0]])
+    library.close()
+    with Library.open(tmp_path / "lib") as reopened:
+        assert sorted(reopened.index.ids()) == sorted(reopened.catalog.ids())
+        assert len(reopened.index) == 6
+
+
+def test_index_file_name_carries_generation_and_old_files_go(tmp_path):
+    with Library.open(tmp_path / "lib", create=True) as library:
+        _store(library, _records(2))
+        _store(library, _records(2, start=5))
+        files = sorted(p.name for p in (tmp_path / "lib").glob("vectors.*.faiss"))
+        assert files == [f"vectors.{library.catalog.generation()}.faiss"]
+
+
+def test_model_identity_is_bound_once_and_enforced(tmp_path):
+    with Library.open(tmp_path / "lib", create=True) as library:
+        library.bind_model(ModelIdentity(weights="sha256:aaa"))
+        library.bind_model(ModelIdentity(weights="sha256:aaa"))
+        with pytest.raises(ModelMismatch, match="--weights"):
+            library.bind_model(ModelIdentity(weights="datacompdr"))
+
+
+def test_second_writer_is_refused_clearly(tmp_path):
+    first = Library.open(tmp_path / "lib", create=True)
+    second = Library.open(tmp_path / "lib")
+    with first.writing(), pytest.raises(LibraryLocked, match="another clipdex process"):
+        second.acquire_lock()
+    second.acquire_lock()  # free again once the first writer is done
+    second.close()
+    first.close()
+
+
+def test_rebuild_index_from_catalog_alone(tmp_path):
+    with Library.open(tmp_path / "lib", create=True) as library:
+        ids = _store(library, _records(7))
+    for path in (tmp_path / "lib").glob("vectors.*.faiss"):
+        path.unlink()
+    with Library.open(tmp_path / "lib") as library:
+        assert sorted(library.index.ids()) == sorted(ids)
+        assert library.rebuild_index() == 7
