@@ -28,8 +28,14 @@ TEXTS = ["a dog on the beach", "Sunset über dem Meer 🌅", "", "x" * 500]
 
 
 @pytest.fixture(scope="module")
-def encoder(random_checkpoint):
-    return load_encoder(random_checkpoint, device="cpu")
+def torch_encoder(random_checkpoint):
+    return load_encoder(random_checkpoint, device="cpu", backend="torch")
+
+
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def encoder(request, random_checkpoint):
+    """The product's encoder on each backend (onnx is the CPU default)."""
+    return load_encoder(random_checkpoint, device="cpu", backend=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +56,12 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def test_image_tower_is_reparameterised_and_in_eval(encoder):
-    blocks = [m for m in encoder.model.visual.modules() if hasattr(m, "reparameterize")]
+def test_image_tower_is_reparameterised_and_in_eval(torch_encoder):
+    model = torch_encoder.model
+    blocks = [m for m in model.visual.modules() if hasattr(m, "reparameterize")]
     assert len(blocks) > 40  # RepMixer, MobileOneBlock, ReparamLargeKernelConv, RepCPE
     assert all(getattr(b, "reparam_conv", None) is not None for b in blocks)
-    assert not encoder.model.training
+    assert not model.training
 
 
 def test_image_embeddings_match_reference(encoder, reference, corpus):
@@ -92,7 +99,7 @@ def test_missing_weights_file_says_what_to_download(tmp_path):
 def test_offline_without_weights_says_which_flag(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    encoder = load_encoder(None, device="cpu")
+    encoder = load_encoder(None, device="cpu", backend="torch")
     with pytest.raises(WeightsUnavailable, match="--weights"):
         encoder.encode_texts(["hello"])
 
@@ -100,6 +107,6 @@ def test_offline_without_weights_says_which_flag(monkeypatch, tmp_path):
 def test_garbage_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    encoder = load_encoder(bad, device="cpu")
+    encoder = load_encoder(bad, device="cpu", backend="torch")
     with pytest.raises(WeightsUnavailable, match="could not load"):
         encoder.encode_texts(["hello"])
