@@ -10,6 +10,7 @@ the generation it was saved at, which tells on open whether the two agree.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +42,11 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 
-from .errors import LibraryError, LibraryLocked
+from .errors import DiskFull, LibraryDamaged, LibraryError
+from .model import EMBED_DIM
+from .paths import ESCAPE, from_db, to_db
 
-SCHEMA_VERSION = 2  # == len(MIGRATIONS)
+SCHEMA_VERSION = 3  # == len(MIGRATIONS)
 metadata = MetaData()
 
 meta_table = Table(
@@ -116,8 +119,17 @@ def _migration_2(conn: Connection) -> None:
     metadata.create_all(conn, tables=[tags, tagged])
 
 
+def _migration_3(conn: Connection) -> None:
+    """Paths are stored through :func:`indexer.paths.to_db`: double any literal escape char."""
+    for table in ("images", "failures"):
+        conn.exec_driver_sql(
+            f"UPDATE {table} SET path = replace(path, ?, ?) WHERE instr(path, ?) > 0",
+            (ESCAPE, ESCAPE * 2, ESCAPE),
+        )
+
+
 # Named, ordered migrations: index i brings the schema from version i to i + 1.
-MIGRATIONS = [_migration_1, _migration_2]
+MIGRATIONS = [_migration_1, _migration_2, _migration_3]
 
 IMAGE_FIELDS = (
     "width",
@@ -165,8 +177,9 @@ class ImageFilter:
 
     ``after``/``before`` bound the capture time (EXIF, else the file's mtime in local time):
     ``after`` inclusive, ``before`` exclusive. ``folders`` are absolute folder paths or
-    globs (an image matches when it lies anywhere under one of them). ``camera`` is a
-    case-insensitive substring of "make model". ``min_long``/``min_short`` bound the long
+    globs (an image matches when it lies anywhere under one of them). Every word of
+    ``camera`` must occur in "make model", case-insensitively ("nikon d750" matches make
+    "NIKON CORPORATION", model "D750"). ``min_long``/``min_short`` bound the long
     and the short side, whatever the orientation. ``formats`` are Pillow format names (any
     of them); ``tags`` are labels that must all be present.
     """
@@ -196,7 +209,8 @@ def capture_time(row: dict) -> dt.datetime:
 
 
 def _julian(value: dt.datetime):
-    return func.julianday(value.strftime("%Y-%m-%d %H:%M:%S.%f"))
+    # Zero-padded year by hand: strftime("%Y") gives "1", not "0001", for year 1 on glibc.
+    return func.julianday(f"{value.year:04d}-" + value.strftime("%m-%d %H:%M:%S.%f"))
 
 
 def _capture_julian():
@@ -208,6 +222,7 @@ _GLOB_CHARS = set("*?[")
 
 
 def _folder_condition(folder: str):
+    folder = to_db(folder)
     if _GLOB_CHARS & set(folder):
         return images.c.path.op("GLOB")(folder.rstrip("/") + "/*")
     prefix = folder.rstrip("/") + "/"
@@ -231,7 +246,8 @@ def _filter_conditions(spec: ImageFilter) -> list:
         camera = (
             func.coalesce(images.c.camera_make, "") + " " + func.coalesce(images.c.camera_model, "")
         )
-        conditions.append(camera.like(f"%{_like_escape(spec.camera)}%", escape="\\"))
+        for word in spec.camera.split():
+            conditions.append(camera.like(f"%{_like_escape(word)}%", escape="\\"))
     if spec.min_long or spec.min_short:
         conditions.append(func.max(images.c.width, images.c.height) >= spec.min_long)
         conditions.append(func.min(images.c.width, images.c.height) >= spec.min_short)
@@ -250,6 +266,61 @@ def vector_to_blob(vector: np.ndarray) -> bytes:
 
 def blob_to_vector(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+def vector_is_sound(blob: bytes | None, dim: int = EMBED_DIM) -> bool:
+    """Whether a stored vector blob is ``dim`` finite float32 of unit length."""
+    if not isinstance(blob, bytes) or len(blob) != 4 * dim:
+        return False
+    vector = blob_to_vector(blob)
+    return bool(np.isfinite(vector).all()) and abs(float(vector @ vector) - 1.0) < 1e-2
+
+
+def _real_path(mapping) -> dict:
+    """A result row as a dict whose ``path`` is the real (OS) path again."""
+    row = dict(mapping)
+    row["path"] = from_db(row["path"])
+    return row
+
+
+SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 10, 11, 13, 26  # primary codes
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Less than 1 MiB free where the library lives (the likely cause of an I/O error)."""
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < 2**20
+
+
+def sqlite_file_problem(path: Path) -> str | None:
+    """What is visibly wrong with a SQLite file's header or length, or None.
+
+    The header's page count is trusted only when SQLite marks it valid (change counter ==
+    version-valid-for); a file shorter than that was truncated.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header = handle.read(100)
+    except FileNotFoundError:
+        return None  # a new catalog
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    if size == 0:
+        return None
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        return "not a SQLite database: the header is missing or overwritten"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    valid = header[24:28] == header[92:96]
+    if valid and pages and size < pages * page_size:
+        return f"shorter than its header says: {size} of {pages * page_size} bytes, truncated?"
+    return None
 
 
 def _now() -> dt.datetime:
@@ -275,11 +346,16 @@ class Catalog:
             raise LibraryError(f"no catalog at {self.path}: run `clipdex index PATH` first")
         self.engine: Engine = create_engine(f"sqlite:///{self.path}", future=True)
         event.listen(self.engine, "connect", _sqlite_pragmas)
+        event.listen(self.engine, "handle_error", self._translate_error)
         try:
+            self._check_file()
             self._migrate()
-        except LibraryLocked:
+            self._probe()
+        except LibraryError:
+            self.engine.dispose()
             raise
         except (DatabaseError, OperationalError) as exc:
+            self.engine.dispose()
             raise LibraryError(
                 f"the catalog {self.path} is unreadable ({exc.orig}): restore it from a backup, "
                 "or move the library directory away and index again"
@@ -287,6 +363,71 @@ class Catalog:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # -- health -------------------------------------------------------------------------
+    def _translate_error(self, context) -> None:
+        """SQLAlchemy ``handle_error`` hook: disk full and damage become typed, actionable."""
+        original = context.original_exception
+        code = getattr(original, "sqlite_errorcode", None)
+        if code is None:
+            return
+        if code & 0xFF == SQLITE_FULL:
+            raise DiskFull.at(self.path.parent) from original
+        if code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
+            raise LibraryDamaged(self.damage_message(str(original)), str(original)) from original
+        if code & 0xFF == SQLITE_IOERR and _nearly_full(self.path.parent):
+            raise DiskFull.at(self.path.parent) from original  # SQLite hides the errno
+        if code & 0xFF == SQLITE_IOERR:
+            raise LibraryError(
+                f"cannot read or write the catalog {self.path} ({original}): the library keeps "
+                "its previous checkpoint; check the disk (free space, errors) and run again"
+            ) from original
+
+    def damage_message(self, detail: str) -> str:
+        root = self.path.parent
+        return (
+            f"the catalog {self.path} is damaged ({detail}): run `clipdex repair --library "
+            f"{root}` to salvage what is readable (add the photo folders to re-index the rest), "
+            "or restore catalog.sqlite from a backup"
+        )
+
+    def _check_file(self) -> None:
+        """Cheap checks on open: a SQLite header, and a file as long as it says it is."""
+        problem = sqlite_file_problem(self.path)
+        if problem is None:
+            return
+        if problem.startswith("shorter") and self.quick_check() == "ok":
+            return  # a concurrent WAL checkpoint was growing the file: not damage
+        raise LibraryDamaged(self.damage_message(problem), problem)
+
+    def _probe(self) -> None:
+        """Touch each table's first and last rows: a damaged root page shows on open.
+
+        O(log n) per table, unlike ``quick_check`` (which reads every page); damage deeper
+        in a table shows when a query reaches it, as :class:`LibraryDamaged`.
+        """
+        with self.engine.connect() as conn:
+            for table in metadata.sorted_tables:
+                for order in ("ASC", "DESC"):
+                    conn.exec_driver_sql(
+                        f'SELECT * FROM "{table.name}" ORDER BY rowid {order} LIMIT 1'
+                    ).all()
+
+    def quick_check(self) -> str:
+        """SQLite's ``PRAGMA quick_check``: ``"ok"`` or the first problem found."""
+        return self._pragma_check("quick_check")
+
+    def integrity_check(self) -> str:
+        """SQLite's full ``PRAGMA integrity_check`` (reads every page; for `clipdex repair`)."""
+        return self._pragma_check("integrity_check")
+
+    def _pragma_check(self, pragma: str) -> str:
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.exec_driver_sql(f"PRAGMA {pragma}(5)").scalars().all()
+        except (DatabaseError, LibraryDamaged) as exc:
+            return str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+        return "ok" if rows == ["ok"] else "; ".join(map(str, rows))[:300]
 
     # -- schema -----------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -331,6 +472,12 @@ class Catalog:
         """A counter bumped by every write; the index file records the one it matches."""
         return int(self.get_meta("generation") or 0)
 
+    def bump_generation(self) -> int:
+        """Move to a new generation without other changes (an index rewritten as is)."""
+        with self.engine.begin() as conn:
+            self._bump(conn)
+        return self.generation()
+
     def _bump(self, conn: Connection) -> None:
         current = conn.execute(
             select(meta_table.c.value).where(meta_table.c.key == "generation")
@@ -348,13 +495,14 @@ class Catalog:
 
     def file_states(self, under: str) -> dict[str, FileState]:
         """Every catalogued path inside the folder ``under`` (absolute, resolved)."""
-        prefix = under.rstrip("/") + "/"
+        prefix = to_db(under.rstrip("/") + "/")
         query = select(images.c.path, images.c.id, images.c.size, images.c.mtime_ns).where(
             func.substr(images.c.path, 1, len(prefix)) == prefix
         )
         with self.engine.connect() as conn:
             return {
-                row.path: FileState(row.id, row.size, row.mtime_ns) for row in conn.execute(query)
+                from_db(row.path): FileState(row.id, row.size, row.mtime_ns)
+                for row in conn.execute(query)
             }
 
     def find_by_hash(self, sha256: str) -> tuple[dict, np.ndarray] | None:
@@ -375,7 +523,7 @@ class Catalog:
     def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) for the given ids that exist, in chunks to respect SQLite limits."""
         found_ids: list[int] = []
-        found: list[np.ndarray] = []
+        found: list[bytes] = []
         ids = [int(i) for i in ids]
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
@@ -383,9 +531,10 @@ class Catalog:
             with self.engine.connect() as conn:
                 for row in conn.execute(query):
                     found_ids.append(row.id)
-                    found.append(blob_to_vector(row.vector))
-        vectors = np.vstack(found) if found else np.zeros((0, 0), dtype=np.float32)
-        return np.asarray(found_ids, dtype=np.int64), vectors
+                    found.append(row.vector)
+        if not found:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        return np.asarray(found_ids, dtype=np.int64), self._sound_stack(found_ids, found)
 
     def iter_vectors(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every (ids, vectors) in id order, in batches: the input of an index rebuild."""
@@ -402,10 +551,24 @@ class Catalog:
             if not rows:
                 return
             last = rows[-1].id
-            yield (
-                np.asarray([r.id for r in rows], dtype=np.int64),
-                np.vstack([blob_to_vector(r.vector) for r in rows]),
-            )
+            ids = [r.id for r in rows]
+            yield np.asarray(ids, dtype=np.int64), self._sound_stack(ids, [r.vector for r in rows])
+
+    def _sound_stack(self, ids: Sequence[int], blobs: Sequence[bytes]) -> np.ndarray:
+        """Stored vectors as one (n, dim) array; LibraryDamaged if any is not a unit vector.
+
+        The index is rebuilt from these, so a damaged blob must stop the rebuild rather than
+        become a wrong neighbour. Vectorised: this runs over every row on a rebuild.
+        """
+        sizes = {len(b) if isinstance(b, bytes) else -1 for b in blobs}
+        if sizes == {4 * EMBED_DIM}:
+            vectors = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), EMBED_DIM)
+            norms = np.einsum("ij,ij->i", vectors, vectors)
+            if np.isfinite(norms).all() and (np.abs(norms - 1.0) < 1e-2).all():
+                return vectors.astype(np.float32)
+        bad = [i for i, b in zip(ids, blobs) if not vector_is_sound(b)]
+        detail = f"the stored vector of image {bad[0]} is invalid"
+        raise LibraryDamaged(self.damage_message(detail), detail)
 
     def get_images(self, ids: Iterable[int]) -> dict[int, dict]:
         """Metadata rows (without vectors) for the given ids, keyed by id."""
@@ -415,12 +578,12 @@ class Catalog:
         for start in range(0, len(ids), 500):
             query = select(*columns).where(images.c.id.in_(ids[start : start + 500]))
             with self.engine.connect() as conn:
-                out.update({row.id: dict(row._mapping) for row in conn.execute(query)})
+                out.update({row.id: _real_path(row._mapping) for row in conn.execute(query)})
         return out
 
     def id_for_path(self, path: str) -> int | None:
         with self.engine.connect() as conn:
-            return conn.execute(select(images.c.id).where(images.c.path == path)).scalar()
+            return conn.execute(select(images.c.id).where(images.c.path == to_db(path))).scalar()
 
     def filter_ids(self, spec: ImageFilter) -> np.ndarray:
         """Ids of the images matching ``spec``, ascending."""
@@ -475,6 +638,11 @@ class Catalog:
         with self.engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
+    def forget_tagged(self) -> None:
+        """Mark every image untagged (its tags stay until it is tagged again)."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(tagged))
+
     def store_tags(
         self, labelset: str, assignments: dict[int, Sequence[tuple[str, float]]]
     ) -> None:
@@ -500,7 +668,7 @@ class Catalog:
     def list_failures(self) -> list[dict]:
         query = select(failures.c.path, failures.c.error).order_by(failures.c.path)
         with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
+            return [_real_path(row._mapping) for row in conn.execute(query)]
 
     # -- writes -------------------------------------------------------------------------
     def commit_batch(
@@ -522,7 +690,7 @@ class Catalog:
                 values = {name: getattr(record, name) for name in IMAGE_FIELDS}
                 result = conn.execute(
                     insert(images).values(
-                        path=record.path,
+                        path=to_db(record.path),
                         size=record.size,
                         mtime_ns=record.mtime_ns,
                         sha256=record.sha256,
@@ -535,7 +703,11 @@ class Catalog:
             for path, size, mtime_ns, error in failed:
                 conn.execute(
                     insert(failures).values(
-                        path=path, size=size, mtime_ns=mtime_ns, error=error, failed_at=_now()
+                        path=to_db(path),
+                        size=size,
+                        mtime_ns=mtime_ns,
+                        error=error,
+                        failed_at=_now(),
                     )
                 )
             self._bump(conn)
@@ -544,18 +716,18 @@ class Catalog:
     @staticmethod
     def _delete_paths(conn: Connection, paths: Sequence[str]) -> None:
         for start in range(0, len(paths), 500):
-            chunk = list(paths[start : start + 500])
+            chunk = [to_db(p) for p in paths[start : start + 500]]
             conn.execute(delete(images).where(images.c.path.in_(chunk)))
             conn.execute(delete(failures).where(failures.c.path.in_(chunk)))
 
     def forget_failures_under(self, under: str, keep: set[str]) -> None:
         """Drop failure rows of files inside ``under`` that are no longer on disk."""
-        prefix = under.rstrip("/") + "/"
+        prefix = to_db(under.rstrip("/") + "/")
         query = select(failures.c.path).where(
             func.substr(failures.c.path, 1, len(prefix)) == prefix
         )
         with self.engine.begin() as conn:
-            gone = [p for p in conn.execute(query).scalars() if p not in keep]
+            gone = [p for p in conn.execute(query).scalars() if from_db(p) not in keep]
             for start in range(0, len(gone), 500):
                 conn.execute(delete(failures).where(failures.c.path.in_(gone[start : start + 500])))
 
@@ -565,6 +737,24 @@ class Catalog:
                 chunk = [int(i) for i in ids[start : start + 500]]
                 conn.execute(delete(images).where(images.c.id.in_(chunk)))
             self._bump(conn)
+
+    def unsound_vectors(self, batch: int = 5000) -> list[tuple[int, str]]:
+        """(id, real path) of every row whose stored vector is damaged (repair's input)."""
+        bad: list[tuple[int, str]] = []
+        last = 0
+        while True:
+            query = (
+                select(images.c.id, images.c.path, images.c.vector)
+                .where(images.c.id > last)
+                .order_by(images.c.id)
+                .limit(batch)
+            )
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                return bad
+            last = rows[-1].id
+            bad += [(r.id, from_db(r.path)) for r in rows if not vector_is_sound(r.vector)]
 
     def touch(self, image_id: int, size: int, mtime_ns: int) -> None:
         """Record a new mtime for a file whose content hash did not change."""

@@ -2,12 +2,15 @@
 
 Recursive, hidden folders and files skipped, ``--exclude`` globs honoured, directory
 symlinks followed once (a loop is detected by device + inode and not followed again).
-Problems with single entries (no permission, a name the OS cannot stat) are reported, not
-raised, so one bad folder never stops a run.
+Problems with single entries (no permission, a name the OS cannot stat, a link that loops
+or leads nowhere, a path over the system's limit) are reported, not raised, so one bad
+folder never stops a run. Names are ``str`` with undecodable bytes surrogate-escaped (see
+:mod:`indexer.paths` for how they are stored and shown).
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 from collections.abc import Iterator, Sequence
@@ -70,7 +73,7 @@ def discover(root: Path, excludes: Sequence[str] = ()) -> Discovery:
 def _add_file(
     found: Discovery, path: str, root: str, excludes: Sequence[str], explicit: bool
 ) -> None:
-    if os.path.splitext(path)[1].lower() not in IMAGE_SUFFIXES and not explicit:
+    if not _has_image_suffix(path) and not explicit:
         return
     if is_excluded(path, root, excludes):
         return
@@ -103,9 +106,22 @@ def _walk(folder: str, seen: set[tuple[int, int]], found: Discovery) -> Iterator
         try:
             is_dir = entry.is_dir()
             is_file = not is_dir and entry.is_file()
-        except OSError:
+        except OSError as exc:
+            found.problems.append((entry.path, _entry_problem(exc)))
             continue
         if is_dir:
             yield from _walk(entry.path, seen, found)
         elif is_file:
             yield entry.path
+        elif entry.is_symlink() and _has_image_suffix(entry.name):
+            found.problems.append((entry.path, "broken symlink: its target does not exist"))
+
+
+def _has_image_suffix(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _entry_problem(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symlink loop: the link leads back to itself"
+    return f"cannot read entry: {exc.strerror or exc}"

@@ -51,6 +51,32 @@ class LibraryLocked(LibraryError):
     http_status = 409
 
 
+class LibraryDamaged(LibraryError):
+    """The catalog or the index file failed a check; the message says how to repair it."""
+
+    code = "library_damaged"
+    http_status = 503
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message  # what is wrong, without the advice
+
+
+class DiskFull(LibraryError):
+    """A write to the library ran out of space; the previous checkpoint is kept."""
+
+    code = "disk_full"
+    http_status = 507
+
+    @classmethod
+    def at(cls, root: object) -> DiskFull:
+        """The error for the library at ``root``, saying what was kept and what to do."""
+        return cls(
+            f"no space left on the disk of the library {root}: the library keeps its previous "
+            "checkpoint; free some space and run the command again"
+        )
+
+
 class NotFound(ClipdexError):
     """An image id or path that is not in the library."""
 

@@ -9,6 +9,12 @@ Layout::
 Opening reconciles the two stores: catalog rows missing from the index are added from
 their stored vectors, index ids without a row are dropped. Writers checkpoint by
 committing the catalog, then saving the index under the new generation.
+
+Damage is found, never served: the catalog's header and length are checked on open and
+SQLite's corruption errors become :class:`~indexer.errors.LibraryDamaged`; each index file
+carries a stamp (size, CRC-32, count) checked on load. Both messages name `clipdex repair`
+(:mod:`indexer.repair`). A generation's file name is never reused, so a reader that picked a
+file a writer has since replaced simply looks again.
 """
 
 from __future__ import annotations
@@ -19,17 +25,21 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from .catalog import Catalog
 from .errors import LibraryError, LibraryLocked, ModelMismatch
 from .model import ModelIdentity
-from .vectors import VectorIndex
+from .vectors import STAMP_SUFFIX, UnstampedIndex, VectorIndex
 
 CATALOG_FILE = "catalog.sqlite"
 LOCK_FILE = "write.lock"
 INDEX_PATTERN = re.compile(r"^vectors\.(\d+)\.faiss$")
+# The index files, their stamps and the temporary files of interrupted writes.
+INDEX_FAMILY = re.compile(r"^vectors\.(\d+)\.faiss(\.check)?(\.[^.]+\.tmp)?$")
+LOAD_ATTEMPTS = 10  # a reader racing writers that keep replacing the newest file
 
 
 class Library:
@@ -44,8 +54,19 @@ class Library:
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: str | os.PathLike, *, create: bool = False, mmap: bool = False) -> Library:
-        """Open (or with ``create`` make) the library at ``root`` and reconcile its stores."""
+    def open(
+        cls,
+        root: str | os.PathLike,
+        *,
+        create: bool = False,
+        mmap: bool = False,
+        load_index: bool = True,
+    ) -> Library:
+        """Open (or with ``create`` make) the library at ``root`` and reconcile its stores.
+
+        ``load_index=False`` (for `clipdex repair`) neither reads the index file nor
+        reconciles: the index starts empty, to be rebuilt from the catalog.
+        """
         root = Path(root).expanduser()
         if not (root / CATALOG_FILE).exists():
             if not create:
@@ -60,11 +81,16 @@ class Library:
                     f"cannot create the library folder {root}: {exc.strerror}"
                 ) from exc
         catalog = Catalog(root / CATALOG_FILE)
-        generation, path = _latest_index_file(root)
-        index = VectorIndex.load(path, mmap=mmap) if path else VectorIndex()
-        library = cls(root, catalog, index, generation)
-        if generation != catalog.generation():
-            library.reconcile()
+        if not load_index:
+            return cls(root, catalog, VectorIndex(), -1)
+        try:
+            generation, index = _load_latest(root, mmap=mmap)
+            library = cls(root, catalog, index, generation)
+            if generation != catalog.generation():
+                library.reconcile()
+        except BaseException:
+            catalog.close()
+            raise
         return library
 
     def close(self) -> None:
@@ -118,33 +144,46 @@ class Library:
 
     def _ensure_writable_index(self) -> None:
         """A memory-mapped index is read-only: copy it into memory before changing it."""
-        import faiss
-
-        if self.index.mmapped:
-            self.index = VectorIndex(self.index.dim, faiss.clone_index(self.index.index))
+        self.index = self.index.in_memory()
 
     def refresh(self) -> bool:
         """Pick up a newer checkpoint written by another process; True if anything changed."""
         if self.catalog.generation() == self.index_generation:
             return False
-        generation, path = _latest_index_file(self.root)
-        if path and generation > self.index_generation:
-            self.index = VectorIndex.load(path)
-            self.index_generation = generation
+        if _latest_index_file(self.root)[0] > self.index_generation:
+            self.index_generation, self.index = _load_latest(self.root, mmap=False)
         if self.index_generation != self.catalog.generation():
             self.reconcile()
         return True
 
     def checkpoint(self) -> None:
-        """Save the index under the catalog's current generation; drop older index files."""
+        """Save the index under the catalog's current generation; drop older index files.
+
+        A generation whose file exists already moves to a new one first: file names are
+        never reused, so no reader can pair one file's stamp with another's bytes. If the
+        save fails (disk full), the older files stay and the next open reconciles.
+        """
         generation = self.catalog.generation()
-        target = self.root / f"vectors.{generation}.faiss"
-        self.index.save(target)
+        if (self.root / f"vectors.{generation}.faiss").exists():
+            generation = self.catalog.bump_generation()
+        self.index.save(self.root / f"vectors.{generation}.faiss")
         self.index_generation = generation
+        self._drop_index_files(keep=generation)
+
+    def _drop_index_files(self, keep: int) -> None:
+        """Remove other generations' files, stamps and abandoned temporary files.
+
+        Only a writer calls this (under the lock), so no temporary file is in use. The
+        stamp goes after its index file: an index file never lacks its stamp.
+        """
+        doomed = []
         for other in self.root.iterdir():
-            match = INDEX_PATTERN.match(other.name)
-            if match and int(match.group(1)) != generation:
-                other.unlink(missing_ok=True)
+            match = INDEX_FAMILY.match(other.name)
+            if match and (int(match.group(1)) != keep or match.group(3)):
+                doomed.append(other)
+        doomed.sort(key=lambda p: p.name.endswith(STAMP_SUFFIX))  # index files first
+        for path in doomed:
+            path.unlink(missing_ok=True)
 
     def rebuild_index(self) -> int:
         """Build the index again from the catalog's vectors alone; returns its size."""
@@ -157,16 +196,21 @@ class Library:
 
     # -- writer lock --------------------------------------------------------------------
     def acquire_lock(self) -> None:
-        """Become the library's only writer, or raise :class:`LibraryLocked` at once."""
-        handle = open(self.root / LOCK_FILE, "a+")  # noqa: SIM115 - held until release_lock
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            handle.close()
-            raise LibraryLocked(
-                f"another clipdex process is indexing into {self.root}: wait for it to finish"
-            ) from exc
+        """Become the library's only writer, or raise :class:`LibraryLocked` at once.
+
+        Holding it already is fine (the CLI takes it before loading the model).
+        """
+        if self._lock_handle is None:
+            self._lock_handle = take_lock(self.root)
+
+    def adopt_lock(self, handle: IO) -> None:
+        """Hold a lock taken with :func:`take_lock` before this object existed (repair)."""
+        self.release_lock()
         self._lock_handle = handle
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_handle is not None
 
     def release_lock(self) -> None:
         if self._lock_handle is not None:
@@ -175,17 +219,57 @@ class Library:
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[Library]:
+        """Hold the writer lock for the block (released after, unless held before)."""
+        held_before = self.locked
         self.acquire_lock()
         try:
             # Another writer may have finished between our open and the lock.
             self.refresh()
             yield self
         finally:
-            self.release_lock()
+            if not held_before:
+                self.release_lock()
 
     # -- facts --------------------------------------------------------------------------
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+
+def take_lock(root: Path) -> IO:
+    """Open and flock the library's lock file, or raise :class:`LibraryLocked` at once.
+
+    flock is released by the kernel when the holder dies, even by SIGKILL: no stale locks.
+    """
+    handle = open(Path(root) / LOCK_FILE, "a+")  # noqa: SIM115 - held until released
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        handle.close()
+        raise LibraryLocked(
+            f"another clipdex process is indexing into {root}: wait for it to finish"
+        ) from exc
+    return handle
+
+
+def _load_latest(root: Path, *, mmap: bool) -> tuple[int, VectorIndex]:
+    """The newest verified index file as (generation, index); (-1, empty) if none is usable.
+
+    A file without a stamp (older clipdex) is not trusted: the caller rebuilds from the
+    catalog. A file deleted under us means a writer saved a newer one: look again.
+    """
+    for _ in range(LOAD_ATTEMPTS):
+        generation, path = _latest_index_file(root)
+        if path is None:
+            return -1, VectorIndex()
+        try:
+            return generation, VectorIndex.load(path, mmap=mmap)
+        except FileNotFoundError:
+            continue
+        except UnstampedIndex:
+            return -1, VectorIndex()
+    raise LibraryError(
+        f"the index files of {root} kept changing while being read: try again in a moment"
+    )
 
 
 def _latest_index_file(root: Path) -> tuple[int, Path | None]:

@@ -1,14 +1,14 @@
 """MobileCLIP-S2 through ONNX Runtime: the CPU backend, and the torch-free query path.
 
 Both towers are exported once from the re-parameterised open_clip model (by
-:mod:`indexer.onnx_export`, in a child process: this module and the process that uses it
-never import torch), verified against torch, and cached under
+:mod:`indexer.onnx_export`, run as a child process: this module and the process that uses
+it never import torch), verified against torch, and cached under
 ``<cache>/onnx/<architecture>--<weights>--v<N>/``:
 
     image.onnx   (N, 3, 256, 256) float32 in [0, 1] -> (N, 512) raw image features
     text.onnx    (N, 77) int64 token ids             -> (N, 512) raw text features
     *.onnx.data  their weights (ONNX external data: loads faster than one big protobuf)
-    meta.json    identity, logit scale, the verification cosines, file sizes
+    meta.json    identity, logit scale, the verification results, file sizes
 
 ``meta.json`` is written last and the folder is renamed into place whole, so a folder that
 exists is a complete, verified export. The weights' identity (checkpoint sha256) is memoised
@@ -32,7 +32,7 @@ from .errors import WeightsUnavailable
 from .model import DEFAULT_PRETRAINED, ModelIdentity, l2_normalise
 from .torch_encoder import weights_help  # torch_encoder imports torch only when it runs
 
-EXPORT_VERSION = 2  # bump when the exported graphs change: old cache folders are then ignored
+EXPORT_VERSION = 3  # bump when the exported graphs change: old cache folders are then ignored
 IMAGE_FILE, TEXT_FILE, META_FILE = "image.onnx", "text.onnx", "meta.json"
 HASHES_FILE = "checkpoints.json"
 log = logging.getLogger("clipdex")
@@ -137,8 +137,8 @@ def read_export(folder: Path, identity: ModelIdentity) -> dict | None:
 def ensure_export(weights: Path | None, identity: ModelIdentity, cache_dir: Path) -> dict:
     """Metadata of the verified export of ``weights``, exporting it first if needed.
 
-    The export runs in a spawned child process (it needs torch and open_clip, which this
-    process never imports); its typed errors (e.g. WeightsUnavailable) are raised here.
+    The export runs in a child process (it needs torch and open_clip, which this process
+    never imports); its typed errors (e.g. WeightsUnavailable) are raised here.
     """
     folder = export_dir(identity, cache_dir)
     meta = read_export(folder, identity)
@@ -160,7 +160,10 @@ def _export_in_child(weights: Path | None, identity: ModelIdentity, folder: Path
     command = [sys.executable, "-m", "indexer.onnx_export", str(folder), identity.to_json()]
     if weights is not None:
         command.append(str(weights))
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    root = str(Path(__file__).resolve().parents[1])  # this checkout, installed or not
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode == 0:
         return
     lines = done.stdout.strip().splitlines()
@@ -216,10 +219,16 @@ class OnnxEncoder:
         _ = self.meta
 
     def session(self, name: str):
-        """The ONNX Runtime session of one tower file, created once."""
+        """The ONNX Runtime session of one tower file, created once.
+
+        The image session's threads do not spin-wait between batches: while indexing, the
+        decode workers need those cycles. The text session (one query at a time) keeps
+        ONNX Runtime's default.
+        """
         if name not in self._sessions:
             _ = self.meta
-            self._sessions[name] = _make_session(self.folder / name, self.threads)
+            spin = name != IMAGE_FILE
+            self._sessions[name] = _make_session(self.folder / name, self.threads, spin)
         return self._sessions[name]
 
     def encode_images(self, batch: np.ndarray) -> np.ndarray:
@@ -235,13 +244,15 @@ class OnnxEncoder:
         return l2_normalise(self.session(TEXT_FILE).run(None, {"tokens": tokens})[0])
 
 
-def _make_session(path: Path, threads: int | None):
+def _make_session(path: Path, threads: int | None, spin: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own untyped failures

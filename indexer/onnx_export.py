@@ -4,9 +4,9 @@ Runs once per weights, as ``python -m indexer.onnx_export`` started by
 :mod:`indexer.onnx_encoder`, so the process that answers queries never imports torch; with
 :mod:`indexer.torch_encoder` this is the only module that imports it. The model is the one
 the torch backend runs: open_clip's MobileCLIP-S2, re-parameterised, eval. Each exported
-file is checked on a probe batch (cosine >= :data:`MIN_COSINE` per row, at a batch size
-other than the traced one, which also proves the dynamic batch axis) before the folder is
-renamed into place.
+file is checked on a probe batch (cosine >= :data:`MIN_COSINE` per row and a small error
+relative to the probe spread, at a batch size other than the traced one, which also proves
+the dynamic batch axis) before the folder is renamed into place.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .onnx_encoder import IMAGE_FILE, META_FILE, TEXT_FILE, data_file, read_expo
 from .tokenizer import Tokenizer
 
 MIN_COSINE = 0.9999
+MAX_RELATIVE_ERROR = 0.01
 OPSET = 17
 PROBE_TEXTS = ["a photo of a dog", "", "Sunset über dem Meer 🌅", "x " * 120]
 
@@ -48,15 +49,24 @@ def export(weights: Path | None, identity, folder: Path) -> Path:
     model = _load_model(weights)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.parent))
     try:
-        image_cos = _export_tower(model, "image", staging / IMAGE_FILE)
-        text_cos = _export_tower(model, "text", staging / TEXT_FILE)
-        meta = _meta(model, identity, staging, image_cos, text_cos)
+        image_check = _export_tower(model, "image", staging / IMAGE_FILE)
+        text_check = _export_tower(model, "text", staging / TEXT_FILE)
+        meta = _meta(model, identity, staging, image_check, text_check)
         _write_synced(staging / META_FILE, json.dumps(meta, indent=1).encode())
         shutil.rmtree(folder, ignore_errors=True)  # a stale or incomplete earlier attempt
         os.rename(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _drop_other_versions(folder)
     return folder
+
+
+def _drop_other_versions(folder: Path) -> None:
+    """Delete this model's exports made by other export versions (400 MB each)."""
+    prefix = folder.name.rsplit("--v", 1)[0] + "--v"
+    for other in folder.parent.glob(prefix + "*"):
+        if other.is_dir() and other != folder:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _load_model(weights: Path | None):
@@ -98,8 +108,8 @@ def _probe(which: str, batch: int):
     return images
 
 
-def _export_tower(model, which: str, path: Path) -> float:
-    """Export one tower (traced at batch 2), then return its worst cosine vs torch at batch 3."""
+def _export_tower(model, which: str, path: Path) -> dict:
+    """Export one tower (traced at batch 2), then verify it against torch at batch 3."""
     tower = Tower(model, which).eval()
     name = "pixels" if which == "image" else "tokens"
     traced = path.with_suffix(".traced.onnx")
@@ -134,33 +144,48 @@ def _split_weights(traced: Path, path: Path) -> None:
         _fsync(written)
 
 
-def _verify(tower, which: str, name: str, path: Path) -> float:
+def _verify(tower, which: str, name: str, path: Path) -> dict:
+    """Compare the exported file with torch on a probe batch; raise unless they agree.
+
+    Two checks: cosine >= MIN_COSINE per row, and the error is under MAX_RELATIVE_ERROR of
+    how far the probe embeddings are from each other. The second keeps the check meaningful
+    for weights whose embeddings are nearly collinear (random weights: cosine ~0.99998
+    between unrelated images), where a cosine threshold alone would pass a wrong graph.
+    """
     import onnxruntime as ort
 
     probe = _probe(which, 3)
     with torch.inference_mode():
-        expected = tower(probe).numpy()
+        expected = _unit(tower(probe).numpy())
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    actual = session.run(None, {name: probe.numpy()})[0]
-    cosines = (expected * actual).sum(1) / (
-        np.linalg.norm(expected, axis=1) * np.linalg.norm(actual, axis=1) + 1e-12
-    )
-    worst = float(cosines.min())
-    if not worst >= MIN_COSINE:
+    actual = _unit(session.run(None, {name: probe.numpy()})[0])
+    cosine = float((expected * actual).sum(1).min())
+    spread = float(np.linalg.norm(expected - expected.mean(0), axis=1).mean())
+    relative = float(np.linalg.norm(actual - expected, axis=1).max() / max(spread, 1e-12))
+    if not (cosine >= MIN_COSINE and relative <= MAX_RELATIVE_ERROR):
         raise WeightsUnavailable(
-            f"the ONNX export of the {which} tower does not match torch (cosine {worst:.6f} < "
-            f"{MIN_COSINE}): use --backend torch"
+            f"the ONNX export of the {which} tower does not match torch (cosine {cosine:.6f}, "
+            f"error {relative:.1%} of the probe spread): use --backend torch"
         )
-    return worst
+    return {"cosine": cosine, "relative_error": relative}
 
 
-def _meta(model, identity, staging: Path, image_cos: float, text_cos: float) -> dict:
+def _unit(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float64)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def _meta(model, identity, staging: Path, image_check: dict, text_check: dict) -> dict:
     import open_clip
 
     return {
         "identity": json.loads(identity.to_json()),
         "logit_scale": float(model.logit_scale.exp().item()),
-        "verified": {"min_cosine": MIN_COSINE, "image": image_cos, "text": text_cos},
+        "verified": {
+            "thresholds": {"cosine": MIN_COSINE, "relative_error": MAX_RELATIVE_ERROR},
+            "image": image_check,
+            "text": text_check,
+        },
         "files": {path.name: path.stat().st_size for path in sorted(staging.iterdir())},
         "exported_with": {"torch": torch.__version__, "open_clip": open_clip.__version__},
         "opset": OPSET,

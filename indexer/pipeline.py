@@ -81,6 +81,9 @@ class Progress:
     def advance(self, count: int = 1) -> None:
         pass
 
+    def fail(self, path: str, reason: str) -> None:
+        """One file could not be indexed (called before its ``advance``)."""
+
 
 @dataclass
 class _Plan:
@@ -242,9 +245,11 @@ def _run(
 def _route(
     item: Outcome, batch: list[Outcome], writer: _Writer, report: IndexReport, progress: Progress
 ) -> None:
+    item.error = _unstable(item.found) or item.error
     if item.error is not None:
         writer.fail(item.found, item.error)
         report.failures.append((item.found.path, item.error))
+        progress.fail(item.found.path, item.error)
         progress.advance()
     elif item.vector is not None:
         writer.add(item, item.vector)
@@ -252,6 +257,25 @@ def _route(
         progress.advance()
     else:
         batch.append(item)
+
+
+def _unstable(found: FoundFile) -> str | None:
+    """Why a file's bytes may not match what discovery saw (so must not be stored), or None.
+
+    The worker read the file after discovery stat'ed it. If it has gone, or its size or
+    mtime moved since, the bytes read may be the old file, the new one or a mix: the file is
+    recorded as failed (and so retried by the next run) instead of stored under a stale stat.
+    A change after this check is caught by the next run, which sees a stat that differs.
+    """
+    try:
+        stat = os.stat(found.path)
+    except FileNotFoundError:
+        return "the file disappeared while being indexed"
+    except OSError:
+        return None  # the worker's reason (e.g. permission denied) says more
+    if (stat.st_size, stat.st_mtime_ns) != (found.size, found.mtime_ns):
+        return "the file changed while being indexed: run `clipdex index` again once it is complete"
+    return None
 
 
 def _encode(

@@ -3,18 +3,27 @@
 It stores integer ids (the catalog's primary keys) and unit vectors, nothing else, so inner
 product is cosine similarity. Files are written to a temporary name, fsynced and renamed
 into place, so a reader or a crash only ever sees a whole file.
+
+Every index file ``X`` has a stamp ``X.check`` (its size, CRC-32 and vector count), renamed
+into place just before the index itself. Loading checks the stamp, so a truncated or
+bit-flipped file is refused with a repair hint instead of answering queries wrongly. A
+failed write (disk full, I/O error) removes its temporary file and leaves the previous
+files untouched.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from .errors import LibraryError
+from .errors import DiskFull, LibraryDamaged, LibraryError
 from .model import EMBED_DIM
 
 
@@ -28,36 +37,85 @@ class VectorIndex:
 
     # -- persistence ----------------------------------------------------------------------
     @classmethod
-    def load(cls, path: Path, *, mmap: bool = False) -> VectorIndex:
-        """Read an index file; ``mmap`` maps the vectors instead of copying them (read-only)."""
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    def load(cls, path: Path, *, mmap: bool = False, verify: bool = True) -> VectorIndex:
+        """Read an index file; ``mmap`` maps the vectors instead of copying them (read-only).
+
+        With ``verify`` the file must match its stamp (:class:`UnstampedIndex` when it has
+        none, :class:`~indexer.errors.LibraryDamaged` when it differs). A file that vanished
+        (a writer replaced it) raises ``FileNotFoundError`` so the caller can look again.
+        """
+        path = Path(path)
+        stamp = read_stamp(path) if verify else None
+        if stamp is not None:
+            _check_stamp(path, stamp)
+        # IO_FLAG_MMAP_IFC maps a flat index's vectors; IO_FLAG_MMAP alone still copies them.
+        mapped = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
+        flags = mapped | faiss.IO_FLAG_READ_ONLY if mmap else 0
         try:
             index = faiss.read_index(str(path), flags)
         except RuntimeError as exc:
-            raise LibraryError(
-                f"the vector index {path} is damaged ({str(exc).splitlines()[0][:120]}): "
-                "run `clipdex repair` to rebuild it from the catalog"
-            ) from exc
+            if not path.exists():
+                raise FileNotFoundError(errno.ENOENT, "index file replaced", str(path)) from exc
+            raise LibraryDamaged(damage_message(path, str(exc).splitlines()[0][:120])) from exc
         if not isinstance(index, faiss.IndexIDMap2):
             index = faiss.downcast_index(index)
+        if stamp is not None and int(index.ntotal) != stamp["count"]:
+            raise LibraryDamaged(damage_message(path, "vector count differs from its stamp"))
         loaded = cls(index.d, index)
         loaded.mmapped = mmap
         return loaded
 
     def save(self, path: Path) -> None:
-        """Write atomically: temporary file in the same folder, fsync, rename."""
+        """Write atomically with a stamp: temporary files, fsync, stamp renamed, index renamed.
+
+        Any write failure removes the temporary files and raises :class:`DiskFull` (no
+        space) or :class:`LibraryError`; the files already in place are never touched.
+        """
         path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
         try:
-            faiss.write_index(self.index, tmp)
-            with open(tmp, "rb+") as handle:
+            with os.fdopen(fd, "wb") as handle:
+                stamp = self._write(handle)
+                handle.flush()
                 os.fsync(handle.fileno())
+            _write_atomic(stamp_path(path), json.dumps(stamp).encode())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise _write_error(exc, path) from exc
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)
+
+    def _write(self, handle) -> dict:
+        """Serialise into ``handle`` through Python, so every write error surfaces."""
+        state = {"size": 0, "crc32": 0}
+
+        def sink(chunk: bytes) -> None:
+            handle.write(chunk)
+            state["size"] += len(chunk)
+            state["crc32"] = zlib.crc32(chunk, state["crc32"])
+
+        writer = faiss.PyCallbackIOWriter(sink)
+        faiss.write_index(self.index, writer)
+        del writer  # flushes FAISS's buffer into ``sink``
+        return {"format": STAMP_FORMAT, "count": len(self), "dim": self.dim, **state}
+
+    def in_memory(self) -> VectorIndex:
+        """A writable copy of a memory-mapped index (self when not mapped).
+
+        A mapped index is a read-only view: FAISS aborts the process, not raises, when one
+        (or its ``clone_index``) is changed, so changes go to a copy built from its vectors.
+        """
+        if not self.mmapped:
+            return self
+        flat = faiss.downcast_index(self.index.index)
+        count = len(self)
+        vectors = faiss.rev_swig_ptr(flat.get_xb(), count * self.dim).reshape(count, self.dim)
+        copy = VectorIndex(self.dim)
+        copy.add(self.ids(), vectors.copy())
+        return copy
 
     # -- contents -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -99,6 +157,114 @@ class VectorIndex:
             params = faiss.SearchParameters(sel=selector)
         scores, ids = self.index.search(queries, k, params=params)
         return scores, ids
+
+    def range_search(
+        self, queries: np.ndarray, radius: float, allowed_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every stored vector scoring above ``radius`` per query row, as FAISS's
+        (lims, scores, ids): the hits of row i are ``[lims[i]:lims[i + 1]]``, unordered.
+
+        ``allowed_ids`` restricts the candidates during the scan, as in :meth:`search`; a
+        radius of -inf returns every (allowed) score, i.e. the query's whole distribution.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        if len(self) == 0:
+            empty = np.zeros(0, np.float32), np.zeros(0, np.int64)
+            return np.zeros(len(queries) + 1, np.int64), *empty
+        params = None
+        if allowed_ids is not None:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
+            params = faiss.SearchParameters(sel=selector)
+        radius = max(float(radius), -3.0)  # cosines are >= -1; FAISS keeps score > radius
+        lims, scores, ids = self.index.range_search(queries, radius, params=params)
+        return lims.astype(np.int64), scores, ids.astype(np.int64)
+
+
+STAMP_FORMAT = 1
+STAMP_SUFFIX = ".check"
+
+
+class UnstampedIndex(Exception):
+    """An index file without a stamp (written before stamps existed): rebuild, don't trust."""
+
+
+def set_search_threads(count: int) -> None:
+    """Threads FAISS (OpenMP) may use per call, process-wide.
+
+    A server answering one query per request wants 1: a single-query flat search gains
+    nothing from a thread team, and teams spinning in many request threads cost ~10 ms
+    per query on a 2-core machine (measured by bench/bench_server.py).
+    """
+    faiss.omp_set_num_threads(max(1, int(count)))
+
+
+def stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + STAMP_SUFFIX)
+
+
+def damage_message(path: Path, problem: str) -> str:
+    return (
+        f"the vector index {path} is damaged ({problem}): run `clipdex repair --library "
+        f"{path.parent}` to rebuild it from the catalog"
+    )
+
+
+def read_stamp(path: Path) -> dict:
+    """The stamp of an index file; UnstampedIndex without one, FileNotFoundError w/o index."""
+    try:
+        text = stamp_path(path).read_bytes()
+    except FileNotFoundError:
+        if not path.exists():
+            raise
+        raise UnstampedIndex(str(path)) from None
+    try:
+        stamp = json.loads(text)
+        if stamp.get("format") != STAMP_FORMAT:
+            raise ValueError(f"unknown stamp format {stamp.get('format')!r}")
+        return {key: int(stamp[key]) for key in ("count", "dim", "size", "crc32")}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LibraryDamaged(damage_message(path, f"unreadable stamp: {exc}")) from exc
+
+
+def _check_stamp(path: Path, stamp: dict) -> None:
+    """Size first (truncation costs nothing to find), then the CRC-32 of every byte."""
+    size = path.stat().st_size
+    if size != stamp["size"]:
+        problem = f"{size} bytes where {stamp['size']} were written, truncated?"
+        raise LibraryDamaged(damage_message(path, problem))
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+    if crc != stamp["crc32"]:
+        raise LibraryDamaged(damage_message(path, "checksum mismatch: its bytes changed"))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_error(exc: BaseException, path: Path) -> LibraryError:
+    """A failed index write as a typed error: disk full, or another I/O problem."""
+    if getattr(exc, "errno", None) in _NO_SPACE or "No space left" in str(exc):
+        return DiskFull.at(path.parent)
+    detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:160]
+    return LibraryError(
+        f"cannot write the vector index {path} ({detail}): the library keeps its previous "
+        "checkpoint; check the disk and run the command again"
+    )
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -401,7 +401,7 @@ class DecodePool:
             if worker.deadline <= now:
                 worker.process.kill()
                 seconds = f"{self.limits.seconds:g}"
-                reason = f"decoding took longer than {seconds} s, the per-file time limit"
+                reason = f"took longer than {seconds} s to read and decode, the per-file time limit"
                 self._replace(self._workers.index(worker), reason)
             elif not worker.ready and now - worker.started > STARTUP_SECONDS:
                 raise ClipdexError(f"a decode worker did not start in {STARTUP_SECONDS:g} s")

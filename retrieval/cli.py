@@ -11,15 +11,19 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from indexer.errors import ClipdexError, ConfigError
 from indexer.library import Library
+from indexer.paths import DISPLAY_ERRORS, display
 
 app = typer.Typer(
     name="clipdex",
@@ -64,6 +68,44 @@ BackendOpt = Annotated[
 KOpt = Annotated[int, typer.Option("-k", "--k", min=1, max=10_000, help="How many results.")]
 
 
+# -- search refinements (filters, cut-off, order, paging): see retrieval/filters.py etc. ----
+class SortOrder(str, Enum):
+    score = "score"
+    date = "date"
+    date_asc = "date-asc"
+
+
+class CutoffRule(str, Enum):
+    auto = "auto"
+    none = "none"
+
+
+def _opt(*names: str, help: str, **kwargs: Any) -> Any:
+    return typer.Option(*names, help=help, show_default=False, **kwargs)
+
+
+PhotoList = list[str] | None
+LikeOpt = Annotated[PhotoList, _opt("--like", help="Add a photo (id, path or file) to the query.")]
+UnlikeOpt = Annotated[PhotoList, _opt("--unlike", help="Subtract a photo from the query.")]
+AfterOpt = Annotated[
+    str | None, _opt("--after", help="Taken on/after DATE (YYYY[-MM[-DD]], ISO); else mtime.")
+]
+BeforeOpt = Annotated[str | None, _opt("--before", help="Taken before DATE.")]
+InOpt = Annotated[PhotoList, _opt("--in", help="Only under this folder or folder glob.")]
+CameraOpt = Annotated[str | None, _opt("--camera", help="Camera make/model contains TEXT.")]
+MinSizeOpt = Annotated[str | None, _opt("--min-size", help="At least WxH, either orientation.")]
+FormatOpt = Annotated[PhotoList, _opt("--format", help="jpeg, png, heic, ... (repeatable).")]
+TagOpt = Annotated[PhotoList, _opt("--tag", help="Has this `clipdex tag` label (repeatable).")]
+CutoffOpt = Annotated[
+    CutoffRule | None, _opt("--cutoff", help="auto: only results that stand out for the query.")
+]
+MinScoreOpt = Annotated[float | None, _opt("--min-score", help="Only results scoring >= X.")]
+SortOpt = Annotated[
+    SortOrder, typer.Option("--sort", help="score, or date (newest first) / date-asc.")
+]
+OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="Skip this many (paging).")]
+
+
 def cli_command(func: Callable[..., Any]) -> Callable[..., Any]:
     """Register a command whose domain errors print one line and exit 1."""
 
@@ -86,7 +128,16 @@ def fail(message: str) -> None:
 
 
 def emit_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, ensure_ascii=False) + "\n")
+    """One JSON document on stdout. A path's undecodable bytes (lone surrogates) are
+    written as ``\\udcNN`` escapes: valid JSON that ``json.loads`` turns back into the
+    very path, which ``os.fsencode`` turns back into the very bytes."""
+    text = json.dumps(document, ensure_ascii=False)
+    sys.stdout.write(text.encode("utf-8", "backslashreplace").decode("utf-8") + "\n")
+
+
+def path_cell(path: str) -> Text:
+    """A path for a table cell: printable, and never read as rich markup ("[/]")."""
+    return Text(display(path))
 
 
 def library_dir(library: Path | None) -> Path:
@@ -151,15 +202,18 @@ def index(
     )
     if workers:
         options.workers = workers
-    encoder = load_encoder(weights, device, backend)
     bar = BarProgress(stderr, enabled=not json_out)
-    with open_library(library, create=True) as lib, bar:
-        report = index_paths(lib, encoder, paths, options, bar)
+    with open_library(library, create=True) as lib:
+        lib.acquire_lock()  # a second `index` is refused now, not after loading the model
+        encoder = load_encoder(weights, device, backend)
+        with bar:
+            report = index_paths(lib, encoder, paths, options, bar)
     if json_out:
         emit_json(report.as_dict())
         return
     for path, reason in report.failures[:20]:
-        stderr.print(f"[yellow]failed:[/] {path}: {reason}", highlight=False, soft_wrap=True)
+        line = f"[yellow]failed:[/] {escape(display(path))}: {escape(reason)}"
+        stderr.print(line, highlight=False, soft_wrap=True)
     if len(report.failures) > 20:
         stderr.print(f"... and {len(report.failures) - 20} more: see `clipdex failures`")
     s = report.as_dict()
@@ -172,32 +226,67 @@ def index(
 
 @cli_command
 def search(
-    query: Annotated[str, typer.Argument(help='What the photos show, e.g. "a dog on the beach".')],
+    query: Annotated[
+        str | None,
+        typer.Argument(help='What the photos show, e.g. "beach + sunset - people".'),
+    ] = None,
     k: KOpt = 20,
+    like: LikeOpt = None,
+    unlike: UnlikeOpt = None,
+    after: AfterOpt = None,
+    before: BeforeOpt = None,
+    folder: InOpt = None,
+    camera: CameraOpt = None,
+    min_size: MinSizeOpt = None,
+    formats: FormatOpt = None,
+    tag: TagOpt = None,
+    cutoff: CutoffOpt = None,
+    min_score: MinScoreOpt = None,
+    sort: SortOpt = SortOrder.score,
+    offset: OffsetOpt = 0,
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
     weights: WeightsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Find photos by describing them."""
+    """Find photos by describing them: weighted terms, photos, filters, cut-off, date order."""
+    from .query import describe
+
+    if query is None and not like:
+        raise typer.BadParameter("give a QUERY, or --like PHOTO")
+    options = search_options(locals())
     engine = make_engine(library, weights, device, backend)
-    print_results(query, engine.search_text(query, k), json_out)
+    vector, terms = engine.query_vector(query, like or (), unlike or ())
+    page = engine.search_page(vector, options)
+    print_page(query if query is not None else describe(terms), page, json_out, terms)
 
 
 @cli_command
 def similar(
     photo: Annotated[str, typer.Argument(help="An indexed photo's id or path, or any image file.")],
     k: KOpt = 20,
+    after: AfterOpt = None,
+    before: BeforeOpt = None,
+    folder: InOpt = None,
+    camera: CameraOpt = None,
+    min_size: MinSizeOpt = None,
+    formats: FormatOpt = None,
+    tag: TagOpt = None,
+    cutoff: CutoffOpt = None,
+    min_score: MinScoreOpt = None,
+    sort: SortOpt = SortOrder.score,
+    offset: OffsetOpt = 0,
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
     weights: WeightsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Find photos that look like a photo."""
+    """Find photos that look like a photo (filters, cut-off and order as for search)."""
+    options = search_options(locals())
     engine = make_engine(library, weights, device, backend)
-    print_results(photo, engine.similar(photo, k), json_out)
+    print_page(photo, engine.search_page(engine.photo_vector(photo), options), json_out)
 
 
 @cli_command
@@ -270,8 +359,57 @@ def failures(
         return
     table = Table("path", "error")
     for row in rows:
-        table.add_row(row["path"], row["error"])
+        table.add_row(path_cell(row["path"]), Text(row["error"]))
     stdout.print(table)
+
+
+@cli_command
+def repair(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Photo folders to index again afterwards (re-encodes lost rows)."),
+    ] = None,
+    device: DeviceOpt = "auto",
+    backend: BackendOpt = "auto",
+    library: LibraryOpt = None,
+    weights: WeightsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check the library; salvage a damaged catalog, rebuild the index, re-encode the rest."""
+    from indexer.encoders import load_encoder
+    from indexer.repair import repair_library
+
+    from .progress import BarProgress
+
+    bar = BarProgress(stderr, enabled=bool(paths) and not json_out)  # only PATHS take long
+    encoder = functools.partial(load_encoder, weights, device, backend)  # loaded only if needed
+    with bar:
+        report = repair_library(library_dir(library), encoder, paths or (), None, bar)
+    if json_out:
+        emit_json(report.as_dict())
+        return
+    for line in repair_lines(report):
+        stdout.print(line, highlight=False, soft_wrap=True)
+
+
+def repair_lines(report) -> list[Text]:
+    """`clipdex repair`'s summary, one line per step."""
+    if report.catalog == "ok":
+        lines = ["catalog: ok"]
+    else:
+        lines = [
+            f"catalog: damaged ({report.catalog_problem}); salvaged, {report.rows_lost} rows "
+            f"could not be read; the damaged file is kept as {report.damaged_copy}"
+        ]
+    lines.append(f"vectors: {report.vectors_damaged} damaged, {report.reencoded} encoded again")
+    lines += [f"  not recovered: {display(path)}: {why}" for path, why in report.not_recovered]
+    lines.append(f"index: rebuilt from the catalog with {report.index_images} photos")
+    if report.indexed is not None:
+        s = report.indexed.as_dict()
+        lines.append(f"indexed {s['indexed']}, unchanged {s['unchanged']}, failed {s['failed']}")
+    elif report.rows_lost:
+        lines.append("run `clipdex repair FOLDER...` or `clipdex index FOLDER` to re-encode them")
+    return [Text(line) for line in lines]
 
 
 @cli_command
@@ -308,6 +446,7 @@ def serve(
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     device: DeviceOpt = "auto",
+    backend: BackendOpt = "auto",
     library: LibraryOpt = None,
     weights: WeightsOpt = None,
 ) -> None:
@@ -321,6 +460,7 @@ def serve(
         library=library_dir(library),
         weights=weights,
         device=device,
+        backend=backend,
         token=token,
         max_upload_mb=max_upload_mb,
         max_megapixels=max_megapixels,
@@ -340,6 +480,187 @@ def serve(
     )
 
 
+@cli_command
+def classify(
+    photo: Annotated[str, typer.Argument(help="An indexed photo's id or path, or any image file.")],
+    labels: Annotated[
+        str | None, _opt("--labels", help='Comma-separated labels, e.g. "cat,dog,car".')
+    ] = None,
+    labels_file: Annotated[
+        Path | None, _opt("--labels-file", help="One label per line [default: data/labels.txt].")
+    ] = None,
+    template: Annotated[
+        list[str] | None, _opt("--template", help="Prompt with {} for the label (repeatable).")
+    ] = None,
+    top: Annotated[int, typer.Option("--top", min=1, max=1000, help="How many labels.")] = 5,
+    device: DeviceOpt = "auto",
+    backend: BackendOpt = "auto",
+    library: LibraryOpt = None,
+    weights: WeightsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Zero-shot classify a photo: probabilities over labels (prompt ensembles, softmax)."""
+    from indexer.encoders import load_encoder
+
+    from .classify import classify_vector, make_labelset
+    from .engine import SearchEngine, embed_image
+
+    labelset = make_labelset(labels, labels_file, template or ())
+    root = library_dir(library)
+    if (root / "catalog.sqlite").exists() or not Path(photo).is_file():
+        engine = SearchEngine(Library.open(root), lambda: load_encoder(weights, device, backend))
+        vector, encoder = engine.photo_vector(photo), engine.encoder
+        cache: Path | None = root / "label_vectors"
+    else:  # a plain image file and no library: nothing to look up or cache
+        encoder = load_encoder(weights, device, backend)
+        vector, cache = embed_image(encoder, photo), None
+    predictions = classify_vector(vector, encoder, labelset, top, cache)
+    if json_out:
+        emit_json(
+            {
+                "photo": photo,
+                "labels": len(labelset.labels),
+                "templates": list(labelset.templates),
+                "predictions": [p.as_dict() for p in predictions],
+            }
+        )
+        return
+    table = Table("label", "probability")
+    for prediction in predictions:
+        table.add_row(prediction.label, f"{prediction.probability:.3f}")
+    stdout.print(table)
+
+
+@cli_command
+def tag(
+    labels_file: Annotated[
+        Path | None, _opt("--labels-file", help="One label per line [default: data/labels.txt].")
+    ] = None,
+    labels: Annotated[str | None, _opt("--labels", help="Comma-separated labels instead.")] = None,
+    template: Annotated[
+        list[str] | None, _opt("--template", help="Prompt with {} for the label (repeatable).")
+    ] = None,
+    top: Annotated[
+        int, typer.Option("--top", min=1, max=50, help="Labels stored per photo, at most.")
+    ] = 3,
+    min_probability: Annotated[
+        float, typer.Option("--min-probability", min=0.0, max=1.0, help="Store labels >= this.")
+    ] = 0.1,
+    force: Annotated[bool, typer.Option("--force", help="Tag every photo again.")] = False,
+    device: DeviceOpt = "auto",
+    backend: BackendOpt = "auto",
+    library: LibraryOpt = None,
+    weights: WeightsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Tag every photo with its top labels, for `search --tag` (incremental: re-run freely)."""
+    from indexer.encoders import load_encoder
+
+    from .classify import make_labelset, tag_library
+
+    labelset = make_labelset(labels, labels_file, template or ())
+    with open_library(library) as lib:
+        encoder = load_encoder(weights, device, backend)
+        report = tag_library(lib, encoder, labelset, top, min_probability, force)
+    if json_out:
+        emit_json(report.as_dict())
+        return
+    common = ", ".join(f"{label} ({n})" for label, n in report.top_labels[:8])
+    stdout.print(
+        f"tagged {report.tagged} photos ({report.already} already tagged) with "
+        f"{report.labels} labels in {report.seconds:.1f}s"
+        + (f"; most common: {common}" if common else "")
+    )
+
+
+@cli_command
+def duplicates(
+    threshold: Annotated[
+        float,
+        typer.Option("--threshold", min=0.5, max=1.0, help="Cosine at which photos are copies."),
+    ] = 0.95,
+    folder: InOpt = None,
+    library: LibraryOpt = None,
+    weights: WeightsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Group near-duplicate photos (bursts, resized or re-encoded copies); suggest a keeper."""
+    from .duplicates import find_duplicates
+    from .filters import FilterArgs, build_filter
+
+    spec = build_filter(FilterArgs(folders=tuple(folder or ())))
+    with Library.open(library_dir(library), mmap=True) as lib:
+        groups = find_duplicates(lib, threshold, spec)
+    if json_out:
+        emit_json({"threshold": threshold, "groups": [g.as_dict() for g in groups]})
+        return
+    if not groups:
+        stdout.print(f"no near-duplicates at --threshold {threshold}")
+        return
+    for number, group in enumerate(groups, 1):
+        table = Table("", "score", "id", "path", "size", title=f"group {number}")
+        for member in group.members:
+            table.add_row(
+                "keep" if member is group.keeper else "",
+                f"{member.score:.3f}",
+                str(member.id),
+                path_cell(member.path),
+                f"{member.width}x{member.height}",
+            )
+        stdout.print(table)
+
+
+def search_options(flags: dict[str, Any]):
+    """The engine's SearchOptions from a search/similar command's flag values."""
+    from .filters import FilterArgs, build_filter
+    from .ranking import SearchOptions
+
+    args = FilterArgs(
+        after=flags.get("after"),
+        before=flags.get("before"),
+        folders=tuple(flags.get("folder") or ()),
+        camera=flags.get("camera"),
+        min_size=flags.get("min_size"),
+        formats=tuple(flags.get("formats") or ()),
+        tags=tuple(flags.get("tag") or ()),
+    )
+    cutoff = flags.get("cutoff")
+    return SearchOptions(
+        k=flags["k"],
+        offset=flags["offset"],
+        filter=build_filter(args),
+        cutoff=cutoff.value if cutoff is not None else None,
+        min_score=flags.get("min_score"),
+        sort=flags["sort"].value,
+    )
+
+
+def print_page(query: str, page, json_out: bool, terms: list | None = None) -> None:
+    """A search page as JSON (query, terms, results, total, cutoff...) or a table."""
+    if json_out:
+        document = {"query": query, **page.as_dict()}
+        if terms is not None:
+            document["terms"] = [t.as_dict() for t in terms]
+        emit_json(document)
+        return
+    if page.cutoff is not None:
+        stderr.print(
+            f"{page.total} photos score above {page.cutoff.threshold:.3f} ({page.cutoff.rule} "
+            "cut-off)" + ("" if page.total else "; nothing stands out: try without --cutoff"),
+            highlight=False,
+        )
+    if not page.results:
+        if page.cutoff is None:
+            stdout.print("no results (is the library empty, or are the filters too strict?)")
+        return
+    table = Table("#", "score", "id", "path", "size", "taken", "tags")
+    for rank, r in enumerate(page.results, page.options.offset + 1):
+        labels = ", ".join(t["label"] for t in r.tags or [])
+        size, taken, path = f"{r.width}x{r.height}", r.taken_at or "", path_cell(r.path)
+        table.add_row(str(rank), f"{r.score:.3f}", str(r.id), path, size, taken, Text(labels))
+    stdout.print(table)
+
+
 def print_results(query: str, results: list, json_out: bool) -> None:
     if json_out:
         emit_json({"query": query, "results": [r.as_dict() for r in results]})
@@ -353,7 +674,7 @@ def print_results(query: str, results: list, json_out: bool) -> None:
             str(rank),
             f"{r.score:.3f}",
             str(r.id),
-            r.path,
+            path_cell(r.path),
             f"{r.width}x{r.height}",
             r.taken_at or "",
         )
@@ -362,6 +683,10 @@ def print_results(query: str, results: list, json_out: bool) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    for stream in (sys.stdout, sys.stderr):  # undecodable bytes in a path print as \xNN
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors=DISPLAY_ERRORS)
     try:
         app()
     except ConfigError as exc:  # raised before a command runs, e.g. while resolving config

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +19,10 @@ from indexer.decode import DEFAULT_MAX_MEGAPIXELS, decode_for_model
 from indexer.errors import ConfigError, NotFound, QueryError
 from indexer.library import Library
 from indexer.model import Encoder
+
+from .cutoff import Cutoff
+from .query import Term, combine, parse_query, photo_terms
+from .ranking import SearchOptions, rank
 
 MAX_K = 10_000
 
@@ -33,9 +37,33 @@ class SearchResult:
     width: int
     height: int
     taken_at: str | None
+    tags: list[dict] | None = None  # [{"label", "score"}] once `clipdex tag` has run
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        document = asdict(self)
+        if self.tags is None:
+            del document["tags"]
+        return document
+
+
+@dataclass
+class SearchPage:
+    """One page of results, with the size of the kept list and the cut-off that made it."""
+
+    results: list[SearchResult]
+    total: int | None  # how many passed the cut-off (None: no cut-off, the list is top-k)
+    cutoff: Cutoff | None
+    options: SearchOptions
+
+    def as_dict(self) -> dict:
+        return {
+            "results": [r.as_dict() for r in self.results],
+            "total": self.total,
+            "offset": self.options.offset,
+            "k": self.options.k,
+            "sort": self.options.sort,
+            "cutoff": self.cutoff.as_dict() if self.cutoff else None,
+        }
 
 
 class SearchEngine:
@@ -83,18 +111,52 @@ class SearchEngine:
             raise NotFound(f"{text} is neither a photo id in the library nor an existing file")
         return image_id
 
+    def photo_vector(self, ref: str | int) -> np.ndarray:
+        """The vector of an indexed photo (id or path; no model call) or of any image file."""
+        image_id = self.resolve_photo(ref)
+        return self.vector_of(image_id) if image_id is not None else self.embed_image(str(ref))
+
+    def query_vector(
+        self, text: str | None, like: Sequence[str] = (), unlike: Sequence[str] = ()
+    ) -> tuple[np.ndarray, list[Term]]:
+        """One re-normalised vector for a query in the grammar of :mod:`retrieval.query`
+        plus ``--like``/``--unlike`` photos; also returns the parsed terms."""
+        terms = (parse_query(text) if text is not None else []) + photo_terms(like, unlike)
+        if not terms:
+            raise QueryError("nothing to search for: give a text query or --like PHOTO")
+        texts = list(dict.fromkeys(t.text for t in terms if t.kind == "text"))
+        encoded = dict(zip(texts, self.encoder.encode_texts(texts))) if texts else {}
+        vectors = [
+            encoded[t.text] if t.kind == "text" else self.photo_vector(t.text) for t in terms
+        ]
+        return combine(np.vstack(vectors), [t.weight for t in terms]), terms
+
     # -- queries ------------------------------------------------------------------------
     def search_text(self, text: str, k: int = 20) -> list[SearchResult]:
-        return self.search_vector(self.embed_text(text), k)
+        """Photos matching a text query (weighted arithmetic allowed: "beach - people")."""
+        return self.search_vector(self.query_vector(text)[0], k)
 
     def search_image(self, source: str | os.PathLike | bytes, k: int = 20) -> list[SearchResult]:
         return self.search_vector(self.embed_image(source), k)
 
     def similar(self, ref: str | int, k: int = 20) -> list[SearchResult]:
         """Photos like an indexed photo (by id or path) or like any image file."""
-        image_id = self.resolve_photo(ref)
-        vector = self.vector_of(image_id) if image_id is not None else self.embed_image(str(ref))
-        return self.search_vector(vector, k)
+        return self.search_vector(self.photo_vector(ref), k)
+
+    def search_page(self, vector: np.ndarray, options: SearchOptions) -> SearchPage:
+        """One page of photos for a query vector under filters, cut-off, sort and offset."""
+        check_k(options.k)
+        self.library.refresh()
+        ranking = rank(self.library, vector, options, MAX_K)
+        catalog = self.library.catalog
+        rows = ranking.rows if ranking.rows is not None else catalog.get_images(ranking.ids)
+        tags = catalog.tags_for(ranking.ids) if catalog.has_tags() else None
+        results = [
+            _result(rows[i], score, None if tags is None else _tag_list(tags.get(i, [])))
+            for i, score in zip(ranking.ids, ranking.scores)
+            if i in rows
+        ]
+        return SearchPage(results, ranking.total, ranking.cutoff, options)
 
     def search_vector(
         self, vector: np.ndarray, k: int = 20, allowed_ids: np.ndarray | None = None
@@ -134,7 +196,11 @@ def check_k(k: int) -> None:
         raise QueryError(f"k must be between 1 and {MAX_K}, got {k}")
 
 
-def _result(row: dict, score: float) -> SearchResult:
+def _tag_list(pairs: list[tuple[str, float]]) -> list[dict]:
+    return [{"label": label, "score": round(score, 4)} for label, score in pairs]
+
+
+def _result(row: dict, score: float, tags: list[dict] | None = None) -> SearchResult:
     taken = row.get("taken_at")
     return SearchResult(
         id=row["id"],
@@ -143,6 +209,7 @@ def _result(row: dict, score: float) -> SearchResult:
         width=row["width"],
         height=row["height"],
         taken_at=taken.isoformat() if isinstance(taken, dt.datetime) else None,
+        tags=tags,
     )
 
 

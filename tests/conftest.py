@@ -37,10 +37,17 @@ def corpus() -> Path:
     return found
 
 
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """One ONNX export cache for the whole session (an export costs ~15 s)."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path_factory, monkeypatch):
-    """No test ever touches the user's real library or settings."""
+def isolated_env(tmp_path_factory, monkeypatch, model_cache):
+    """No test ever touches the user's real library, settings or model cache."""
     home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("CLIPDEX_CACHE", str(model_cache))
     monkeypatch.setenv("CLIPDEX_LIBRARY", str(home / "library"))
     monkeypatch.delenv("CLIPDEX_WEIGHTS", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

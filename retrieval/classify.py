@@ -1,0 +1,273 @@
+"""Zero-shot classification and library tagging with the model's text tower.
+
+A label is turned into a vector by a *prompt ensemble*: every template (``"a photo of a
+{}."``, ...) is filled with the label and encoded, the unit vectors are averaged and the
+mean re-normalised (Radford et al., CLIP §3.1.4: ensembling templates beats one prompt).
+An image's probabilities over a label set are ``softmax(logit_scale * cos(image, label))``
+with the model's own learned logit scale (~100 for CLIP models), which is what the model was
+trained to calibrate; they sum to 1 over the label set, so they only compare labels *of that
+set* ("cat" vs "dog"), and do not say that a photo shows either.
+
+``DEFAULT_TEMPLATES`` is small on purpose (every template multiplies the text-tower work by
+the number of labels): the neutral "a photo of a/the {}." plus five of the seven templates
+CLIP's authors selected for ImageNet by validation accuracy (the two that target art and
+games are left out). Override with ``--template`` (repeatable, each with one ``{}``).
+
+Label vectors cost one text-tower pass per (label, template); they are cached in the
+library folder (``label_vectors/<digest>.npy``, keyed by labels, templates and model), so a
+second ``classify``/``tag`` with the same label set encodes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from indexer.errors import ConfigError, QueryError
+from indexer.library import Library
+from indexer.model import Encoder, ModelIdentity, l2_normalise
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a close-up photo of a {}.",
+)
+# Shipped inside the package (wheels, Docker); data/labels.txt in a checkout points here.
+DEFAULT_LABELS_FILE = Path(__file__).with_name("labels.txt")
+MAX_LABELS = 5000
+TEXT_BATCH = 256
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The labels to choose among and the prompt templates that describe each."""
+
+    labels: tuple[str, ...]
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+
+    def digest(self, identity: ModelIdentity, *extra: object) -> str:
+        """A stable key for this label set with this model (and any extra settings)."""
+        payload = json.dumps([self.labels, self.templates, identity.to_json(), *extra])
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probability: float
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "probability": round(self.probability, 6)}
+
+
+# -- label sets ---------------------------------------------------------------------------
+def make_labelset(
+    labels: str | None = None,
+    labels_file: str | os.PathLike | None = None,
+    templates: Sequence[str] = (),
+) -> LabelSet:
+    """A label set from ``--labels "a,b"`` or ``--labels-file`` (default: data/labels.txt)."""
+    if labels is not None and labels_file is not None:
+        raise QueryError("give --labels or --labels-file, not both")
+    if labels is not None:
+        names = parse_labels(labels)
+    else:
+        names = read_labels_file(labels_file or DEFAULT_LABELS_FILE)
+    return LabelSet(names, check_templates(templates) if templates else DEFAULT_TEMPLATES)
+
+
+def parse_labels(text: str) -> tuple[str, ...]:
+    """``"cat, dog,car"`` → ``("cat", "dog", "car")``: trimmed, de-duplicated, at least 2."""
+    return _checked_labels(part for part in text.split(","))
+
+
+def read_labels_file(path: str | os.PathLike) -> tuple[str, ...]:
+    """One label per line; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"cannot read the labels file {path}: {reason}") from exc
+    return _checked_labels(line for line in lines if not line.lstrip().startswith("#"))
+
+
+def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
+    """Templates must each hold exactly one ``{}`` where the label goes."""
+    out = tuple(dict.fromkeys(t.strip() for t in templates if t.strip()))
+    for template in out:
+        if template.count("{}") != 1:
+            raise QueryError(f"the template {template!r} needs exactly one {{}} for the label")
+    if not out:
+        raise QueryError("--template is empty: give a prompt such as 'a photo of a {}.'")
+    return out
+
+
+def _checked_labels(parts: Iterable[str]) -> tuple[str, ...]:
+    labels = tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
+    if len(labels) < 2:
+        raise QueryError("give at least two labels: probabilities compare labels with each other")
+    if len(labels) > MAX_LABELS:
+        raise QueryError(f"at most {MAX_LABELS} labels, got {len(labels)}")
+    return labels
+
+
+# -- vectors and probabilities ------------------------------------------------------------
+def label_vectors(
+    encoder: Encoder, labelset: LabelSet, cache_dir: Path | None = None
+) -> np.ndarray:
+    """(labels, dim) unit vectors: the re-normalised mean of each label's prompt vectors."""
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"{labelset.digest(encoder.identity)}.npy"
+        if cache.is_file():
+            try:
+                return np.load(cache)
+            except (OSError, ValueError):
+                pass  # a damaged cache file is rebuilt below
+    # replace, not str.format: other braces in a template stay literal instead of failing.
+    prompts = [t.replace("{}", label) for label in labelset.labels for t in labelset.templates]
+    encoded = np.vstack(
+        [
+            encoder.encode_texts(prompts[i : i + TEXT_BATCH])
+            for i in range(0, len(prompts), TEXT_BATCH)
+        ]
+    )
+    per_label = encoded.reshape(len(labelset.labels), len(labelset.templates), -1)
+    vectors = l2_normalise(l2_normalise(per_label).mean(axis=1))
+    if cache is not None:
+        _save_atomic(cache, vectors)
+    return vectors
+
+
+def probabilities(
+    image_vectors: np.ndarray, label_matrix: np.ndarray, logit_scale: float
+) -> np.ndarray:
+    """(images, labels) softmax of ``logit_scale * cosine``; each row sums to 1."""
+    logits = float(logit_scale) * (np.atleast_2d(image_vectors) @ label_matrix.T)
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits.astype(np.float64))
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def top_predictions(
+    row: np.ndarray, labels: Sequence[str], top: int, min_probability: float = 0.0
+) -> list[Prediction]:
+    """The ``top`` most probable labels of one row, those at or above ``min_probability``."""
+    order = np.argsort(-row, kind="stable")[:top]
+    return [Prediction(labels[i], float(row[i])) for i in order if row[i] >= min_probability]
+
+
+def classify_vector(
+    vector: np.ndarray,
+    encoder: Encoder,
+    labelset: LabelSet,
+    top: int = 5,
+    cache_dir: Path | None = None,
+) -> list[Prediction]:
+    """The ``top`` labels of one image vector with their probabilities, best first."""
+    if top < 1:
+        raise QueryError(f"--top must be at least 1, got {top}")
+    matrix = label_vectors(encoder, labelset, cache_dir)
+    row = probabilities(vector, matrix, encoder.logit_scale)[0]
+    return top_predictions(row, labelset.labels, top)
+
+
+# -- tagging the library ------------------------------------------------------------------
+@dataclass
+class TagReport:
+    """What a `clipdex tag` run did."""
+
+    tagged: int = 0
+    already: int = 0
+    labels: int = 0
+    seconds: float = 0.0
+    top_labels: list[tuple[str, int]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "tagged": self.tagged,
+            "already_tagged": self.already,
+            "labels": self.labels,
+            "seconds": round(self.seconds, 3),
+            "top_labels": [{"label": lab, "images": n} for lab, n in self.top_labels],
+        }
+
+
+def tag_library(
+    library: Library,
+    encoder: Encoder,
+    labelset: LabelSet,
+    top: int = 3,
+    min_probability: float = 0.1,
+    force: bool = False,
+    batch: int = 2000,
+) -> TagReport:
+    """Store the top labels of every image not yet tagged with this label set.
+
+    Incremental and resumable: each batch is committed with the label set's digest, so a
+    second run (or a run after a kill) only visits new images; a changed label set,
+    template, model, ``top`` or ``min_probability`` re-tags everything. ``force`` too.
+    """
+    if top < 1 or not 0.0 <= min_probability <= 1.0:
+        raise QueryError("--top must be at least 1 and --min-probability between 0 and 1")
+    started = time.monotonic()
+    report = TagReport(labels=len(labelset.labels))
+    with library.writing():
+        library.check_model(encoder.identity)
+        catalog = library.catalog
+        digest = labelset.digest(encoder.identity, top, min_probability)
+        if force:
+            catalog.forget_tagged()
+        total = catalog.count()
+        if catalog.untagged(digest, limit=1):
+            matrix = label_vectors(encoder, labelset, library.root / "label_vectors")
+            report.tagged = _tag_pending(
+                catalog, digest, matrix, encoder.logit_scale, labelset, top, min_probability, batch
+            )
+        report.already = total - report.tagged
+        report.top_labels = catalog.tag_counts()[:10]
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _tag_pending(catalog, digest, matrix, logit_scale, labelset, top, min_prob, batch) -> int:
+    """Tag every image not yet tagged with ``digest``, one committed batch at a time."""
+    done, last = 0, 0
+    while ids := catalog.untagged(digest, last, batch):
+        found, vectors = catalog.vectors(ids)
+        probs = probabilities(vectors, matrix, logit_scale)
+        assignments = {}
+        for image_id, row in zip(found, probs):
+            picked = top_predictions(row, labelset.labels, top, min_prob)
+            assignments[int(image_id)] = [(p.label, p.probability) for p in picked]
+        catalog.store_tags(digest, assignments)
+        done += len(assignments)
+        last = ids[-1]
+    return done
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    """Write a cache file whole or not at all; failures are ignored (it is only a cache)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    except OSError:
+        return  # a read-only library still classifies, without the cache
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)

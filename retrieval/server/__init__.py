@@ -1,0 +1,9 @@
+"""clipdex's HTTP server: REST API, OpenAI-compatible embeddings and the web page.
+
+``create_app(settings)`` builds the FastAPI app; ``clipdex serve`` runs it under uvicorn.
+"""
+
+from .app import create_app
+from .settings import Settings
+
+__all__ = ["Settings", "create_app"]

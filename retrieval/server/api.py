@@ -1,0 +1,303 @@
+"""The REST API under /api, plus /healthz and /readyz: thin routes over ServerState.
+
+Photos are addressed by catalog id only; their paths come from the catalog, never from the
+request. Every route that can fail documents its error statuses.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import mimetypes
+import os
+from enum import IntEnum
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+from PIL import Image
+
+from indexer.paths import display
+
+from ..engine import MAX_K, SearchPage, SearchResult
+from .errors import NotReady, Unauthorized
+from .jobs import IndexJob
+from .refine import Refine, page_fields
+from .schemas import (
+    ErrorResponse,
+    ImageMeta,
+    IndexRequest,
+    JobList,
+    JobStatus,
+    SearchResponse,
+    SessionRequest,
+)
+from .security import SESSION_COOKIE, session_value, token_matches
+from .state import ServerState
+from .thumbnails import CACHE_CONTROL, THUMBNAIL_SIZES, regular_file_stat
+
+router = APIRouter()
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.clipdex
+
+
+State = Annotated[ServerState, Depends(get_state)]
+K = Annotated[int, Query(ge=1, le=MAX_K, description="How many results.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_K, description="Skip this many (paging).")]
+ImageId = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="A photo's catalog id.")]
+ThumbnailSize = IntEnum("ThumbnailSize", {f"px{size}": size for size in THUMBNAIL_SIZES})
+
+
+def errors(*statuses: int) -> dict:
+    """OpenAPI documentation of the error statuses a route can answer."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# -- health -----------------------------------------------------------------------------
+@router.get("/healthz", tags=["health"])
+def healthz() -> dict:
+    """Liveness: the process answers. Never needs a token."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"], responses=errors(503))
+def readyz(state: State) -> dict:
+    """Readiness: 200 once the library is open and the model is loaded, else 503 and why."""
+    if not state.ready:
+        state.require_library()
+        state.require_encoder()
+        raise NotReady("still starting")
+    return {"status": "ready", "model": state.encoder.identity.name}
+
+
+@router.get("/api/info", tags=["library"])
+def info(state: State) -> dict:
+    """The library, the model, readiness, limits and running index jobs."""
+    return state.info()
+
+
+# -- search -----------------------------------------------------------------------------
+@router.get(
+    "/api/search",
+    response_model=SearchResponse,
+    tags=["search"],
+    responses=errors(400, 409, 422, 503),
+)
+def search(
+    request: Request,
+    state: State,
+    q: Annotated[str, Query(min_length=1, max_length=1000, description="What the photos show.")],
+    k: K = 20,
+    offset: Offset = 0,
+    refine: Refine = None,
+) -> dict:
+    """Photos that match a text, best first. The text may weigh terms ("beach + sunset -
+    people", "2:dog + cat"); filters, cut-off and date order are optional (see README)."""
+    page = state.search_text(q, k, offset, refine)
+    return search_response(request, q, "text", k, offset, page)
+
+
+@router.post(
+    "/api/search/image",
+    response_model=SearchResponse,
+    tags=["search"],
+    responses=errors(400, 409, 413, 415, 422, 503),
+)
+def search_image(
+    request: Request,
+    state: State,
+    file: Annotated[UploadFile, File(description="An image file (its bytes decide its type).")],
+    k: K = 20,
+    offset: Offset = 0,
+    refine: Refine = None,
+) -> dict:
+    """Photos that look like an uploaded image (multipart field ``file``)."""
+    data = file.file.read()
+    page = state.search_image(data, k, offset, refine)
+    name = os.path.basename(file.filename or "") or "uploaded image"
+    return search_response(request, name, "image", k, offset, page)
+
+
+@router.get(
+    "/api/images/{image_id}/similar",
+    response_model=SearchResponse,
+    tags=["search"],
+    responses=errors(400, 404, 422, 503),
+)
+def similar(
+    request: Request,
+    state: State,
+    image_id: ImageId,
+    k: K = 20,
+    offset: Offset = 0,
+    refine: Refine = None,
+) -> dict:
+    """Photos that look like an indexed photo ("more like this"); needs no model call."""
+    page = state.similar(image_id, k, offset, refine)
+    return search_response(request, str(image_id), "similar", k, offset, page)
+
+
+def search_response(
+    request: Request, query: str, kind: str, k: int, offset: int, page: SearchPage
+) -> dict:
+    return {
+        "query": query,
+        "kind": kind,
+        "k": k,
+        "offset": offset,
+        **page_fields(page),
+        "results": [hit(request, result) for result in page.results],
+    }
+
+
+def hit(request: Request, result: SearchResult) -> dict:
+    document = result.as_dict()  # the path as the catalog holds it: see .responses
+    document.update(urls(request, result.id))
+    return document
+
+
+def urls(request: Request, image_id: int) -> dict:
+    base = f"{request.scope.get('root_path', '')}/api/images/{image_id}"
+    return {"thumbnail_url": f"{base}/thumbnail?size=256", "image_url": f"{base}/file"}
+
+
+# -- photos -----------------------------------------------------------------------------
+@router.get(
+    "/api/images/{image_id}",
+    response_model=ImageMeta,
+    tags=["photos"],
+    responses=errors(404, 422, 503),
+)
+def image_meta(request: Request, state: State, image_id: ImageId) -> dict:
+    """Everything the catalog knows about one photo."""
+    row = state.image_row(image_id)
+    document = {key: _jsonable(value) for key, value in row.items()}
+    document["name"] = os.path.basename(row["path"])
+    document.update(urls(request, image_id))
+    document["similar_url"] = f"{request.scope.get('root_path', '')}/api/images/{image_id}/similar"
+    return document
+
+
+def _jsonable(value):
+    return value.isoformat() if isinstance(value, dt.datetime) else value
+
+
+@router.get(
+    "/api/images/{image_id}/file",
+    tags=["photos"],
+    response_class=FileResponse,
+    responses={200: {"content": {"image/*": {}}}, **errors(404, 422, 503)},
+)
+def image_file(state: State, image_id: ImageId) -> FileResponse:
+    """The original file, with the content type of what was decoded when it was indexed."""
+    row = state.image_row(image_id)
+    stat = regular_file_stat(row["path"], image_id)
+    return FileResponse(
+        row["path"],
+        stat_result=stat,
+        media_type=media_type(row),
+        filename=display(os.path.basename(row["path"])),  # a header: printable text
+        content_disposition_type="inline",
+        headers={"Cache-Control": "private, max-age=3600"},
+    )
+
+
+def media_type(row: dict) -> str:
+    by_format = Image.MIME.get((row.get("format") or "").upper())
+    if by_format:
+        return by_format
+    guessed, _ = mimetypes.guess_type(row["path"])
+    return guessed if guessed and guessed.startswith("image/") else "application/octet-stream"
+
+
+@router.get(
+    "/api/images/{image_id}/thumbnail",
+    tags=["photos"],
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, 304: {}, **errors(404, 422, 503)},
+)
+def thumbnail(
+    request: Request,
+    state: State,
+    image_id: ImageId,
+    size: Annotated[ThumbnailSize, Query(description="Longest side in pixels.")] = 256,
+) -> Response:
+    """A JPEG thumbnail (EXIF orientation applied), cached in the library, with an ETag."""
+    row = state.image_row(image_id)
+    cache = state.thumbnails
+    etag = cache.etag(row, int(size))
+    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
+    if etag_matches(request.headers.get("if-none-match", ""), etag):
+        return Response(status_code=304, headers=headers)
+    rendered = cache.get(row, int(size))
+    if rendered.path is not None:
+        return FileResponse(rendered.path, media_type="image/jpeg", headers=headers)
+    return Response(rendered.data, media_type="image/jpeg", headers=headers)
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+# -- indexing ---------------------------------------------------------------------------
+@router.post(
+    "/api/index",
+    status_code=202,
+    response_model=JobStatus,
+    tags=["library"],
+    responses=errors(400, 403, 422, 503),
+)
+def start_index(request: Request, state: State, body: IndexRequest) -> dict:
+    """Index folders (inside the server's --index-root) in the background; returns the job."""
+    return job_document(request, state.submit_index(body.paths))
+
+
+@router.get("/api/index", response_model=JobList, tags=["library"])
+def list_jobs(request: Request, state: State) -> dict:
+    """Recent index jobs, newest first."""
+    return {"jobs": [job_document(request, job) for job in state.jobs.recent()]}
+
+
+@router.get(
+    "/api/index/{job_id}", response_model=JobStatus, tags=["library"], responses=errors(404, 422)
+)
+def job_status(
+    request: Request,
+    state: State,
+    job_id: Annotated[str, PathParam(pattern="^[0-9a-f]{1,64}$")],
+) -> dict:
+    """Progress of one job: done / total / failed / img per s / state."""
+    return job_document(request, state.jobs.get(job_id))
+
+
+def job_document(request: Request, job: IndexJob) -> dict:
+    document = job.as_dict()
+    document["status_url"] = f"{request.scope.get('root_path', '')}/api/index/{job.id}"
+    return document
+
+
+# -- web page session -------------------------------------------------------------------
+@router.post("/api/session", status_code=204, tags=["auth"], responses=errors(401, 422))
+def login(state: State, body: SessionRequest) -> Response:
+    """Trade the token for an HttpOnly cookie, so the page's <img> requests carry it."""
+    token = state.settings.token
+    response = Response(status_code=204)
+    if token is None:
+        return response
+    if not token_matches(body.token, token):
+        raise Unauthorized("wrong token")
+    response.set_cookie(
+        SESSION_COOKIE, session_value(token), httponly=True, samesite="strict", path="/"
+    )
+    return response
+
+
+@router.delete("/api/session", status_code=204, tags=["auth"])
+def logout() -> Response:
+    response = Response(status_code=204)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+

@@ -1,0 +1,61 @@
+"""The app factory: one FastAPI app over one library and one model, all injected."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi.security import HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from indexer.library import Library
+
+from . import api, errors, openai_compat, routes_search_plus, web
+from .responses import PathJSONResponse
+from .security import BodyLimit, SecurityHeaders, TokenAuth
+from .settings import Settings
+from .state import EncoderSource, ServerState, _version
+
+DESCRIPTION = """Search a clipdex photo library by text or by image, browse its photos, start
+indexing jobs, and embed texts and images with MobileCLIP-S2 through an OpenAI-compatible
+endpoint. Errors are `{"error": {"code", "message"}}` with the HTTP status."""
+
+
+def create_app(
+    settings: Settings,
+    *,
+    encoder: EncoderSource | None = None,
+    library: Library | None = None,
+) -> FastAPI:
+    """Build the app. ``encoder`` (an encoder or a factory) and ``library`` default to the
+    ones ``settings`` names; tests hand in a fake encoder or an open library."""
+    state = ServerState(settings, encoder, library)
+    owns_library = library is None
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        state.start()
+        yield
+        await run_in_threadpool(state.close, owns_library)
+
+    app = FastAPI(
+        title="clipdex",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        redoc_url=None,
+        default_response_class=PathJSONResponse,  # file paths lossless, as the CLI's --json
+    )
+    app.state.clipdex = state
+    errors.install(app)
+    # Documents the bearer scheme in /openapi.json; TokenAuth below does the enforcing.
+    guard = [Depends(HTTPBearer(auto_error=False))] if settings.token else []
+    app.include_router(api.router, dependencies=guard)
+    app.include_router(routes_search_plus.router, dependencies=guard)
+    app.include_router(openai_compat.router, dependencies=guard)
+    web.mount(app)
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(TokenAuth, token=settings.token)
+    app.add_middleware(SecurityHeaders)
+    return app

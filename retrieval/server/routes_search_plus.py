@@ -1,0 +1,148 @@
+"""REST routes for zero-shot classification, tags and near-duplicates.
+
+``POST /api/classify`` (a photo id or an upload, plus labels), ``GET /api/tags`` (the labels
+`clipdex tag` stored, with counts, for the page's tag filter) and ``GET /api/duplicates``.
+The search routes' filters, cut-off and date order live in :mod:`.refine`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from pydantic import BaseModel, Field
+
+from indexer.errors import QueryError
+
+from ..classify import classify_vector, make_labelset
+from ..duplicates import DEFAULT_THRESHOLD, find_duplicates
+from ..filters import FilterArgs, build_filter
+from .api import State, errors, urls
+from .refine import refinements
+from .schemas import TagScore
+
+router = APIRouter(tags=["search"])
+
+
+class Prediction(BaseModel):
+    label: str
+    probability: float = Field(description="Softmax over the given labels (sums to 1).")
+
+
+class ClassifyResponse(BaseModel):
+    id: int | None = Field(description="The photo's id, or null for an upload.")
+    labels: int = Field(description="How many labels were compared.")
+    templates: list[str]
+    predictions: list[Prediction]
+
+
+class TagCount(BaseModel):
+    label: str
+    images: int
+
+
+class TagList(BaseModel):
+    tags: list[TagCount]
+
+
+class DuplicateMember(BaseModel):
+    id: int
+    path: str
+    width: int
+    height: int
+    size: int
+    score: float = Field(description="Cosine to the group's keeper.")
+    tags: list[TagScore] | None = None
+    thumbnail_url: str
+    image_url: str
+
+
+class DuplicateGroup(BaseModel):
+    keeper: int = Field(description="Suggested photo to keep: the largest, then the oldest.")
+    members: list[DuplicateMember] = Field(description="The keeper first.")
+
+
+class DuplicatesResponse(BaseModel):
+    threshold: float
+    groups: list[DuplicateGroup]
+
+
+@router.post(
+    "/api/classify",
+    response_model=ClassifyResponse,
+    responses=errors(400, 404, 409, 413, 415, 422, 503),
+)
+def classify(
+    state: State,
+    image_id: Annotated[
+        int | None, Form(alias="id", ge=1, le=2**63 - 1, description="An indexed photo's id.")
+    ] = None,
+    file: Annotated[UploadFile | None, File(description="Or an image file.")] = None,
+    labels: Annotated[
+        str | None,
+        Form(max_length=100_000, description="Comma-separated labels [default: data/labels.txt]."),
+    ] = None,
+    template: Annotated[
+        list[str] | None, Form(description="Prompt templates with {} (repeatable).")
+    ] = None,
+    top: Annotated[int, Form(ge=1, le=1000, description="How many labels to return.")] = 5,
+) -> dict:
+    """Zero-shot classification of one photo: probabilities over labels, best first."""
+    if (image_id is None) == (file is None):
+        raise QueryError("send exactly one of the form fields id (a photo id) or file (an image)")
+    labelset = make_labelset(labels, None, [t for t in template or () if t is not None])
+    engine = state.require_engine()
+    if image_id is not None:
+        state.image_row(image_id)
+        vector = engine.vector_of(image_id)
+    else:
+        vector = engine.embed_image(file.file.read())
+    cache = state.require_library().root / "label_vectors"
+    predictions = classify_vector(vector, state.require_encoder(), labelset, top, cache)
+    return {
+        "id": image_id,
+        "labels": len(labelset.labels),
+        "templates": list(labelset.templates),
+        "predictions": [p.as_dict() for p in predictions],
+    }
+
+
+@router.get("/api/tags", response_model=TagList, responses=errors(503))
+def tags(state: State) -> dict:
+    """The labels `clipdex tag` stored, with how many photos carry each, most frequent first."""
+    counts = state.require_library().catalog.tag_counts()
+    return {"tags": [{"label": label, "images": n} for label, n in counts]}
+
+
+@router.get("/api/duplicates", response_model=DuplicatesResponse, responses=errors(400, 422, 503))
+def duplicates(
+    request: Request,
+    state: State,
+    threshold: Annotated[
+        float, Query(ge=0.5, le=1.0, description="Cosine at which photos count as copies.")
+    ] = DEFAULT_THRESHOLD,
+    folders: Annotated[
+        list[str] | None, Query(alias="in", description="Only under these folders or globs.")
+    ] = None,
+) -> dict:
+    """Groups of near-duplicate photos (bursts, resized or re-encoded copies), largest first."""
+    checked = refinements(folders=folders) if folders else None
+    spec = checked.filter if checked else build_filter(FilterArgs())
+    library = state.require_library()
+    groups = state.in_search_thread(find_duplicates, library, threshold, spec)
+    catalog = library.catalog
+    ids = [m.id for g in groups for m in g.members]
+    tagged = catalog.tags_for(ids) if catalog.has_tags() else None
+    return {"threshold": threshold, "groups": [_group(request, g, tagged) for g in groups]}
+
+
+def _group(request: Request, group, tagged: dict | None) -> dict:
+    members = []
+    for member in group.members:
+        document = member.as_dict()  # paths lossless: see .responses
+        if tagged is not None:
+            pairs = tagged.get(member.id, [])
+            document["tags"] = [{"label": lab, "score": round(sc, 4)} for lab, sc in pairs]
+        document.update(urls(request, member.id))
+        members.append(document)
+    return {"keeper": group.keeper.id, "members": members}

@@ -1,0 +1,150 @@
+"""Request and response models: they validate input and document the API in /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. not_found, too_large.")
+    message: str = Field(description="What went wrong and what to do, for a person.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class TagScore(BaseModel):
+    label: str
+    score: float = Field(description="Zero-shot probability stored by `clipdex tag`.")
+
+
+class CutoffInfo(BaseModel):
+    rule: str = Field(description="auto, min-score or auto+min-score.")
+    threshold: float | None = Field(description="Results score above this cosine.")
+    median: float | None = None
+    sigma: float | None = None
+    z: float | None = None
+    population: int | None = None
+
+
+class SearchHit(BaseModel):
+    id: int
+    path: str
+    score: float = Field(description="Cosine similarity to the query, -1..1.")
+    width: int
+    height: int
+    taken_at: str | None
+    tags: list[TagScore] | None = Field(
+        default=None, description="Stored zero-shot tags, best first (once `clipdex tag` ran)."
+    )
+    thumbnail_url: str
+    image_url: str
+
+
+class SearchResponse(BaseModel):
+    query: str
+    kind: Literal["text", "image", "similar"]
+    k: int
+    offset: int
+    sort: str = "score"
+    total: int | None = Field(
+        default=None, description="How many photos passed the cut-off (null without one)."
+    )
+    cutoff: CutoffInfo | None = None
+    results: list[SearchHit]
+
+
+class ImageMeta(BaseModel):
+    id: int
+    path: str
+    name: str
+    size: int
+    width: int
+    height: int
+    format: str | None
+    taken_at: str | None
+    camera_make: str | None
+    camera_model: str | None
+    gps_lat: float | None
+    gps_lon: float | None
+    indexed_at: str | None
+    sha256: str
+    thumbnail_url: str
+    image_url: str
+    similar_url: str
+
+
+class IndexRequest(BaseModel):
+    paths: list[str] = Field(
+        min_length=1,
+        max_length=100,
+        description="Folders or files on the server, inside one of its --index-root folders "
+        "(relative paths are taken from the first root).",
+    )
+
+
+class JobStatus(BaseModel):
+    id: str
+    paths: list[str]
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    total: int | None = Field(description="Files to process; null until discovery finished.")
+    done: int
+    failed: int
+    img_per_s: float
+    seconds: float
+    error: str | None
+    report: dict | None
+    status_url: str
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatus]
+
+
+class SessionRequest(BaseModel):
+    token: str = Field(max_length=4096)
+
+
+# -- OpenAI-compatible embeddings ---------------------------------------------------------
+class EmbeddingRequest(BaseModel):
+    model: str = Field(max_length=256, examples=["mobileclip-s2"])
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text, a list of texts, or (clipdex's extension) data:image/...;base64, "
+        "URLs of images. Token arrays are not supported."
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

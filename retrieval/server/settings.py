@@ -1,0 +1,50 @@
+"""Server settings: resolved once at the edge (flags, then ``CLIPDEX_*``), passed inward."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from indexer.decode import DEFAULT_MAX_MEGAPIXELS
+from indexer.errors import ConfigError
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``create_app`` needs to know; every field has a safe default but ``library``."""
+
+    library: Path
+    weights: Path | None = None
+    device: str = "auto"
+    backend: str = "auto"  # auto | torch | onnx, as for the other commands
+    token: str | None = None  # when set, every route but /healthz and the page shell needs it
+    max_upload_mb: float = 20.0  # request bodies over this are refused with 413
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS  # uploads and thumbnails over this: 413
+    index_roots: tuple[Path, ...] = field(default_factory=tuple)  # POST /api/index stays inside
+    text_cache_size: int = 512  # text query -> vector, so paging does not re-run the model
+    search_threads: int = 1  # FAISS threads per query; requests run in parallel instead
+
+    def __post_init__(self) -> None:
+        if self.max_upload_mb <= 0:
+            raise ConfigError(f"--max-upload-mb must be positive, got {self.max_upload_mb}")
+        if self.token is not None and not self.token.strip():
+            object.__setattr__(self, "token", None)
+        roots = tuple(Path(os.path.abspath(os.path.expanduser(r))) for r in self.index_roots)
+        object.__setattr__(self, "index_roots", roots)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def exposure_warning(host: str, token: str | None) -> str | None:
+    """A warning when the server listens beyond this machine without a token."""
+    if token or host in LOOPBACK_HOSTS or host.startswith("127."):
+        return None
+    return (
+        f"clipdex is listening on {host} without a token: anyone who can reach this address "
+        "can search and view your photos; set --token or CLIPDEX_TOKEN"
+    )
