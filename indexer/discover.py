@@ -20,6 +20,8 @@ from pathlib import Path
 from .decode import IMAGE_SUFFIXES
 from .errors import ConfigError
 
+OUTSIDE_ROOTS = "symlink leads outside the folders this server may index: not followed"
+
 
 @dataclass(frozen=True)
 class FoundFile:
@@ -58,14 +60,20 @@ def is_excluded(path: str, root: str, excludes: Sequence[str]) -> bool:
     )
 
 
-def discover(root: Path, excludes: Sequence[str] = ()) -> Discovery:
-    """Every image file under ``root`` (or ``root`` itself when it is a file)."""
+def discover(
+    root: Path, excludes: Sequence[str] = (), within: Sequence[str] = ()
+) -> Discovery:
+    """Every image file under ``root`` (or ``root`` itself when it is a file).
+
+    With ``within`` (real, resolved folder paths: the server's --index-root), a symlink
+    whose target lies outside all of them is reported and not followed.
+    """
     found = Discovery()
     if root.is_file():
         _add_file(found, str(root), str(root.parent), excludes, explicit=True)
         return found
     seen_dirs: set[tuple[int, int]] = set()
-    for path in _walk(str(root), seen_dirs, found):
+    for path in _walk(str(root), seen_dirs, found, tuple(within)):
         _add_file(found, path, str(root), excludes, explicit=False)
     return found
 
@@ -85,7 +93,9 @@ def _add_file(
     found.files.append(FoundFile(path, stat.st_size, stat.st_mtime_ns))
 
 
-def _walk(folder: str, seen: set[tuple[int, int]], found: Discovery) -> Iterator[str]:
+def _walk(
+    folder: str, seen: set[tuple[int, int]], found: Discovery, within: tuple[str, ...] = ()
+) -> Iterator[str]:
     try:
         stat = os.stat(folder)
     except OSError as exc:
@@ -109,12 +119,24 @@ def _walk(folder: str, seen: set[tuple[int, int]], found: Discovery) -> Iterator
         except OSError as exc:
             found.problems.append((entry.path, _entry_problem(exc)))
             continue
+        if (is_dir or is_file) and within and _leads_out(entry, within):
+            if is_dir or _has_image_suffix(entry.name):
+                found.problems.append((entry.path, OUTSIDE_ROOTS))
+            continue
         if is_dir:
-            yield from _walk(entry.path, seen, found)
+            yield from _walk(entry.path, seen, found, within)
         elif is_file:
             yield entry.path
         elif entry.is_symlink() and _has_image_suffix(entry.name):
             found.problems.append((entry.path, "broken symlink: its target does not exist"))
+
+
+def _leads_out(entry: os.DirEntry, within: tuple[str, ...]) -> bool:
+    """True when ``entry`` is a symlink whose final target is outside every ``within``."""
+    if not entry.is_symlink():
+        return False
+    target = os.path.realpath(entry.path)
+    return not any(target == r or target.startswith(r.rstrip(os.sep) + os.sep) for r in within)
 
 
 def _has_image_suffix(name: str) -> bool:

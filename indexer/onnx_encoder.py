@@ -215,8 +215,8 @@ class OnnxEncoder:
         return float(self.meta["logit_scale"])
 
     def prepare(self) -> None:
-        """Export now if needed (before a long run starts, not in the middle of it)."""
-        _ = self.meta
+        """Export if needed and load the image tower, before a run needs its first batch."""
+        self.session(IMAGE_FILE)
 
     def session(self, name: str):
         """The ONNX Runtime session of one tower file, created once.

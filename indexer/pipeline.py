@@ -36,6 +36,7 @@ class IndexOptions:
     """How to index; resolved at the edge and passed in."""
 
     excludes: Sequence[str] = ()
+    within: Sequence[str] = ()  # real folders symlinks may lead into (the server's roots)
     batch_size: int = 16
     workers: int = max(1, min(4, (os.cpu_count() or 2)))
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
@@ -94,11 +95,13 @@ class _Plan:
     old_ids: dict[str, int] = field(default_factory=dict)  # path -> id it had before
 
 
-def plan(library: Library, roots: Iterable[Path], excludes: Sequence[str]) -> _Plan:
+def plan(
+    library: Library, roots: Iterable[Path], excludes: Sequence[str], within: Sequence[str] = ()
+) -> _Plan:
     """Split what is on disk into unchanged, to do and vanished, by path, size and mtime."""
     result = _Plan()
     for root in roots:
-        found = discover(root, excludes)
+        found = discover(root, excludes, within)
         result.problems.extend(found.problems)
         if root.is_dir():
             states = library.catalog.file_states(str(root))
@@ -195,7 +198,7 @@ def index_paths(
     report = IndexReport()
     with library.writing():
         library.bind_model(encoder.identity)
-        work = plan(library, roots, options.excludes)
+        work = plan(library, roots, options.excludes, options.within)
         report.unchanged = work.unchanged
         progress.start(len(work.todo))
         writer = _Writer(library, work, options)
@@ -220,9 +223,6 @@ def _run(
 ) -> None:
     if not todo:
         return
-    prepare = getattr(encoder, "prepare", None)
-    if prepare is not None:
-        prepare()  # e.g. a first-time ONNX export, before the workers start
     memo = _HashMemo(library)
     batch: list[Outcome] = []
     pool = DecodePool(
@@ -232,12 +232,18 @@ def _run(
         capacity=options.batch_size + 2 * options.workers,
         decoder=options.decoder,
     )
-    for item in pool.map(todo):
-        _route(item, batch, writer, report, progress)
-        if len(batch) >= options.batch_size:
-            _encode(batch, encoder, memo, writer, report, progress)
-            batch = []
-        writer.maybe_checkpoint()
+    with pool:
+        pool.start(todo)
+        # Load the model (a first-time ONNX export included) while the workers start up.
+        prepare = getattr(encoder, "prepare", None)
+        if prepare is not None:
+            prepare()
+        for item in pool.outcomes():
+            _route(item, batch, writer, report, progress)
+            if len(batch) >= options.batch_size:
+                _encode(batch, encoder, memo, writer, report, progress)
+                batch = []
+            writer.maybe_checkpoint()
     if batch:
         _encode(batch, encoder, memo, writer, report, progress)
 

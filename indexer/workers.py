@@ -275,27 +275,51 @@ class DecodePool:
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._workers: list[_Worker] = []
+        self._supervisor: threading.Thread | None = None
+        self._failed = False
 
     def map(self, files: Iterable[FoundFile]) -> Iterator[Outcome]:
         """Outcomes of ``files`` as they complete; stops the workers when done or abandoned."""
-        self._workers = [_Worker(self.decoder, self.limits) for _ in range(self.size)]
-        supervisor = threading.Thread(
+        with self:
+            self.start(files)
+            yield from self.outcomes()
+
+    def start(self, files: Iterable[FoundFile]) -> None:
+        """Start the workers and the supervisor on ``files``; they run ahead of the consumer
+        up to ``capacity`` files. Pair with :meth:`close` (or use the pool as a context);
+        a pool runs once."""
+        for _ in range(self.size):
+            self._workers.append(_Worker(self.decoder, self.limits))
+        self._supervisor = threading.Thread(
             target=self._supervise, args=(iter(files),), name="clipdex-decode", daemon=True
         )
-        supervisor.start()
-        try:
-            while (item := self._results.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                with self._lock:
-                    self._outstanding -= 1
-                yield item
-        finally:
-            self._stopping.set()
-            supervisor.join()
-            failed = sys.exc_info()[0] is not None
-            for worker in self._workers:
-                worker.stop(force=failed or worker.found is not None)
+        self._supervisor.start()
+
+    def outcomes(self) -> Iterator[Outcome]:
+        """The outcomes, in completion order, until every file has one."""
+        while (item := self._results.get()) is not _END:
+            if isinstance(item, BaseException):
+                self._failed = True
+                raise item
+            with self._lock:
+                self._outstanding -= 1
+            yield item
+
+    def close(self) -> None:
+        """Stop the supervisor and the workers (at once if files are still in flight)."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
+        for worker in self._workers:
+            worker.stop(force=self._failed or worker.found is not None)
+        self._workers = []
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self._failed = self._failed or kind is not None
+        self.close()
 
     # -- the supervisor thread ------------------------------------------------------------------
     def _supervise(self, source: Iterator[FoundFile]) -> None:

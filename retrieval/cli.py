@@ -444,6 +444,23 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            envvar="CLIPDEX_REQUEST_TIMEOUT",
+            help="Seconds a request body may take to arrive, a response may stall, and a query "
+            "may wait for the model (request headers: 10 s at most).",
+        ),
+    ] = 60.0,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar="CLIPDEX_MAX_CONNECTIONS",
+            help="Open connections served at once; beyond it: 503.",
+        ),
+    ] = 256,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
@@ -451,9 +468,8 @@ def serve(
     weights: WeightsOpt = None,
 ) -> None:
     """Serve the REST API, the OpenAI-compatible embeddings and the web page."""
-    import uvicorn
-
     from .server import Settings, create_app
+    from .server.serving import run_server
     from .server.settings import exposure_warning
 
     settings = Settings(
@@ -465,19 +481,15 @@ def serve(
         max_upload_mb=max_upload_mb,
         max_megapixels=max_megapixels,
         index_roots=tuple(index_root or ()),
+        header_timeout=min(10.0, request_timeout),
+        request_timeout=request_timeout,
+        max_connections=max_connections,
     )
     warning = exposure_warning(host, settings.token)
     if warning:
         stderr.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     stderr.print(f"clipdex: library {settings.library}, http://{host}:{port}/", highlight=False)
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_keep_alive=5,
-        server_header=False,
-    )
+    run_server(create_app(settings), settings, host, port, log_level=log_level)
 
 
 @cli_command

@@ -27,8 +27,7 @@ class LiveServer:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(self.app, log_level=self.log_level, timeout_keep_alive=5)
-        self._server = uvicorn.Server(config)
+        self._server = uvicorn.Server(self._config())
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
         )
@@ -39,6 +38,15 @@ class LiveServer:
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.02)
         return self
+
+    def _config(self) -> uvicorn.Config:
+        """``clipdex serve``'s own uvicorn configuration (limits, protocol) for a clipdex app."""
+        from retrieval.server.serving import uvicorn_config
+
+        state = getattr(getattr(self.app, "state", None), "clipdex", None)
+        if state is None:
+            return uvicorn.Config(self.app, log_level=self.log_level, timeout_keep_alive=5)
+        return uvicorn_config(self.app, state.settings, log_level=self.log_level)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Block until /readyz says 200 (library open, model loaded)."""
@@ -86,3 +94,26 @@ def served(library, encoder, **settings):
         wait_ready(server.url, headers=headers)
         with httpx.Client(base_url=server.url, timeout=30) as client:
             yield server, client
+
+
+def raw_request(url: str, data: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send ``data`` as is on a fresh connection and read the answer to its end.
+
+    No client library in the way: httpx and browsers normalise ``..`` and some encodings
+    before sending, which is exactly what a hostile client does not do. Returns the status
+    (0 when the server closed without answering) and the whole response bytes.
+    """
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line = answer.split(b"\r\n", 1)[0].split()
+    return (int(status_line[1]) if len(status_line) > 1 else 0), answer
+
+
+def raw_get(url: str, target: bytes, headers: bytes = b"") -> tuple[int, bytes]:
+    """``GET target`` with the target sent byte for byte."""
+    request = b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    return raw_request(url, request + headers + b"\r\n")

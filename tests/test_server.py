@@ -72,6 +72,20 @@ def test_openapi_schema_documents_the_api(client):
     assert client.get("/docs").status_code == 200
 
 
+def test_docs_page_loads_swagger_ui_from_this_server(client):
+    """/docs works offline: every script and stylesheet it names is served here."""
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', page.text)
+    assert len(assets) == 2 and all(url.startswith("/docs-assets/") for url in assets), assets
+    for url in assets:
+        asset = client.get(url)
+        assert asset.status_code == 200 and len(asset.content) > 100_000, url
+    assert "'/openapi.json'" in page.text or '"/openapi.json"' in page.text
+
+
 # -- search -----------------------------------------------------------------------------
 def test_text_search_shape_order_and_urls(client):
     answer = client.get("/api/search", params={"q": "a red ball", "k": 5}).json()

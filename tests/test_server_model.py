@@ -93,18 +93,23 @@ def test_serve_help_names_its_flags():
         env={**os.environ, "COLUMNS": "200"},
     ).stdout
     for flag in ("--host", "--port", "--library", "--weights", "--token", "--max-upload-mb",
-                 "--index-root"):
+                 "--index-root", "--request-timeout", "--max-connections"):
         assert flag in out
 
 
 def test_serve_warns_when_exposed_without_a_token(monkeypatch, tmp_path):
-    import uvicorn
     from typer.testing import CliRunner
 
     from retrieval.cli import app
+    from retrieval.server import serving
 
     started = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(kw, app=app))
+
+    def run_server(app, settings, host, port, **kw) -> None:
+        started.update(kw, app=app, host=host, port=port, config=serving.uvicorn_config(
+            app, settings, host, port, **kw))
+
+    monkeypatch.setattr(serving, "run_server", run_server)
     monkeypatch.setenv("CLIPDEX_INDEX_ROOTS", f"{tmp_path}/a{os.pathsep}{tmp_path}/b")
     args = ["serve", "--host", "0.0.0.0", "--port", "8123", "--library", str(tmp_path / "lib")]
     result = CliRunner().invoke(app, args)
@@ -112,5 +117,9 @@ def test_serve_warns_when_exposed_without_a_token(monkeypatch, tmp_path):
     assert "without a token" in result.output and started["port"] == 8123
     settings = started["app"].state.clipdex.settings
     assert [p.name for p in settings.index_roots] == ["a", "b"]
+    config = started["config"]  # the limits against slow clients (see test_server_limits)
+    assert config.limit_concurrency == settings.max_connections == 256
+    assert config.http.header_timeout == settings.header_timeout == 10.0
+    assert settings.request_timeout == 60.0 and not config.server_header
     quiet = CliRunner().invoke(app, [*args, "--token", "t"])
     assert "without a token" not in quiet.output

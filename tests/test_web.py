@@ -232,3 +232,45 @@ def test_sign_in_when_the_server_has_a_token(browser, library, fake_encoder):
         search(tab, "after sign-in")
         assert len(card_ids(tab)) == 25
         context.close()
+
+
+def test_api_docs_render_with_no_internet(browser, library, fake_encoder):
+    """/docs loads Swagger UI from this server alone: every other host is cut off."""
+    with served(library, fake_encoder) as (server, _):
+        context = browser.new_context()
+        elsewhere: list[str] = []
+
+        def local_only(route) -> None:
+            if route.request.url.startswith(server.url):
+                route.continue_()
+            else:
+                elsewhere.append(route.request.url)
+                route.abort()
+
+        context.route("**/*", local_only)
+        tab = context.new_page()
+        tab.goto(f"{server.url}/docs")
+        tab.wait_for_selector(".opblock", timeout=30_000)
+        assert tab.locator(".opblock").count() >= 12
+        assert elsewhere == []
+        context.close()
+
+
+def test_a_name_that_is_not_utf8_shows_its_bytes_as_escapes(browser, tmp_path, fake_encoder):
+    """The API sends caf\\udce9.jpg (lossless); the page shows caf\\xe9.jpg, as the CLI."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    name = os.fsdecode(os.fsencode(folder) + b"/caf\xe9.jpg")
+    Image.new("RGB", (120, 90), (30, 90, 160)).save(name)
+    library = tmp_path / "odd-library"
+    with Library.open(library, create=True) as lib:
+        index_paths(lib, fake_encoder, [folder])
+    with served(library, fake_encoder) as (server, _):
+        context = browser.new_context()
+        tab = context.new_page()
+        tab.goto(server.url)
+        tab.wait_for_selector("#status[data-state='ready']")
+        search(tab, "anything")
+        name = tab.text_content("#results .card .name")
+        assert name == "caf\\xe9.jpg", name
+        context.close()

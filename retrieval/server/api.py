@@ -57,8 +57,9 @@ def errors(*statuses: int) -> dict:
 
 # -- health -----------------------------------------------------------------------------
 @router.get("/healthz", tags=["health"])
-def healthz() -> dict:
-    """Liveness: the process answers. Never needs a token."""
+async def healthz() -> dict:
+    """Liveness: the process answers. Never needs a token. Async, so it never queues behind
+    busy worker threads."""
     return {"status": "ok"}
 
 

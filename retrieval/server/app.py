@@ -11,9 +11,10 @@ from starlette.concurrency import run_in_threadpool
 
 from indexer.library import Library
 
-from . import api, errors, openai_compat, routes_search_plus, web
+from . import api, docs, errors, openai_compat, routes_search_plus, web
 from .responses import PathJSONResponse
 from .security import BodyLimit, SecurityHeaders, TokenAuth
+from .serving import SlowClientGuard
 from .settings import Settings
 from .state import EncoderSource, ServerState, _version
 
@@ -45,6 +46,7 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
         redoc_url=None,
+        docs_url=None,  # .docs serves /docs without a CDN
         default_response_class=PathJSONResponse,  # file paths lossless, as the CLI's --json
     )
     app.state.clipdex = state
@@ -55,7 +57,9 @@ def create_app(
     app.include_router(routes_search_plus.router, dependencies=guard)
     app.include_router(openai_compat.router, dependencies=guard)
     web.mount(app)
+    docs.mount(app)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     app.add_middleware(TokenAuth, token=settings.token)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(SlowClientGuard, timeout=settings.request_timeout)
     return app

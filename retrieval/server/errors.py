@@ -29,6 +29,7 @@ STATUS_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "timeout",
     409: "conflict",
     413: "too_large",
     415: "unsupported_media_type",
@@ -67,6 +68,13 @@ class Busy(ClipdexError):
     http_status = 429
 
 
+class Overloaded(ClipdexError):
+    """A query waited longer than the server's --request-timeout for the model."""
+
+    code = "overloaded"
+    http_status = 503
+
+
 class FileUnavailable(NotFound):
     """A catalogued photo whose file is gone, unreadable or no longer an image."""
 
@@ -81,6 +89,18 @@ class BodyTooLarge(StarletteHTTPException):
             413,
             f"the request body is over the {limit_bytes / 2**20:g} MB limit "
             "(the server's --max-upload-mb)",
+        )
+
+
+class RequestTimeout(StarletteHTTPException):
+    """The request body did not arrive in time (a slow or stalled client)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            408,
+            f"the request body did not arrive within {seconds:g} s "
+            "(the server's --request-timeout)",
+            headers={"Connection": "close"},
         )
 
 

@@ -1,9 +1,11 @@
-"""The only two places where a request's text meets a filesystem path.
+"""The one place where a request's text meets a filesystem path.
 
 Serving never needs one: photos are addressed by catalog id and their paths come from the
 catalog. Indexing does (``POST /api/index``), and is confined to the ``--index-root``
 folders: a path is accepted only if it stays inside a root both as written (no ``..``
-escape) and once symlinks are resolved.
+escape) and once symlinks are resolved; the job's folder walk then follows no symlink out
+of the roots either (``IndexOptions.within``). Paths go back to clients losslessly through
+:mod:`.responses`. Tested in tests/test_server_paths.py.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def classify(
         state.image_row(image_id)
         vector = engine.vector_of(image_id)
     else:
-        vector = engine.embed_image(file.file.read())
+        vector = state.embed_upload(file.file.read())  # decodes in a bounded slot
     cache = state.require_library().root / "label_vectors"
     predictions = classify_vector(vector, state.require_encoder(), labelset, top, cache)
     return {

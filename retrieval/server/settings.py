@@ -26,10 +26,20 @@ class Settings:
     index_roots: tuple[Path, ...] = field(default_factory=tuple)  # POST /api/index stays inside
     text_cache_size: int = 512  # text query -> vector, so paging does not re-run the model
     search_threads: int = 1  # FAISS threads per query; requests run in parallel instead
+    # Slow clients (see .serving): headers must arrive within header_timeout; a body, a
+    # stalled response and a query's wait for the model are each bounded by request_timeout.
+    header_timeout: float = 10.0
+    request_timeout: float = 60.0
+    max_connections: int = 256  # open connections (or running requests); beyond: 503
 
     def __post_init__(self) -> None:
         if self.max_upload_mb <= 0:
             raise ConfigError(f"--max-upload-mb must be positive, got {self.max_upload_mb}")
+        for name in ("header_timeout", "request_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_connections < 1:
+            raise ConfigError(f"--max-connections must be at least 1, got {self.max_connections}")
         if self.token is not None and not self.token.strip():
             object.__setattr__(self, "token", None)
         roots = tuple(Path(os.path.abspath(os.path.expanduser(r))) for r in self.index_roots)

@@ -15,12 +15,14 @@ thread on a 2-core machine.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from functools import partial
 from importlib import metadata
@@ -36,7 +38,7 @@ from indexer.vectors import set_search_threads
 
 from ..engine import SearchEngine, SearchPage
 from ..ranking import SearchOptions
-from .errors import NotReady
+from .errors import NotReady, Overloaded
 from .jobs import IndexJob, IndexJobs
 from .paths import confine
 from .settings import Settings
@@ -53,22 +55,49 @@ class SerialEncoder:
     One at a time because the model already uses every core; on one thread because OpenMP
     (torch's intra-op pool) keeps a team of worker threads per calling thread: called from
     FastAPI's rotating pool threads, the teams would pile up and spin against each other.
+    A call that waits over ``timeout`` seconds (queue + run) raises :class:`Overloaded`; if
+    it had not started, it is taken off the queue, so a backlog does not outlive its clients.
     """
 
-    def __init__(self, inner: Encoder) -> None:
+    def __init__(self, inner: Encoder, timeout: float | None = None) -> None:
         self.inner = inner
         self.identity = inner.identity
+        self.timeout = timeout
         self._thread = ThreadPoolExecutor(1, "clipdex-model")
 
     @property
     def logit_scale(self) -> float:
-        return self._thread.submit(lambda: self.inner.logit_scale).result()
+        return self._call(lambda: self.inner.logit_scale)
 
     def encode_images(self, batch: np.ndarray) -> np.ndarray:
-        return self._thread.submit(self.inner.encode_images, batch).result()
+        return self._call(self.inner.encode_images, batch)
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        return self._thread.submit(self.inner.encode_texts, texts).result()
+        return self._call(self.inner.encode_texts, texts)
+
+    def without_timeout(self) -> SerialEncoder:
+        """The same model thread without the time limit, for index jobs: their batches may
+        wait behind queries for as long as it takes."""
+        view = copy.copy(self)
+        view.timeout = None
+        return view
+
+    def warm_up(self) -> None:
+        """First calls (weights paged in, kernels chosen) without a time limit."""
+        blank = np.zeros((1, 3, 256, 256), np.float32)
+        self._thread.submit(self.inner.encode_texts, ["a photo"]).result()
+        self._thread.submit(self.inner.encode_images, blank).result()
+
+    def _call(self, fn: Callable, *args):
+        future = self._thread.submit(fn, *args)
+        try:
+            return future.result(self.timeout)
+        except FutureTimeout:
+            future.cancel()  # a no-op once it runs; the answer is then dropped
+            raise Overloaded(
+                f"the model is busy: this query waited over {self.timeout:g} s for it "
+                "(the server's --request-timeout); retry shortly"
+            ) from None
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
@@ -141,10 +170,9 @@ class ServerState:
         try:
             source = self._encoder_source
             encoder = source if isinstance(source, Encoder) else source()
-            serial = SerialEncoder(encoder)
+            serial = SerialEncoder(encoder, self.settings.request_timeout)
             # Warm up: the first call loads weights and kernels, not the first user query.
-            serial.encode_texts(["a photo"])
-            serial.encode_images(np.zeros((1, 3, 256, 256), np.float32))
+            serial.warm_up()
             self.encoder = serial
             self.model_state = "ready"
         except ClipdexError as exc:
@@ -193,10 +221,18 @@ class ServerState:
     def search_image(
         self, data: bytes, k: int, offset: int = 0, refine: SearchOptions | None = None
     ) -> SearchPage:
-        engine = self.require_engine()
+        self.require_engine()
+        return self._search(self.embed_upload(data), k, offset, refine)
+
+    def embed_upload(self, data: bytes) -> np.ndarray:
+        """The unit vector of uploaded image bytes. Decoding holds a decode slot (memory);
+        the model call waits outside it, so uploads decode while the model is busy."""
+        from indexer.decode import decode_for_model
+
+        encoder = self.require_encoder()
         with self._decode_slots:
-            vector = engine.embed_image(data)
-        return self._search(vector, k, offset, refine)
+            pixels, _ = decode_for_model(data, max_megapixels=self.settings.max_megapixels)
+        return encoder.encode_images(pixels[None])[0]
 
     def similar(
         self, image_id: int, k: int, offset: int = 0, refine: SearchOptions | None = None
@@ -266,8 +302,10 @@ class ServerState:
         return self.jobs.submit(confined)
 
     def _run_index(self, paths: list[str], progress: Progress) -> IndexReport:
-        encoder = self.require_encoder()
-        options = IndexOptions(max_megapixels=self.settings.max_megapixels)
+        encoder = self.require_encoder().without_timeout()
+        roots = [os.path.realpath(root) for root in self.settings.index_roots]
+        # Symlinks met while walking may not lead out of the roots either.
+        options = IndexOptions(max_megapixels=self.settings.max_megapixels, within=roots)
         with Library.open(self.require_library().root, create=True) as library:
             return index_paths(library, encoder, paths, options, progress)
 

@@ -146,7 +146,7 @@ function el(tag, attrs = {}, ...children) {
 // as the CLI's --json); show them as \xNN, as the CLI's tables do.
 const readable = (path) => path.replace(/[\uDC80-\uDCFF]/gu,
   (c) => `\\x${(c.charCodeAt(0) - 0xDC00).toString(16).padStart(2, "0")}`);
-const baseName = (path) => readable(path).split(/[\\/]/).pop();
+const baseName = (path) => readable(path.split(/[\\/]/).pop());
 const formatScore = (score) => score.toFixed(3);
 
 function card(result, index) {
