@@ -23,12 +23,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import WeightsUnavailable
+from .fsutil import write_atomic
 from .model import DEFAULT_PRETRAINED, ModelIdentity, l2_normalise
 from .torch_encoder import weights_help  # torch_encoder imports torch only when it runs
 
@@ -77,7 +77,7 @@ def _cached_sha256(path: Path, cache_dir: Path) -> str:
     digest = _sha256_file(path)
     memo[key] = {"stamp": stamp, "sha256": digest}
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
-        _write_atomic(memo_file, json.dumps(memo, indent=1).encode())
+        write_atomic(memo_file, json.dumps(memo, indent=1).encode())
     return digest
 
 
@@ -95,21 +95,6 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return document if isinstance(document, dict) else {}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- the cached export ------------------------------------------------------------------------
@@ -260,4 +245,3 @@ def _make_session(path: Path, threads: int | None, spin: bool = True):
             f"cannot load the ONNX model {path} ({str(exc).splitlines()[0][:160]}): "
             f"delete {path.parent} to export it again"
         ) from exc
-

@@ -24,6 +24,7 @@ import faiss
 import numpy as np
 
 from .errors import DiskFull, LibraryDamaged, LibraryError
+from .fsutil import write_atomic
 from .model import EMBED_DIM
 
 
@@ -78,7 +79,7 @@ class VectorIndex:
                 stamp = self._write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            _write_atomic(stamp_path(path), json.dumps(stamp).encode())
+            write_atomic(stamp_path(path), json.dumps(stamp).encode())
             os.replace(tmp, path)
         except (OSError, RuntimeError) as exc:
             Path(tmp).unlink(missing_ok=True)
@@ -238,19 +239,6 @@ def _check_stamp(path: Path, stamp: dict) -> None:
             crc = zlib.crc32(chunk, crc)
     if crc != stamp["crc32"]:
         raise LibraryDamaged(damage_message(path, "checksum mismatch: its bytes changed"))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
