@@ -536,21 +536,21 @@ class Catalog:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
         return np.asarray(found_ids, dtype=np.int64), self._sound_stack(found_ids, found)
 
-    def iter_vectors(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every (ids, vectors) in id order, in batches: the input of an index rebuild."""
+    def _row_batches(self, columns: Sequence, batch: int) -> Iterator[list]:
+        """Rows of ``images`` (id first) in id order, ``batch`` at a time (keyset paging)."""
         last = 0
         while True:
-            query = (
-                select(images.c.id, images.c.vector)
-                .where(images.c.id > last)
-                .order_by(images.c.id)
-                .limit(batch)
-            )
+            query = select(*columns).where(images.c.id > last).order_by(images.c.id).limit(batch)
             with self.engine.connect() as conn:
                 rows = conn.execute(query).all()
             if not rows:
                 return
             last = rows[-1].id
+            yield rows
+
+    def iter_vectors(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every (ids, vectors) in id order, in batches: the input of an index rebuild."""
+        for rows in self._row_batches((images.c.id, images.c.vector), batch):
             ids = [r.id for r in rows]
             yield np.asarray(ids, dtype=np.int64), self._sound_stack(ids, [r.vector for r in rows])
 
@@ -741,20 +741,9 @@ class Catalog:
     def unsound_vectors(self, batch: int = 5000) -> list[tuple[int, str]]:
         """(id, real path) of every row whose stored vector is damaged (repair's input)."""
         bad: list[tuple[int, str]] = []
-        last = 0
-        while True:
-            query = (
-                select(images.c.id, images.c.path, images.c.vector)
-                .where(images.c.id > last)
-                .order_by(images.c.id)
-                .limit(batch)
-            )
-            with self.engine.connect() as conn:
-                rows = conn.execute(query).all()
-            if not rows:
-                return bad
-            last = rows[-1].id
+        for rows in self._row_batches((images.c.id, images.c.path, images.c.vector), batch):
             bad += [(r.id, from_db(r.path)) for r in rows if not vector_is_sound(r.vector)]
+        return bad
 
     def touch(self, image_id: int, size: int, mtime_ns: int) -> None:
         """Record a new mtime for a file whose content hash did not change."""
