@@ -84,6 +84,14 @@ def _opt(*names: str, help: str, **kwargs: Any) -> Any:
     return typer.Option(*names, help=help, show_default=False, **kwargs)
 
 
+LabelsFileOpt = Annotated[
+    Path | None, _opt("--labels-file", help="One label per line [default: data/labels.txt].")
+]
+TemplateOpt = Annotated[
+    list[str] | None, _opt("--template", help="Prompt with {} for the label (repeatable).")
+]
+
+
 PhotoList = list[str] | None
 LikeOpt = Annotated[PhotoList, _opt("--like", help="Add a photo (id, path or file) to the query.")]
 UnlikeOpt = Annotated[PhotoList, _opt("--unlike", help="Subtract a photo from the query.")]
@@ -498,12 +506,8 @@ def classify(
     labels: Annotated[
         str | None, _opt("--labels", help='Comma-separated labels, e.g. "cat,dog,car".')
     ] = None,
-    labels_file: Annotated[
-        Path | None, _opt("--labels-file", help="One label per line [default: data/labels.txt].")
-    ] = None,
-    template: Annotated[
-        list[str] | None, _opt("--template", help="Prompt with {} for the label (repeatable).")
-    ] = None,
+    labels_file: LabelsFileOpt = None,
+    template: TemplateOpt = None,
     top: Annotated[int, typer.Option("--top", min=1, max=1000, help="How many labels.")] = 5,
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
@@ -545,13 +549,9 @@ def classify(
 
 @cli_command
 def tag(
-    labels_file: Annotated[
-        Path | None, _opt("--labels-file", help="One label per line [default: data/labels.txt].")
-    ] = None,
+    labels_file: LabelsFileOpt = None,
     labels: Annotated[str | None, _opt("--labels", help="Comma-separated labels instead.")] = None,
-    template: Annotated[
-        list[str] | None, _opt("--template", help="Prompt with {} for the label (repeatable).")
-    ] = None,
+    template: TemplateOpt = None,
     top: Annotated[
         int, typer.Option("--top", min=1, max=50, help="Labels stored per photo, at most.")
     ] = 3,
