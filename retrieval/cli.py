@@ -85,7 +85,7 @@ def _opt(*names: str, help: str, **kwargs: Any) -> Any:
 
 
 LabelsFileOpt = Annotated[
-    Path | None, _opt("--labels-file", help="One label per line [default: data/labels.txt].")
+    Path | None, _opt("--labels-file", help="One label per line (default: data/labels.txt).")
 ]
 TemplateOpt = Annotated[
     list[str] | None, _opt("--template", help="Prompt with {} for the label (repeatable).")
