@@ -21,7 +21,7 @@ COPY retrieval ./retrieval
 RUN pip install ".[torch]" \
     && clipdex serve --help > /dev/null \
     && python -c "import retrieval.server, importlib.resources as r; \
-assert (r.files('retrieval') / 'web' / 'index.html').is_file()"
+assert (r.files('retrieval.server') / 'web' / 'index.html').is_file()"
 
 # An unprivileged user owns the library and the model cache (both volumes).
 RUN useradd --create-home --uid 1000 clipdex \

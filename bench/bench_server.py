@@ -56,9 +56,9 @@ def random_checkpoint(folder: Path) -> Path:
 
 def build_library(root: Path, count: int, weights: Path) -> None:
     """A library bound to ``weights`` holding ``count`` synthetic photos."""
-    from indexer.catalog import ImageRecord
-    from indexer.library import Library
-    from indexer.model import checkpoint_identity, l2_normalise
+    from indexer.model.identity import checkpoint_identity, l2_normalise
+    from indexer.store.catalog import ImageRecord
+    from indexer.store.library import Library
 
     rng = np.random.default_rng(0)
     with Library.open(root, create=True) as library:

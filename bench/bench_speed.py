@@ -36,10 +36,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from indexer.catalog import ImageRecord  # noqa: E402
-from indexer.decode import decode_for_model  # noqa: E402
-from indexer.library import Library  # noqa: E402
-from indexer.onnx_encoder import OnnxEncoder, weights_identity  # noqa: E402
+from indexer.ingest.decode import decode_for_model  # noqa: E402
+from indexer.model.onnx_encoder import OnnxEncoder, weights_identity  # noqa: E402
+from indexer.store.catalog import ImageRecord  # noqa: E402
+from indexer.store.library import Library  # noqa: E402
 
 QUERIES = [
     "a dog on the beach", "sunset over the sea", "a red car in the snow", "two people hiking",
@@ -282,7 +282,7 @@ def timed(func: Callable[[], object]) -> float:
 
 
 def bench_warm(args, work: Path, weights: Path, cache: Path) -> dict:
-    from retrieval.engine import SearchEngine
+    from retrieval.search.engine import SearchEngine
 
     library_dir = build_library(work / f"lib-{args.warm_images}", args.warm_images, weights, cache)
     encoder = OnnxEncoder(weights, cache_dir=cache)

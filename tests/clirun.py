@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from indexer.library import Library
+from indexer.store.library import Library
 
 REPO = Path(__file__).resolve().parents[1]
 

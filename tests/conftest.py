@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.model import EMBED_DIM, ModelIdentity, l2_normalise
+from indexer.model.identity import EMBED_DIM, ModelIdentity, l2_normalise
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from indexer.library import Library
-from indexer.model import EMBED_DIM, ModelIdentity, l2_normalise
-from indexer.pipeline import index_paths
+from indexer.ingest.pipeline import index_paths
+from indexer.model.identity import EMBED_DIM, ModelIdentity, l2_normalise
+from indexer.store.library import Library
 
 # Originals that get generated copies: corpus photos that an 8x8 thumbnail tells apart.
 ORIGINALS = (

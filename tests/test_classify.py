@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import indexer.encoders
-from indexer.catalog import ImageFilter, ImageRecord
+import indexer.model.encoders
 from indexer.errors import ConfigError, QueryError
-from indexer.library import Library
-from indexer.model import EMBED_DIM, ModelIdentity, l2_normalise
-from retrieval.classify import (
+from indexer.model.identity import EMBED_DIM, ModelIdentity, l2_normalise
+from indexer.store.catalog import ImageFilter, ImageRecord
+from indexer.store.library import Library
+from retrieval.cli import app
+from retrieval.search.classify import (
     DEFAULT_LABELS_FILE,
     DEFAULT_TEMPLATES,
     LabelSet,
@@ -29,9 +30,8 @@ from retrieval.classify import (
     read_labels_file,
     tag_library,
 )
-from retrieval.cli import app
-from retrieval.engine import SearchEngine
-from retrieval.ranking import SearchOptions
+from retrieval.search.engine import SearchEngine
+from retrieval.search.ranking import SearchOptions
 
 REAL_WEIGHTS = os.environ.get("CLIPDEX_WEIGHTS")  # read before the autouse fixture clears it
 CONCEPTS = ("cat", "dog", "car", "beach", "tree")
@@ -235,7 +235,7 @@ def test_deleting_a_photo_deletes_its_tags(library, encoder):
 # -- CLI ------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_model(monkeypatch, fake_encoder):
-    monkeypatch.setattr(indexer.encoders, "load_encoder", lambda *a, **k: fake_encoder)
+    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
     return fake_encoder
 
 
@@ -274,8 +274,8 @@ def test_cli_classify_tag_and_search_by_tag(fake_model, photo_folder):
 
 
 def test_random_weights_classify_through_the_real_text_tower(random_checkpoint, photo_folder):
-    from indexer.encoders import load_encoder
-    from retrieval.engine import embed_image
+    from indexer.model.encoders import load_encoder
+    from retrieval.search.engine import embed_image
 
     encoder = load_encoder(random_checkpoint, "cpu", "torch")  # no ONNX export needed here
     labelset = LabelSet(("cat", "dog", "car"), ("a photo of a {}.", "itap of a {}."))
@@ -295,8 +295,8 @@ def test_random_weights_classify_through_the_real_text_tower(random_checkpoint, 
 @pytest.mark.real_weights
 @pytest.mark.skipif(not REAL_WEIGHTS, reason="needs CLIPDEX_WEIGHTS (real MobileCLIP-S2)")
 def test_real_model_names_the_corpus_photos(corpus):
-    from indexer.encoders import load_encoder
-    from retrieval.engine import embed_image
+    from indexer.model.encoders import load_encoder
+    from retrieval.search.engine import embed_image
 
     encoder = load_encoder(Path(REAL_WEIGHTS))
     labelset = make_labelset()

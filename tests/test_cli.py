@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import indexer.encoders
+import indexer.model.encoders
 from retrieval.cli import app
 
 COMMANDS = ["index", "search", "similar", "embed", "info", "failures"]
@@ -16,7 +16,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def fake_model(monkeypatch, fake_encoder):
-    monkeypatch.setattr(indexer.encoders, "load_encoder", lambda *a, **k: fake_encoder)
+    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
     return fake_encoder
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.library import Library
-
-from .clirun import check_library, cli_env, clipdex, generation, make_photos, warm_model
+from indexer.store.library import Library
+from tests.clirun import check_library, cli_env, clipdex, generation, make_photos, warm_model
 
 N_FIRST, N_MORE = 10, 50
 
@@ -147,9 +146,9 @@ def _repair_args(library: Path) -> list[str]:
 WRITER = """
 import sys
 import numpy as np
-from indexer.catalog import ImageRecord
-from indexer.library import Library
-from indexer.model import l2_normalise
+from indexer.store.catalog import ImageRecord
+from indexer.store.library import Library
+from indexer.model.identity import l2_normalise
 
 rng = np.random.default_rng(0)
 with Library.open(sys.argv[1], create=True) as lib, lib.writing():

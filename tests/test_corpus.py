@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from indexer.decode import IMAGE_SUFFIXES
-from indexer.library import Library
-from indexer.pipeline import index_paths
+from indexer.ingest.decode import IMAGE_SUFFIXES
+from indexer.ingest.pipeline import index_paths
+from indexer.store.library import Library
 
 
 def _manifest(corpus: Path) -> dict[str, str]:

@@ -19,12 +19,12 @@ from PIL import Image
 from sqlalchemy import event
 from typer.testing import CliRunner
 
-from indexer.catalog import vector_is_sound
 from indexer.errors import DiskFull, LibraryDamaged
-from indexer.library import Library
-from indexer.pipeline import IndexOptions, index_paths
-from indexer.repair import repair_library
-from indexer.vectors import VectorIndex
+from indexer.ingest.pipeline import IndexOptions, index_paths
+from indexer.ingest.repair import repair_library
+from indexer.store.catalog import vector_is_sound
+from indexer.store.library import Library
+from indexer.store.vectors import VectorIndex
 from retrieval.cli import app
 
 runner = CliRunner()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.library import Library
+from indexer.store.library import Library
 
 N_IMAGES = 36
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.catalog import ImageFilter, ImageRecord
 from indexer.errors import QueryError
-from indexer.library import Library
-from indexer.model import ModelIdentity, l2_normalise
-from retrieval.cutoff import (
+from indexer.model.identity import ModelIdentity, l2_normalise
+from indexer.store.catalog import ImageFilter, ImageRecord
+from indexer.store.library import Library
+from retrieval.search.cutoff import (
     Cutoff,
     auto_cutoff,
     background_ids,
@@ -27,10 +27,9 @@ from retrieval.cutoff import (
     resolve_cutoff,
     universal_z,
 )
-from retrieval.engine import SearchEngine
-from retrieval.ranking import SearchOptions
-
-from .imagefakes import ThumbnailEncoder, build_variant_library
+from retrieval.search.engine import SearchEngine
+from retrieval.search.ranking import SearchOptions
+from tests.imagefakes import ThumbnailEncoder, build_variant_library
 
 REAL_WEIGHTS = os.environ.get("CLIPDEX_WEIGHTS")  # read before the autouse fixture clears it
 
@@ -195,8 +194,8 @@ def test_corpus_every_photo_keeps_itself_and_unrelated_queries_keep_little(varia
 @pytest.mark.real_weights
 @pytest.mark.skipif(not REAL_WEIGHTS, reason="needs CLIPDEX_WEIGHTS (real MobileCLIP-S2)")
 def test_real_model_text_cutoff_on_the_corpus(corpus, tmp_path):
-    from indexer.encoders import load_encoder
-    from indexer.pipeline import index_paths
+    from indexer.ingest.pipeline import index_paths
+    from indexer.model.encoders import load_encoder
 
     encoder = load_encoder(Path(REAL_WEIGHTS))
     with Library.open(tmp_path / "lib", create=True) as library:

@@ -1,4 +1,4 @@
-"""indexer.decode: every corpus file decodes or fails with a reason, orientation, colour
+"""indexer.ingest.decode: every corpus file decodes or fails with a reason, orientation, colour
 modes, open_clip-exact preprocessing, JPEG draft fidelity and the header-only pixel limit.
 
 Corpus tests use ../shared/imgcorpus (or CLIPDEX_CORPUS) and skip when it is absent.
@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from indexer import decode
-from indexer.decode import (
+from indexer.errors import DecodeError, ImageTooLarge
+from indexer.ingest import decode
+from indexer.ingest.decode import (
     DEFAULT_MAX_MEGAPIXELS,
     IMAGE_SUFFIXES,
     MODEL_IMAGE_SIZE,
@@ -34,7 +35,6 @@ from indexer.decode import (
     to_model_input,
     to_rgb,
 )
-from indexer.errors import DecodeError, ImageTooLarge
 from tests.conftest import corpus_dir
 
 # Pillow warns (UserWarning) about the corrupt files on purpose; they are expected here.
@@ -606,5 +606,5 @@ def test_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, indexer.decode; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, indexer.ingest.decode; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

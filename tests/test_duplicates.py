@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from indexer.catalog import ImageFilter, ImageRecord
 from indexer.errors import QueryError
-from indexer.library import Library
-from indexer.model import ModelIdentity, l2_normalise
-from indexer.pipeline import index_paths
+from indexer.ingest.pipeline import index_paths
+from indexer.model.identity import ModelIdentity, l2_normalise
+from indexer.store.catalog import ImageFilter, ImageRecord
+from indexer.store.library import Library
 from retrieval.cli import app
-from retrieval.duplicates import find_duplicates
-
-from .imagefakes import ThumbnailEncoder, build_variant_library
+from retrieval.search.duplicates import find_duplicates
+from tests.imagefakes import ThumbnailEncoder, build_variant_library
 
 REAL_WEIGHTS = os.environ.get("CLIPDEX_WEIGHTS")  # read before the autouse fixture clears it
 runner = CliRunner()
@@ -131,7 +130,7 @@ def test_empty_and_tiny_libraries(tmp_path):
 @pytest.mark.real_weights
 @pytest.mark.skipif(not REAL_WEIGHTS, reason="needs CLIPDEX_WEIGHTS (real MobileCLIP-S2)")
 def test_real_model_recovers_generated_copies(corpus, tmp_path):
-    from indexer.encoders import load_encoder
+    from indexer.model.encoders import load_encoder
 
     encoder = load_encoder(Path(REAL_WEIGHTS))
     library, expected = build_variant_library(corpus, tmp_path, encoder)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.decode import decode_for_model
-from indexer.encoders import load_encoder
 from indexer.errors import WeightsUnavailable
+from indexer.ingest.decode import decode_for_model
+from indexer.model.encoders import load_encoder
 
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import indexer.encoders
-from indexer.catalog import ImageFilter, ImageRecord
+import indexer.model.encoders
 from indexer.errors import QueryError
-from indexer.library import Library
-from indexer.model import ModelIdentity, l2_normalise
+from indexer.model.identity import ModelIdentity, l2_normalise
+from indexer.store.catalog import ImageFilter, ImageRecord
+from indexer.store.library import Library
 from retrieval.cli import app
-from retrieval.engine import SearchEngine
-from retrieval.filters import (
+from retrieval.search.engine import SearchEngine
+from retrieval.search.filters import (
     FilterArgs,
     allowed_ids,
     build_filter,
@@ -28,7 +28,7 @@ from retrieval.filters import (
     parse_formats,
     parse_size,
 )
-from retrieval.ranking import SearchOptions
+from retrieval.search.ranking import SearchOptions
 
 runner = CliRunner()
 
@@ -338,7 +338,7 @@ def test_paging_limits_and_bad_values(library, engine):
 # -- CLI ------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_model(monkeypatch, fake_encoder):
-    monkeypatch.setattr(indexer.encoders, "load_encoder", lambda *a, **k: fake_encoder)
+    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
     return fake_encoder
 
 

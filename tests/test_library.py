@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.catalog import ImageRecord
 from indexer.errors import LibraryError, LibraryLocked, ModelMismatch
-from indexer.library import Library
-from indexer.model import ModelIdentity, l2_normalise
+from indexer.model.identity import ModelIdentity, l2_normalise
+from indexer.store.catalog import ImageRecord
+from indexer.store.library import Library
 
 
 def _records(n: int, start: int = 0) -> list[ImageRecord]:

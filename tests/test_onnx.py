@@ -23,12 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.catalog import ImageRecord
-from indexer.decode import decode_for_model
-from indexer.encoders import load_encoder, resolve_backend
 from indexer.errors import ConfigError
-from indexer.library import Library
-from indexer.onnx_encoder import (
+from indexer.ingest.decode import decode_for_model
+from indexer.model.encoders import load_encoder, resolve_backend
+from indexer.model.onnx_encoder import (
     META_FILE,
     OnnxEncoder,
     data_file,
@@ -36,6 +34,8 @@ from indexer.onnx_encoder import (
     read_export,
     weights_identity,
 )
+from indexer.store.catalog import ImageRecord
+from indexer.store.library import Library
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "open_clip", "timm", "torchvision")
@@ -53,7 +53,7 @@ def first_export(random_checkpoint, onnx_cache) -> dict:
     report = run_python(
         f"""
         from pathlib import Path
-        from indexer.onnx_encoder import OnnxEncoder
+        from indexer.model.onnx_encoder import OnnxEncoder
         encoder = OnnxEncoder(Path({str(random_checkpoint)!r}), cache_dir=Path({str(onnx_cache)!r}))
         vector = encoder.encode_texts(["a dog"])[0]
         result = {{"norm": float((vector ** 2).sum())}}
@@ -146,7 +146,7 @@ def test_cached_export_is_reused_without_torch(first_export, random_checkpoint, 
         f"""
         from pathlib import Path
         import numpy as np
-        from indexer.encoders import load_encoder
+        from indexer.model.encoders import load_encoder
         encoder = load_encoder(Path({str(random_checkpoint)!r}), backend="onnx")
         images = encoder.encode_images(np.full((2, 3, 256, 256), 0.5, np.float32))
         texts = encoder.encode_texts(["a cat", "two dogs"])
@@ -172,7 +172,7 @@ def test_incomplete_export_folder_is_not_trusted(onnx_encoder, onnx_cache, tmp_p
 
 
 def test_checkpoint_hash_is_remembered_across_processes(random_checkpoint, tmp_path, monkeypatch):
-    import indexer.onnx_encoder as module
+    import indexer.model.onnx_encoder as module
 
     first = weights_identity(random_checkpoint, tmp_path)
     monkeypatch.setattr(module, "_sha256_file", lambda path: pytest.fail("hashed twice"))
@@ -219,7 +219,7 @@ def test_draft_jpeg_decode_keeps_the_embedding(onnx_encoder, corpus):
 
 # -- backend choice and the cold query path ----------------------------------------------------
 def test_backend_choice(monkeypatch):
-    import indexer.encoders as encoders
+    import indexer.model.encoders as encoders
 
     assert resolve_backend("auto", "cpu") == "onnx"
     assert resolve_backend("auto", "cuda") == "torch"

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from indexer.errors import ConfigError
-from indexer.library import Library
-from indexer.pipeline import IndexOptions, index_paths
-from retrieval.engine import SearchEngine
+from indexer.ingest.pipeline import IndexOptions, index_paths
+from indexer.store.library import Library
+from retrieval.search.engine import SearchEngine
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import indexer.encoders
+import indexer.model.encoders
 from indexer.errors import QueryError
-from indexer.library import Library
-from indexer.model import l2_normalise
-from indexer.pipeline import index_paths
+from indexer.ingest.pipeline import index_paths
+from indexer.model.identity import l2_normalise
+from indexer.store.library import Library
 from retrieval.cli import app
-from retrieval.engine import SearchEngine
-from retrieval.query import QuerySyntaxError, Term, combine, describe, parse_query
+from retrieval.search.engine import SearchEngine
+from retrieval.search.query import QuerySyntaxError, Term, combine, describe, parse_query
 
 runner = CliRunner()
 
@@ -142,7 +142,7 @@ def test_text_search_uses_the_grammar(engine, fake_encoder):
 # -- CLI ------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_model(monkeypatch, fake_encoder):
-    monkeypatch.setattr(indexer.encoders, "load_encoder", lambda *a, **k: fake_encoder)
+    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
     return fake_encoder
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from indexer.library import Library
-from indexer.pipeline import index_paths
-from retrieval.classify import LabelSet, tag_library
+from indexer.ingest.pipeline import index_paths
+from indexer.store.library import Library
+from retrieval.search.classify import LabelSet, tag_library
 from tests.live_server import served
 
 LABELS = ("red", "green", "blue")

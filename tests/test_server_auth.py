@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from indexer.errors import WeightsUnavailable
-from indexer.library import Library
-from indexer.pipeline import index_paths
+from indexer.ingest.pipeline import index_paths
+from indexer.store.library import Library
 from retrieval.server import Settings, create_app
 from retrieval.server.settings import exposure_warning
 from tests.live_server import LiveServer, served

@@ -100,7 +100,8 @@ def test_a_built_wheel_carries_the_server_and_the_page(tmp_path):
     )
     wheel = next((tmp_path / "dist").glob("clipdex-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("retrieval/server/app.py", "retrieval/server/api.py", "retrieval/web/index.html",
-                   "retrieval/web/app.js", "retrieval/web/app.css", "retrieval/cli.py",
-                   "retrieval/labels.txt"):
+    for needed in ("retrieval/server/app.py", "retrieval/server/api.py",
+                   "retrieval/server/web/index.html", "retrieval/server/web/app.js",
+                   "retrieval/server/web/app.css", "retrieval/cli/app.py",
+                   "retrieval/search/labels.txt", "indexer/model/assets/bpe_simple_vocab_16e6.txt.gz"):
         assert needed in names, needed

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from indexer.library import Library
-from indexer.pipeline import index_paths
+from indexer.ingest.pipeline import index_paths
+from indexer.store.library import Library
 from tests.live_server import raw_request, served
 from tests.test_server import assert_error
 

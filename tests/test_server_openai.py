@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.decode import decode_for_model
-from indexer.library import Library
+from indexer.ingest.decode import decode_for_model
+from indexer.store.library import Library
 from tests.live_server import served
 
 openai = pytest.importorskip("openai")

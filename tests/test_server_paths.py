@@ -23,9 +23,9 @@ from urllib.parse import quote
 import pytest
 from PIL import Image
 
-from indexer.discover import OUTSIDE_ROOTS
-from indexer.library import Library
-from indexer.pipeline import index_paths
+from indexer.ingest.discover import OUTSIDE_ROOTS
+from indexer.ingest.pipeline import index_paths
+from indexer.store.library import Library
 from retrieval.server.web import WEB_DIR
 from tests.live_server import raw_get, raw_request, served
 from tests.test_server import assert_error, wait_for_job
@@ -288,7 +288,7 @@ def test_the_cli_still_follows_links_where_the_user_points_it(tmp_path, fake_enc
 
 
 def test_discovery_reports_links_that_lead_out(tmp_path):
-    from indexer.discover import discover
+    from indexer.ingest.discover import discover
 
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()

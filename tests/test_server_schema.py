@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from indexer.library import Library
-from indexer.pipeline import index_paths
+from indexer.ingest.pipeline import index_paths
+from indexer.store.library import Library
 from tests.live_server import served
 
 schemathesis = pytest.importorskip("schemathesis")

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .clirun import check_library, cli_env, clipdex, make_photos, warm_model
+from tests.clirun import check_library, cli_env, clipdex, make_photos, warm_model
 
 N_IMAGES = 120  # more than 20 short runs get through, so every kill lands mid-work
 KILLS = 20

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.library import Library
+from indexer.ingest.pipeline import IndexOptions, index_paths
+from indexer.ingest.workers import decode_file
 from indexer.paths import display, from_db, to_db
-from indexer.pipeline import IndexOptions, index_paths
-from indexer.workers import decode_file
+from indexer.store.library import Library
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTILE = "tests.test_storage:storage_hostile_decoder"
@@ -235,8 +235,8 @@ def _tree_beyond_path_max(folder: Path) -> str:
 DRIVER = """
 import json, sys
 from pathlib import Path
-from indexer.library import Library
-from indexer.pipeline import IndexOptions, index_paths
+from indexer.store.library import Library
+from indexer.ingest.pipeline import IndexOptions, index_paths
 from tests.conftest import FakeEncoder
 
 locked = Path(sys.argv[3])

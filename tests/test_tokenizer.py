@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from indexer.tokenizer import CONTEXT_LENGTH, VOCAB_FILE, Tokenizer
+from indexer.model.tokenizer import CONTEXT_LENGTH, VOCAB_FILE, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
@@ -142,7 +142,7 @@ def test_load_is_cached():
 
 def test_shipped_vocab_is_openais(reference):
     """The asset is byte-identical to the file open_clip (and OpenAI CLIP) ship."""
-    shipped = ROOT / "indexer" / "assets" / VOCAB_FILE
+    shipped = ROOT / "indexer" / "model" / "assets" / VOCAB_FILE
     assert hashlib.sha256(shipped.read_bytes()).hexdigest() == VOCAB_SHA256
     upstream = Path(sys.modules["open_clip"].__file__).parent / VOCAB_FILE
     assert gzip.decompress(upstream.read_bytes()) == gzip.decompress(shipped.read_bytes())
@@ -152,7 +152,7 @@ def test_import_does_not_pull_torch():
     """The cold search path imports this module; torch/open_clip would cost ~8 s."""
     code = (
         "import sys\n"
-        "from indexer.tokenizer import Tokenizer\n"
+        "from indexer.model.tokenizer import Tokenizer\n"
         "Tokenizer.load().encode('a photo of a dog')\n"
         "heavy = {'torch', 'open_clip', 'torchvision', 'timm'} & set(sys.modules)\n"
         "print(sorted(heavy))\n"
@@ -166,7 +166,7 @@ def test_import_does_not_pull_torch():
 def test_speed_report(tokenizer):
     """Not a timing assertion: prints load and per-query cost (pytest -s to see)."""
     started = time.perf_counter()
-    Tokenizer.from_file(ROOT / "indexer" / "assets" / VOCAB_FILE)
+    Tokenizer.from_file(ROOT / "indexer" / "model" / "assets" / VOCAB_FILE)
     load_ms = (time.perf_counter() - started) * 1e3
     started = time.perf_counter()
     tokenizer.encode("a red bicycle leaning against a brick wall at dusk")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from indexer.library import Library
-from indexer.pipeline import index_paths
+from indexer.ingest.pipeline import index_paths
+from indexer.store.library import Library
 from tests.live_server import served
 
 pytestmark = pytest.mark.browser

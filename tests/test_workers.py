@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.discover import FoundFile
-from indexer.library import Library
-from indexer.pipeline import IndexOptions, index_paths
-from indexer.workers import DecodeLimits, DecodePool, decode_file
+from indexer.ingest.discover import FoundFile
+from indexer.ingest.pipeline import IndexOptions, index_paths
+from indexer.ingest.workers import DecodeLimits, DecodePool, decode_file
+from indexer.store.library import Library
 
 HOSTILE = "tests.test_workers:hostile_decode"
 

@@ -3,7 +3,7 @@
 ``create_app(settings)`` builds the FastAPI app; ``clipdex serve`` runs it under uvicorn.
 """
 
-from .app import create_app
-from .settings import Settings
+from retrieval.server.app import create_app
+from retrieval.server.settings import Settings
 
 __all__ = ["Settings", "create_app"]

@@ -18,12 +18,11 @@ from fastapi.responses import FileResponse
 from PIL import Image
 
 from indexer.paths import display
-
-from ..engine import MAX_K, SearchPage, SearchResult
-from .errors import NotReady, Unauthorized
-from .jobs import IndexJob
-from .refine import Refine, page_fields
-from .schemas import (
+from retrieval.search.engine import MAX_K, SearchPage, SearchResult
+from retrieval.server.errors import NotReady, Unauthorized
+from retrieval.server.jobs import IndexJob
+from retrieval.server.refine import Refine, page_fields
+from retrieval.server.schemas import (
     ErrorResponse,
     ImageMeta,
     IndexRequest,
@@ -32,9 +31,9 @@ from .schemas import (
     SearchResponse,
     SessionRequest,
 )
-from .security import SESSION_COOKIE, session_value, token_matches
-from .state import ServerState
-from .thumbnails import CACHE_CONTROL, THUMBNAIL_SIZES, regular_file_stat
+from retrieval.server.security import SESSION_COOKIE, session_value, token_matches
+from retrieval.server.state import ServerState
+from retrieval.server.thumbnails import CACHE_CONTROL, THUMBNAIL_SIZES, regular_file_stat
 
 router = APIRouter()
 

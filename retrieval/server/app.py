@@ -9,14 +9,13 @@ from fastapi import Depends, FastAPI
 from fastapi.security import HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from indexer.library import Library
-
-from . import api, docs, errors, openai_compat, routes_search_plus, web
-from .responses import PathJSONResponse
-from .security import BodyLimit, SecurityHeaders, TokenAuth
-from .serving import SlowClientGuard
-from .settings import Settings
-from .state import EncoderSource, ServerState, _version
+from indexer.store.library import Library
+from retrieval.server import api, docs, errors, openai_compat, routes_search_plus, web
+from retrieval.server.responses import PathJSONResponse
+from retrieval.server.security import BodyLimit, SecurityHeaders, TokenAuth
+from retrieval.server.serving import SlowClientGuard
+from retrieval.server.settings import Settings
+from retrieval.server.state import EncoderSource, ServerState, _version
 
 DESCRIPTION = """Search a clipdex photo library by text or by image, browse its photos, start
 indexing jobs, and embed texts and images with MobileCLIP-S2 through an OpenAI-compatible

@@ -17,8 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.errors import ClipdexError, NotFound
-
-from .responses import PathJSONResponse as JSONResponse  # messages may quote odd file names
+from retrieval.server.responses import (
+    PathJSONResponse as JSONResponse,  # messages may quote odd file names
+)
 
 log = logging.getLogger("clipdex.server")
 

@@ -1,7 +1,7 @@
 """Background indexing jobs: one at a time, in order, each with live progress.
 
-A job runs :func:`indexer.pipeline.index_paths` in a worker thread on its own
-:class:`~indexer.library.Library` handle, exactly like a separate ``clipdex index``
+A job runs :func:`indexer.ingest.pipeline.index_paths` in a worker thread on its own
+:class:`~indexer.store.library.Library` handle, exactly like a separate ``clipdex index``
 process: it takes the library's writer lock and checkpoints, and the searching side picks
 the new checkpoints up through ``Library.refresh``. Stopping the server cancels the
 running job at its next progress step; the library keeps its last checkpoint.
@@ -19,9 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from indexer.errors import ClipdexError, NotFound
-from indexer.pipeline import IndexReport, Progress
-
-from .errors import Busy
+from indexer.ingest.pipeline import IndexReport, Progress
+from retrieval.server.errors import Busy
 
 log = logging.getLogger("clipdex.server")
 

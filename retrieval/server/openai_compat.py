@@ -20,11 +20,10 @@ from fastapi import APIRouter
 from fastapi import Path as PathParam
 
 from indexer.errors import NotFound, QueryError
-from indexer.model import CONTEXT_LENGTH, EMBED_DIM
-
-from .api import State, errors
-from .schemas import EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList
-from .state import ServerState
+from indexer.model.identity import CONTEXT_LENGTH, EMBED_DIM
+from retrieval.server.api import State, errors
+from retrieval.server.schemas import EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList
+from retrieval.server.state import ServerState
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -128,7 +127,7 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str
 
 def count_tokens(text: str) -> int:
     """CLIP BPE tokens the model saw: the text's, plus start and end, at most 77."""
-    from indexer.tokenizer import Tokenizer
+    from indexer.model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load()
     count = 2

@@ -14,8 +14,7 @@ import os
 from pathlib import Path
 
 from indexer.errors import QueryError
-
-from .errors import Forbidden
+from retrieval.server.errors import Forbidden
 
 
 def confine(requested: str, roots: tuple[Path, ...]) -> str:

@@ -2,7 +2,7 @@
 
 ``Refine`` is a FastAPI dependency: it validates ``after``, ``before``, ``in``, ``camera``,
 ``min_size``, ``format``, ``tag``, ``cutoff``, ``min_score`` and ``sort`` into the
-engine's :class:`~retrieval.ranking.SearchOptions` (paging is filled in by the route), or
+engine's :class:`~retrieval.search.ranking.SearchOptions` (paging is filled in by the route), or
 None when none is given. Semantics are the CLI's (see retrieval/filters.py); over HTTP a
 folder must be absolute or a glob starting with ``*``, since the server's working
 directory means nothing to a client.
@@ -16,9 +16,8 @@ from typing import Annotated, Literal
 from fastapi import Depends, Query
 
 from indexer.errors import QueryError
-
-from ..filters import FilterArgs, build_filter
-from ..ranking import SearchOptions
+from retrieval.search.filters import FilterArgs, build_filter
+from retrieval.search.ranking import SearchOptions
 
 Words = Annotated[str | None, Query(max_length=200)]
 Many = list[str] | None
@@ -78,7 +77,7 @@ Refine = Annotated[SearchOptions | None, Depends(refinements)]
 
 
 def page_fields(page) -> dict:
-    """The refinement facts of a :class:`~retrieval.engine.SearchPage` for a response."""
+    """The refinement facts of a :class:`~retrieval.search.engine.SearchPage` for a response."""
     return {
         "sort": page.options.sort,
         "total": page.total,

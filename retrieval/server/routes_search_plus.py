@@ -13,13 +13,12 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 
 from indexer.errors import QueryError
-
-from ..classify import classify_vector, make_labelset
-from ..duplicates import DEFAULT_THRESHOLD, find_duplicates
-from ..filters import FilterArgs, build_filter
-from .api import State, errors, urls
-from .refine import refinements
-from .schemas import TagScore
+from retrieval.search.classify import classify_vector, make_labelset
+from retrieval.search.duplicates import DEFAULT_THRESHOLD, find_duplicates
+from retrieval.search.filters import FilterArgs, build_filter
+from retrieval.server.api import State, errors, urls
+from retrieval.server.refine import refinements
+from retrieval.server.schemas import TagScore
 
 router = APIRouter(tags=["search"])
 

@@ -14,7 +14,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import BodyTooLarge, error_response
+from retrieval.server.errors import BodyTooLarge, error_response
 
 SESSION_COOKIE = "clipdex_session"
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/favicon.ico", "/api/session"})

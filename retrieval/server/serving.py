@@ -30,9 +30,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from indexer.errors import ConfigError
-
-from .errors import RequestTimeout
-from .settings import Settings
+from retrieval.server.errors import RequestTimeout
+from retrieval.server.settings import Settings
 
 log = logging.getLogger("clipdex.server")
 

@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexer.decode import DEFAULT_MAX_MEGAPIXELS
 from indexer.errors import ConfigError
+from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 

@@ -29,20 +29,19 @@ from importlib import metadata
 
 import numpy as np
 
-from indexer.catalog import Catalog
 from indexer.errors import ClipdexError, NotFound, QueryError
-from indexer.library import Library
-from indexer.model import Encoder
-from indexer.pipeline import IndexOptions, IndexReport, Progress, index_paths
-from indexer.vectors import set_search_threads
-
-from ..engine import SearchEngine, SearchPage
-from ..ranking import SearchOptions
-from .errors import NotReady, Overloaded
-from .jobs import IndexJob, IndexJobs
-from .paths import confine
-from .settings import Settings
-from .thumbnails import ThumbnailCache
+from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress, index_paths
+from indexer.model.identity import Encoder
+from indexer.store.catalog import Catalog
+from indexer.store.library import Library
+from indexer.store.vectors import set_search_threads
+from retrieval.search.engine import SearchEngine, SearchPage
+from retrieval.search.ranking import SearchOptions
+from retrieval.server.errors import NotReady, Overloaded
+from retrieval.server.jobs import IndexJob, IndexJobs
+from retrieval.server.paths import confine
+from retrieval.server.settings import Settings
+from retrieval.server.thumbnails import ThumbnailCache
 
 log = logging.getLogger("clipdex.server")
 
@@ -112,7 +111,7 @@ class ServerState:
         encoder: EncoderSource | None = None,
         library: Library | None = None,
     ) -> None:
-        from indexer.encoders import load_encoder
+        from indexer.model.encoders import load_encoder
 
         self.settings = settings
         self._encoder_source = encoder or partial(
@@ -227,7 +226,7 @@ class ServerState:
     def embed_upload(self, data: bytes) -> np.ndarray:
         """The unit vector of uploaded image bytes. Decoding holds a decode slot (memory);
         the model call waits outside it, so uploads decode while the model is busy."""
-        from indexer.decode import decode_for_model
+        from indexer.ingest.decode import decode_for_model
 
         encoder = self.require_encoder()
         with self._decode_slots:
@@ -248,7 +247,7 @@ class ServerState:
     def _search(
         self, vector: np.ndarray, k: int, offset: int, refine: SearchOptions | None = None
     ) -> SearchPage:
-        """One page; ``refine`` carries filters, cut-off and sort (retrieval.ranking)."""
+        """One page; ``refine`` carries filters, cut-off and sort (retrieval.search.ranking)."""
         options = replace(refine or SearchOptions(), k=k, offset=offset)
         engine = self.require_engine()
         return self.in_search_thread(engine.search_page, vector, options)
@@ -281,7 +280,7 @@ class ServerState:
         return self.require_encoder().encode_texts(texts)
 
     def embed_images(self, images: list[bytes]) -> np.ndarray:
-        from indexer.decode import decode_for_model
+        from indexer.ingest.decode import decode_for_model
 
         encoder = self.require_encoder()
         limit = self.settings.max_megapixels

@@ -20,10 +20,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from indexer.decode import MODEL_IMAGE_SIZE, open_rgb
 from indexer.errors import DecodeError
-
-from .errors import FileUnavailable
+from indexer.ingest.decode import MODEL_IMAGE_SIZE, open_rgb
+from retrieval.server.errors import FileUnavailable
 
 log = logging.getLogger("clipdex.server")
 

@@ -3,7 +3,7 @@
 All under the writer lock, in this order:
 
 1. **catalog** — header, length and SQLite's full ``integrity_check``. If it fails, every
-   readable row is salvaged into a fresh catalog (:mod:`indexer.salvage`), the damaged file
+   readable row is salvaged into a fresh catalog (:mod:`indexer.store.salvage`), the damaged file
    is kept beside it as ``catalog.sqlite.damaged-<UTC time>``, and the fresh one takes its
    place (an atomic rename);
 2. **stored vectors** — rows whose vector is not a finite unit vector of the model's size
@@ -25,12 +25,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .catalog import Catalog, sqlite_file_problem
-from .errors import LibraryDamaged, LibraryError
-from .library import CATALOG_FILE, Library, take_lock
-from .model import Encoder
-from .pipeline import IndexOptions, IndexReport, Progress, index_paths
-from .salvage import salvage
+from indexer.errors import LibraryDamaged, LibraryError
+from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress, index_paths
+from indexer.model.identity import Encoder
+from indexer.store.catalog import Catalog, sqlite_file_problem
+from indexer.store.library import CATALOG_FILE, Library, take_lock
+from indexer.store.salvage import salvage
 
 SIDE_FILES = ("", "-wal", "-shm")  # a SQLite database and its WAL companions
 

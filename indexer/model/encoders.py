@@ -2,7 +2,7 @@
 
 ``auto`` runs ONNX Runtime on a CPU (faster there, and a query never imports torch) and
 torch with fp16 autocast on a CUDA GPU (or on Apple's MPS when asked for). Both backends
-report the same :class:`~indexer.model.ModelIdentity` for the same weights, so a library
+report the same :class:`~indexer.model.identity.ModelIdentity` for the same weights, so a library
 indexed with one is searched and extended with the other.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import ConfigError
-from .model import Encoder
+from indexer.errors import ConfigError
+from indexer.model.identity import Encoder
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -27,10 +27,10 @@ def load_encoder(
     """An encoder for MobileCLIP-S2 with the given weights (None: the hub's datacompdr)."""
     chosen = resolve_backend(backend, device)
     if chosen == "onnx":
-        from .onnx_encoder import OnnxEncoder
+        from indexer.model.onnx_encoder import OnnxEncoder
 
         return OnnxEncoder(weights, cache_dir=cache_dir)
-    from .torch_encoder import TorchEncoder
+    from indexer.model.torch_encoder import TorchEncoder
 
     return TorchEncoder(weights, device)
 

@@ -13,7 +13,7 @@ committing the catalog, then saving the index under the new generation.
 Damage is found, never served: the catalog's header and length are checked on open and
 SQLite's corruption errors become :class:`~indexer.errors.LibraryDamaged`; each index file
 carries a stamp (size, CRC-32, count) checked on load. Both messages name `clipdex repair`
-(:mod:`indexer.repair`). A generation's file name is never reused, so a reader that picked a
+(:mod:`indexer.ingest.repair`). A generation's file name is never reused, so a reader that picked a
 file a writer has since replaced simply looks again.
 """
 
@@ -29,10 +29,10 @@ from typing import IO
 
 import numpy as np
 
-from .catalog import Catalog
-from .errors import LibraryError, LibraryLocked, ModelMismatch
-from .model import ModelIdentity
-from .vectors import STAMP_SUFFIX, UnstampedIndex, VectorIndex
+from indexer.errors import LibraryError, LibraryLocked, ModelMismatch
+from indexer.model.identity import ModelIdentity
+from indexer.store.catalog import Catalog
+from indexer.store.vectors import STAMP_SUFFIX, UnstampedIndex, VectorIndex
 
 CATALOG_FILE = "catalog.sqlite"
 LOCK_FILE = "write.lock"

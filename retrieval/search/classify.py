@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import ConfigError, QueryError
-from indexer.library import Library
-from indexer.model import Encoder, ModelIdentity, l2_normalise
+from indexer.model.identity import Encoder, ModelIdentity, l2_normalise
+from indexer.store.library import Library
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",

@@ -1,7 +1,7 @@
 """MobileCLIP-S2 through ONNX Runtime: the CPU backend, and the torch-free query path.
 
 Both towers are exported once from the re-parameterised open_clip model (by
-:mod:`indexer.onnx_export`, run as a child process: this module and the process that uses
+:mod:`indexer.model.onnx_export`, run as a child process: this module and the process that uses
 it never import torch), verified against torch, and cached under
 ``<cache>/onnx/<architecture>--<weights>--v<N>/``:
 
@@ -27,10 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import WeightsUnavailable
-from .fsutil import write_atomic
-from .model import DEFAULT_PRETRAINED, ModelIdentity, l2_normalise
-from .torch_encoder import weights_help  # torch_encoder imports torch only when it runs
+from indexer.errors import WeightsUnavailable
+from indexer.fsutil import write_atomic
+from indexer.model.identity import DEFAULT_PRETRAINED, ModelIdentity, l2_normalise
+from indexer.model.torch_encoder import (
+    weights_help,  # torch_encoder imports torch only when it runs
+)
 
 EXPORT_VERSION = 3  # bump when the exported graphs change: old cache folders are then ignored
 IMAGE_FILE, TEXT_FILE, META_FILE = "image.onnx", "text.onnx", "meta.json"
@@ -138,11 +140,11 @@ def ensure_export(weights: Path | None, identity: ModelIdentity, cache_dir: Path
 
 
 def _export_in_child(weights: Path | None, identity: ModelIdentity, folder: Path) -> None:
-    """Run ``python -m indexer.onnx_export`` and turn its failure back into a typed error."""
+    """Run ``python -m indexer.model.onnx_export`` and turn its failure back into a typed error."""
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "indexer.onnx_export", str(folder), identity.to_json()]
+    command = [sys.executable, "-m", "indexer.model.onnx_export", str(folder), identity.to_json()]
     if weights is not None:
         command.append(str(weights))
     root = str(Path(__file__).resolve().parents[1])  # this checkout, installed or not
@@ -223,7 +225,7 @@ class OnnxEncoder:
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """N strings -> (N,512) unit vectors (torch-free tokenizer, same ids as open_clip)."""
-        from .tokenizer import Tokenizer
+        from indexer.model.tokenizer import Tokenizer
 
         tokens = Tokenizer.load().encode(list(texts))
         return l2_normalise(self.session(TEXT_FILE).run(None, {"tokens": tokens})[0])

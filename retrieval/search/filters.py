@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from indexer.catalog import Catalog, ImageFilter
 from indexer.errors import QueryError
+from indexer.store.catalog import Catalog, ImageFilter
 
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX*\u00d7]\s*(\d{1,6})\s*$")
 _PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{1,2}))?$")

@@ -90,7 +90,7 @@ class Tokenizer:
     @functools.cache
     def load(cls) -> Tokenizer:
         """The tokenizer over the vocabulary shipped with clipdex, built once per process."""
-        with resources.as_file(resources.files("indexer") / "assets" / VOCAB_FILE) as path:
+        with resources.as_file(resources.files("indexer.model") / "assets" / VOCAB_FILE) as path:
             return cls.from_file(path)
 
     def encode(

@@ -12,7 +12,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from indexer.pipeline import Progress as PipelineProgress
+from indexer.ingest.pipeline import Progress as PipelineProgress
 
 
 class _RateColumn(TextColumn):

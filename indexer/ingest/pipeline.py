@@ -1,6 +1,6 @@
 """Indexing: discover -> read + hash -> (reuse | decode -> encode) -> checkpointed storage.
 
-Reading, hashing and decoding run in worker processes (:mod:`indexer.workers`) while this
+Reading, hashing and decoding run in worker processes (:mod:`indexer.ingest.workers`) while this
 process runs the model on the previous batch, so decoding overlaps with inference. A file
 whose content hash is already in the catalog (or was encoded earlier in the run) is neither
 decoded nor encoded. At most ``batch_size + 2 * workers`` files are in flight plus one batch
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalog import ImageRecord
-from .decode import DEFAULT_MAX_MEGAPIXELS
-from .discover import FoundFile, discover, resolve_root
-from .library import Library
-from .model import Encoder
-from .workers import DEFAULT_DECODER, DecodeLimits, DecodePool, Outcome
+from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS
+from indexer.ingest.discover import FoundFile, discover, resolve_root
+from indexer.ingest.workers import DEFAULT_DECODER, DecodeLimits, DecodePool, Outcome
+from indexer.model.identity import Encoder
+from indexer.store.catalog import ImageRecord
+from indexer.store.library import Library
 
 
 @dataclass

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from indexer.catalog import ImageFilter, capture_time
 from indexer.errors import QueryError
-from indexer.library import Library
-
-from .filters import allowed_ids
+from indexer.store.catalog import ImageFilter, capture_time
+from indexer.store.library import Library
+from retrieval.search.filters import allowed_ids
 
 DEFAULT_THRESHOLD = 0.95
 QUERY_BATCH = 1024

@@ -3,7 +3,7 @@
 Loading follows shared/DESIGN.md: the ``datacompdr`` weights from the Hugging Face hub
 (open_clip caches them) or a local checkpoint file; the image tower re-parameterised for
 inference; eval + inference mode; L2-normalised outputs. Preprocessing is not done here:
-callers pass tensors made by :func:`indexer.decode.to_model_input`, which implements
+callers pass tensors made by :func:`indexer.ingest.decode.to_model_input`, which implements
 MobileCLIP's own transform whatever the weights source.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, WeightsUnavailable
-from .model import (
+from indexer.errors import ConfigError, WeightsUnavailable
+from indexer.model.identity import (
     ARCHITECTURE,
     CONTEXT_LENGTH,
     DEFAULT_PRETRAINED,

@@ -23,9 +23,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .errors import DiskFull, LibraryDamaged, LibraryError
-from .fsutil import write_atomic
-from .model import EMBED_DIM
+from indexer.errors import DiskFull, LibraryDamaged, LibraryError
+from indexer.fsutil import write_atomic
+from indexer.model.identity import EMBED_DIM
 
 
 class VectorIndex:

@@ -17,12 +17,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from indexer.catalog import ImageFilter, capture_time
 from indexer.errors import QueryError
-from indexer.library import Library
-
-from .cutoff import Cutoff, auto_cutoff, background_ids, combine_cutoffs, resolve_cutoff
-from .filters import allowed_ids
+from indexer.store.catalog import ImageFilter, capture_time
+from indexer.store.library import Library
+from retrieval.search.cutoff import (
+    Cutoff,
+    auto_cutoff,
+    background_ids,
+    combine_cutoffs,
+    resolve_cutoff,
+)
+from retrieval.search.filters import allowed_ids
 
 SORTS = ("score", "date", "date-asc")
 

@@ -1,7 +1,7 @@
 """Decode worker processes: read, hash and decode files beside the inference process.
 
-Each worker is a ``python -m indexer.workers`` child (a plain subprocess: it never re-runs
-the caller's ``__main__`` and imports only numpy, Pillow and :mod:`indexer.decode`) joined
+Each worker is a ``python -m indexer.ingest.workers`` child (a plain subprocess: it never re-runs
+the caller's ``__main__`` and imports only numpy, Pillow and :mod:`indexer.ingest.decode`) joined
 to the parent by a private pair of pipes. A supervisor thread in the parent
 
 - hands one file at a time to each idle worker; the worker reads and hashes it and asks
@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .decode import DEFAULT_MAX_MEGAPIXELS, decode_for_model, describe_failure
-from .discover import FoundFile
-from .errors import ClipdexError
+from indexer.errors import ClipdexError
+from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS, decode_for_model, describe_failure
+from indexer.ingest.discover import FoundFile
 
-DEFAULT_DECODER = "indexer.workers:decode_file"
+DEFAULT_DECODER = "indexer.ingest.workers:decode_file"
 STARTUP_SECONDS = 60.0  # a worker that is not up by then means a broken installation
 _POLL_SECONDS = 0.05  # how often the supervisor looks for freed slots and overruns
 
@@ -157,13 +157,13 @@ def resolve_decoder(reference: str) -> Callable:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m indexer.workers READ_FD WRITE_FD CONFIG_JSON``: serve until the pipe closes."""
+    """``python -m indexer.ingest.workers READ_FD WRITE_FD CONFIG_JSON``: serve to EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     read_fd, write_fd, config = int(argv[0]), int(argv[1]), json.loads(argv[2])
     limits = DecodeLimits(**config["limits"])
     decoder = resolve_decoder(config["decoder"])
     with contextlib.suppress(Exception):  # load lazy codecs (HEIF) before the memory cap
-        from .decode import _readable_formats
+        from indexer.ingest.decode import _readable_formats
 
         _readable_formats()
     _cap_memory(limits.memory_mb)
@@ -182,7 +182,7 @@ class _Worker:
         self_in, child_out = os.pipe()
         config = json.dumps({"decoder": decoder, "limits": limits.__dict__})
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "indexer.workers", str(child_in), str(child_out), config],
+            [sys.executable, "-m", "indexer.ingest.workers", str(child_in), str(child_out), config],
             pass_fds=(child_in, child_out),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

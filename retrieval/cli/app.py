@@ -22,8 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from indexer.errors import ClipdexError, ConfigError
-from indexer.library import Library
 from indexer.paths import DISPLAY_ERRORS, display
+from indexer.store.library import Library
 
 app = typer.Typer(
     name="clipdex",
@@ -149,7 +149,7 @@ def path_cell(path: str) -> Text:
 
 
 def library_dir(library: Path | None) -> Path:
-    from .engine import default_library_dir
+    from retrieval.search.engine import default_library_dir
 
     return library if library is not None else default_library_dir()
 
@@ -161,9 +161,8 @@ def open_library(library: Path | None, *, create: bool = False) -> Library:
 def make_engine(
     library: Path | None, weights: Path | None, device: str = "auto", backend: str = "auto"
 ):
-    from indexer.encoders import load_encoder
-
-    from .engine import SearchEngine
+    from indexer.model.encoders import load_encoder
+    from retrieval.search.engine import SearchEngine
 
     # A query only reads the index: memory-map it instead of copying it in.
     lib = Library.open(library_dir(library), mmap=True)
@@ -197,10 +196,9 @@ def index(
     json_out: JsonOpt = False,
 ) -> None:
     """Index photos (recursively, incrementally) into the library."""
-    from indexer.encoders import load_encoder
-    from indexer.pipeline import IndexOptions, index_paths
-
-    from .progress import BarProgress
+    from indexer.ingest.pipeline import IndexOptions, index_paths
+    from indexer.model.encoders import load_encoder
+    from retrieval.cli.progress import BarProgress
 
     options = IndexOptions(
         excludes=exclude or (),
@@ -259,7 +257,7 @@ def search(
     json_out: JsonOpt = False,
 ) -> None:
     """Find photos by describing them: weighted terms, photos, filters, cut-off, date order."""
-    from .query import describe
+    from retrieval.search.query import describe
 
     if query is None and not like:
         raise typer.BadParameter("give a QUERY, or --like PHOTO")
@@ -308,9 +306,8 @@ def embed(
     json_out: JsonOpt = False,
 ) -> None:
     """Print the L2-normalised embedding of a text or an image."""
-    from indexer.encoders import load_encoder
-
-    from .engine import embed_image, embed_text
+    from indexer.model.encoders import load_encoder
+    from retrieval.search.engine import embed_image, embed_text
 
     if (text is None) == (image is None):
         raise typer.BadParameter("give exactly one of --text or --image")
@@ -384,10 +381,9 @@ def repair(
     json_out: JsonOpt = False,
 ) -> None:
     """Check the library; salvage a damaged catalog, rebuild the index, re-encode the rest."""
-    from indexer.encoders import load_encoder
-    from indexer.repair import repair_library
-
-    from .progress import BarProgress
+    from indexer.ingest.repair import repair_library
+    from indexer.model.encoders import load_encoder
+    from retrieval.cli.progress import BarProgress
 
     bar = BarProgress(stderr, enabled=bool(paths) and not json_out)  # only PATHS take long
     encoder = functools.partial(load_encoder, weights, device, backend)  # loaded only if needed
@@ -476,9 +472,9 @@ def serve(
     weights: WeightsOpt = None,
 ) -> None:
     """Serve the REST API, the OpenAI-compatible embeddings and the web page."""
-    from .server import Settings, create_app
-    from .server.serving import run_server
-    from .server.settings import exposure_warning
+    from retrieval.server import Settings, create_app
+    from retrieval.server.serving import run_server
+    from retrieval.server.settings import exposure_warning
 
     settings = Settings(
         library=library_dir(library),
@@ -516,10 +512,9 @@ def classify(
     json_out: JsonOpt = False,
 ) -> None:
     """Zero-shot classify a photo: probabilities over labels (prompt ensembles, softmax)."""
-    from indexer.encoders import load_encoder
-
-    from .classify import classify_vector, make_labelset
-    from .engine import SearchEngine, embed_image
+    from indexer.model.encoders import load_encoder
+    from retrieval.search.classify import classify_vector, make_labelset
+    from retrieval.search.engine import SearchEngine, embed_image
 
     labelset = make_labelset(labels, labels_file, template or ())
     root = library_dir(library)
@@ -566,9 +561,8 @@ def tag(
     json_out: JsonOpt = False,
 ) -> None:
     """Tag every photo with its top labels, for `search --tag` (incremental: re-run freely)."""
-    from indexer.encoders import load_encoder
-
-    from .classify import make_labelset, tag_library
+    from indexer.model.encoders import load_encoder
+    from retrieval.search.classify import make_labelset, tag_library
 
     labelset = make_labelset(labels, labels_file, template or ())
     with open_library(library) as lib:
@@ -597,8 +591,8 @@ def duplicates(
     json_out: JsonOpt = False,
 ) -> None:
     """Group near-duplicate photos (bursts, resized or re-encoded copies); suggest a keeper."""
-    from .duplicates import find_duplicates
-    from .filters import FilterArgs, build_filter
+    from retrieval.search.duplicates import find_duplicates
+    from retrieval.search.filters import FilterArgs, build_filter
 
     spec = build_filter(FilterArgs(folders=tuple(folder or ())))
     with Library.open(library_dir(library), mmap=True) as lib:
@@ -624,8 +618,8 @@ def duplicates(
 
 def search_options(flags: dict[str, Any]):
     """The engine's SearchOptions from a search/similar command's flag values."""
-    from .filters import FilterArgs, build_filter
-    from .ranking import SearchOptions
+    from retrieval.search.filters import FilterArgs, build_filter
+    from retrieval.search.ranking import SearchOptions
 
     args = FilterArgs(
         after=flags.get("after"),

@@ -42,9 +42,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 
-from .errors import DiskFull, LibraryDamaged, LibraryError
-from .model import EMBED_DIM
-from .paths import ESCAPE, from_db, to_db
+from indexer.errors import DiskFull, LibraryDamaged, LibraryError
+from indexer.model.identity import EMBED_DIM
+from indexer.paths import ESCAPE, from_db, to_db
 
 SCHEMA_VERSION = 3  # == len(MIGRATIONS)
 metadata = MetaData()

@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .decode import IMAGE_SUFFIXES
-from .errors import ConfigError
+from indexer.errors import ConfigError
+from indexer.ingest.decode import IMAGE_SUFFIXES
 
 OUTSIDE_ROOTS = "symlink leads outside the folders this server may index: not followed"
 

@@ -1,6 +1,6 @@
 """The query engine: text, image and photo-id queries against a library.
 
-It is handed a :class:`~indexer.library.Library` and an encoder (or a zero-argument
+It is handed a :class:`~indexer.store.library.Library` and an encoder (or a zero-argument
 callable that builds one, so a query by photo id never loads a model) and returns
 :class:`SearchResult` objects; the CLI and the REST app only format them.
 """
@@ -15,14 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.decode import DEFAULT_MAX_MEGAPIXELS, decode_for_model
 from indexer.errors import ConfigError, NotFound, QueryError
-from indexer.library import Library
-from indexer.model import Encoder
-
-from .cutoff import Cutoff
-from .query import Term, combine, parse_query, photo_terms
-from .ranking import SearchOptions, rank
+from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS, decode_for_model
+from indexer.model.identity import Encoder
+from indexer.store.library import Library
+from retrieval.search.cutoff import Cutoff
+from retrieval.search.query import Term, combine, parse_query, photo_terms
+from retrieval.search.ranking import SearchOptions, rank
 
 MAX_K = 10_000
 
@@ -119,7 +118,7 @@ class SearchEngine:
     def query_vector(
         self, text: str | None, like: Sequence[str] = (), unlike: Sequence[str] = ()
     ) -> tuple[np.ndarray, list[Term]]:
-        """One re-normalised vector for a query in the grammar of :mod:`retrieval.query`
+        """One re-normalised vector for a query in the grammar of :mod:`retrieval.search.query`
         plus ``--like``/``--unlike`` photos; also returns the parsed terms."""
         terms = (parse_query(text) if text is not None else []) + photo_terms(like, unlike)
         if not terms:

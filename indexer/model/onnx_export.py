@@ -1,8 +1,8 @@
 """Export MobileCLIP-S2's two towers to ONNX, verify them against torch, cache them atomically.
 
-Runs once per weights, as ``python -m indexer.onnx_export`` started by
-:mod:`indexer.onnx_encoder`, so the process that answers queries never imports torch; with
-:mod:`indexer.torch_encoder` this is the only module that imports it. The model is the one
+Runs once per weights, as ``python -m indexer.model.onnx_export`` started by
+:mod:`indexer.model.onnx_encoder`, so the process that answers queries never imports torch; with
+:mod:`indexer.model.torch_encoder` this is the only module that imports it. The model is the one
 the torch backend runs: open_clip's MobileCLIP-S2, re-parameterised, eval. Each exported
 file is checked on a probe batch (cosine >= :data:`MIN_COSINE` per row and a small error
 relative to the probe spread, at a batch size other than the traced one, which also proves
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ClipdexError, WeightsUnavailable
-from .model import CONTEXT_LENGTH
-from .onnx_encoder import IMAGE_FILE, META_FILE, TEXT_FILE, data_file, read_export
-from .tokenizer import Tokenizer
+from indexer.errors import ClipdexError, WeightsUnavailable
+from indexer.model.identity import CONTEXT_LENGTH
+from indexer.model.onnx_encoder import IMAGE_FILE, META_FILE, TEXT_FILE, data_file, read_export
+from indexer.model.tokenizer import Tokenizer
 
 MIN_COSINE = 0.9999
 MAX_RELATIVE_ERROR = 0.01
@@ -71,7 +71,7 @@ def _drop_other_versions(folder: Path) -> None:
 
 def _load_model(weights: Path | None):
     try:
-        from .torch_encoder import build_model
+        from indexer.model.torch_encoder import build_model
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise WeightsUnavailable(
             "exporting the ONNX model needs torch and open_clip once: "
@@ -205,11 +205,11 @@ def _fsync(path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m indexer.onnx_export FOLDER IDENTITY_JSON [WEIGHTS]``: exit 0 when exported.
+    """``python -m indexer.model.onnx_export FOLDER IDENTITY_JSON [WEIGHTS]``: exit 0 when exported.
 
     A clipdex error is printed as one JSON line on stdout, for the parent to re-raise.
     """
-    from .model import ModelIdentity
+    from indexer.model.identity import ModelIdentity
 
     folder, identity = Path(argv[0]), ModelIdentity.from_json(argv[1])
     weights = Path(argv[2]) if len(argv) > 2 else None
