@@ -84,13 +84,6 @@ class NotFound(ClipdexError):
     http_status = 404
 
 
-class QueryError(ClipdexError):
-    """A malformed query (grammar, filter, k)."""
-
-    code = "bad_query"
-    http_status = 400
-
-
 class DecodeError(ClipdexError):
     """One file could not be turned into an image; the message is the human reason."""
 

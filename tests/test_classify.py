@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 import indexer.model.encoders
-from indexer.errors import ConfigError, QueryError
+from indexer.errors import ConfigError
 from indexer.model.identity import EMBED_DIM, ModelIdentity, l2_normalise
-from indexer.store.catalog import ImageFilter, ImageRecord
+from indexer.store.catalog import ImageRecord
 from indexer.store.library import Library
 from retrieval.cli import app
 from retrieval.search.classify import (
@@ -31,6 +31,8 @@ from retrieval.search.classify import (
     tag_library,
 )
 from retrieval.search.engine import SearchEngine
+from retrieval.search.errors import QueryError
+from retrieval.search.filters import ImageFilter
 from retrieval.search.ranking import SearchOptions
 
 REAL_WEIGHTS = os.environ.get("CLIPDEX_WEIGHTS")  # read before the autouse fixture clears it

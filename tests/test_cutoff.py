@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.errors import QueryError
 from indexer.model.identity import ModelIdentity, l2_normalise
-from indexer.store.catalog import ImageFilter, ImageRecord
+from indexer.store.catalog import ImageRecord
 from indexer.store.library import Library
 from retrieval.search.cutoff import (
     Cutoff,
@@ -28,6 +27,8 @@ from retrieval.search.cutoff import (
     universal_z,
 )
 from retrieval.search.engine import SearchEngine
+from retrieval.search.errors import QueryError
+from retrieval.search.filters import ImageFilter
 from retrieval.search.ranking import SearchOptions
 from tests.imagefakes import ThumbnailEncoder, build_variant_library
 

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from indexer.errors import QueryError
 from indexer.ingest.pipeline import index_paths
 from indexer.model.identity import ModelIdentity, l2_normalise
-from indexer.store.catalog import ImageFilter, ImageRecord
+from indexer.store.catalog import ImageRecord
 from indexer.store.library import Library
 from retrieval.cli import app
 from retrieval.search.duplicates import find_duplicates
+from retrieval.search.errors import QueryError
+from retrieval.search.filters import ImageFilter
 from tests.imagefakes import ThumbnailEncoder, build_variant_library
 
 REAL_WEIGHTS = os.environ.get("CLIPDEX_WEIGHTS")  # read before the autouse fixture clears it

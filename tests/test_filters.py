@@ -13,16 +13,18 @@ import pytest
 from typer.testing import CliRunner
 
 import indexer.model.encoders
-from indexer.errors import QueryError
 from indexer.model.identity import ModelIdentity, l2_normalise
-from indexer.store.catalog import ImageFilter, ImageRecord
+from indexer.store.catalog import ImageRecord
 from indexer.store.library import Library
 from retrieval.cli import app
 from retrieval.search.engine import SearchEngine
+from retrieval.search.errors import QueryError
 from retrieval.search.filters import (
     FilterArgs,
+    ImageFilter,
     allowed_ids,
     build_filter,
+    filter_sql,
     folder_pattern,
     parse_date,
     parse_formats,
@@ -104,7 +106,7 @@ def test_empty_filter_restricts_nothing(library):
 
 # -- each filter in SQL -----------------------------------------------------------------------
 def _paths(library: Library, spec: ImageFilter) -> set[str]:
-    ids = library.catalog.filter_ids(spec)
+    ids = library.catalog.ids_where(*filter_sql(spec))
     return {row["path"] for row in library.catalog.get_images(ids).values()}
 
 

@@ -9,12 +9,12 @@ import pytest
 from typer.testing import CliRunner
 
 import indexer.model.encoders
-from indexer.errors import QueryError
 from indexer.ingest.pipeline import index_paths
 from indexer.model.identity import l2_normalise
 from indexer.store.library import Library
 from retrieval.cli import app
 from retrieval.search.engine import SearchEngine
+from retrieval.search.errors import QueryError
 from retrieval.search.query import QuerySyntaxError, Term, combine, describe, parse_query
 
 runner = CliRunner()

@@ -35,7 +35,6 @@ from sqlalchemy import (
     exists,
     func,
     insert,
-    or_,
     select,
     update,
 )
@@ -169,95 +168,6 @@ class FileState:
     id: int
     size: int
     mtime_ns: int
-
-
-@dataclass(frozen=True)
-class ImageFilter:
-    """Conditions on catalog rows, all of which must hold; an unset field matches anything.
-
-    ``after``/``before`` bound the capture time (EXIF, else the file's mtime in local time):
-    ``after`` inclusive, ``before`` exclusive. ``folders`` are absolute folder paths or
-    globs (an image matches when it lies anywhere under one of them). Every word of
-    ``camera`` must occur in "make model", case-insensitively ("nikon d750" matches make
-    "NIKON CORPORATION", model "D750"). ``min_long``/``min_short`` bound the long
-    and the short side, whatever the orientation. ``formats`` are Pillow format names (any
-    of them); ``tags`` are labels that must all be present.
-    """
-
-    after: dt.datetime | None = None
-    before: dt.datetime | None = None
-    folders: tuple[str, ...] = ()
-    camera: str | None = None
-    min_long: int = 0
-    min_short: int = 0
-    formats: tuple[str, ...] = ()
-    tags: tuple[str, ...] = ()
-
-    def is_empty(self) -> bool:
-        return self == ImageFilter()
-
-
-def capture_time(row: dict) -> dt.datetime:
-    """A row's capture time: EXIF ``taken_at``, else its mtime as a naive local time.
-
-    The same rule as the SQL in :meth:`Catalog.filter_ids`, for sorting results by date.
-    """
-    taken = row.get("taken_at")
-    if isinstance(taken, dt.datetime):
-        return taken
-    return dt.datetime.fromtimestamp(row["mtime_ns"] / 1e9)
-
-
-def _julian(value: dt.datetime):
-    # Zero-padded year by hand: strftime("%Y") gives "1", not "0001", for year 1 on glibc.
-    return func.julianday(f"{value.year:04d}-" + value.strftime("%m-%d %H:%M:%S.%f"))
-
-
-def _capture_julian():
-    mtime = func.julianday(images.c.mtime_ns / 1_000_000_000, "unixepoch", "localtime")
-    return func.coalesce(func.julianday(images.c.taken_at), mtime)
-
-
-_GLOB_CHARS = set("*?[")
-
-
-def _folder_condition(folder: str):
-    folder = to_db(folder)
-    if _GLOB_CHARS & set(folder):
-        return images.c.path.op("GLOB")(folder.rstrip("/") + "/*")
-    prefix = folder.rstrip("/") + "/"
-    return func.substr(images.c.path, 1, len(prefix)) == prefix
-
-
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _filter_conditions(spec: ImageFilter) -> list:
-    """The WHERE terms of an :class:`ImageFilter` (SQLite dialect)."""
-    conditions = []
-    if spec.after is not None:
-        conditions.append(_capture_julian() >= _julian(spec.after))
-    if spec.before is not None:
-        conditions.append(_capture_julian() < _julian(spec.before))
-    if spec.folders:
-        conditions.append(or_(*(_folder_condition(f) for f in spec.folders)))
-    if spec.camera:
-        camera = (
-            func.coalesce(images.c.camera_make, "") + " " + func.coalesce(images.c.camera_model, "")
-        )
-        for word in spec.camera.split():
-            conditions.append(camera.like(f"%{_like_escape(word)}%", escape="\\"))
-    if spec.min_long or spec.min_short:
-        conditions.append(func.max(images.c.width, images.c.height) >= spec.min_long)
-        conditions.append(func.min(images.c.width, images.c.height) >= spec.min_short)
-    if spec.formats:
-        conditions.append(func.upper(images.c.format).in_([f.upper() for f in spec.formats]))
-    for label in spec.tags:
-        conditions.append(
-            exists().where(and_(tags.c.image_id == images.c.id, tags.c.label == label))
-        )
-    return conditions
 
 
 def vector_to_blob(vector: np.ndarray) -> bytes:
@@ -585,11 +495,19 @@ class Catalog:
         with self.engine.connect() as conn:
             return conn.execute(select(images.c.id).where(images.c.path == to_db(path))).scalar()
 
-    def filter_ids(self, spec: ImageFilter) -> np.ndarray:
-        """Ids of the images matching ``spec``, ascending."""
-        query = select(images.c.id).where(*_filter_conditions(spec)).order_by(images.c.id)
+    def ids_where(self, where: str, params: Sequence[object] = ()) -> np.ndarray:
+        """Ids of the images whose row satisfies ``where``, ascending.
+
+        ``where`` is a plain SQLite boolean expression over the columns of ``images`` (it
+        may name ``tags`` in a sub-query) with ``?`` placeholders bound to ``params``. The
+        catalog knows nothing of what the condition means: the query side writes it, in
+        plain SQL so that any reader of the file (this one or a bare ``sqlite3`` one) can
+        run it. Never format user text into ``where``; bind it.
+        """
+        sql = f"SELECT id FROM images WHERE {where} ORDER BY id"
         with self.engine.connect() as conn:
-            return np.asarray(conn.execute(query).scalars().all(), dtype=np.int64)
+            rows = conn.exec_driver_sql(sql, tuple(params)).all()
+        return np.asarray([row[0] for row in rows], dtype=np.int64)
 
     def formats(self) -> list[str]:
         """The distinct image formats in the library (for error messages)."""

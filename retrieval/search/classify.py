@@ -31,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.errors import ConfigError, QueryError
+from indexer.errors import ConfigError
 from indexer.model.identity import Encoder, ModelIdentity, l2_normalise
 from indexer.store.library import Library
+from retrieval.search.errors import QueryError
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from indexer.errors import QueryError
+from retrieval.search.errors import QueryError
 
 SAMPLE = 20_000
 MIN_POPULATION = 8

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from indexer.errors import QueryError
-from indexer.store.catalog import ImageFilter, capture_time
 from indexer.store.library import Library
-from retrieval.search.filters import allowed_ids
+from retrieval.search.errors import QueryError
+from retrieval.search.filters import ImageFilter, allowed_ids, capture_time
 
 DEFAULT_THRESHOLD = 0.95
 QUERY_BATCH = 1024

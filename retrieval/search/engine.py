@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.errors import ConfigError, NotFound, QueryError
+from indexer.errors import ConfigError, NotFound
 from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS, decode_for_model
 from indexer.model.identity import Encoder
 from indexer.store.library import Library
 from retrieval.search.cutoff import Cutoff
+from retrieval.search.errors import QueryError
 from retrieval.search.query import Term, combine, parse_query, photo_terms
 from retrieval.search.ranking import SearchOptions, rank
 

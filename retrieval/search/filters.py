@@ -19,9 +19,11 @@ The flags (CLI and REST alike)::
                                    any; jpg also matches multi-picture JPEGs, MPO).
     --tag LABEL                    a label stored by `clipdex tag` (repeatable, all).
 
-Resolution happens in SQL (the catalog owns it) and yields the set of allowed ids, which
-the vector search applies *during* its scan: a filter that keeps 1% of the library still
-gets its top-k from that 1%, never a filtered top-k of everything.
+Resolution happens in SQL and yields the set of allowed ids, which the vector search
+applies *during* its scan: a filter that keeps 1% of the library still gets its top-k from
+that 1%, never a filtered top-k of everything. This module writes the WHERE clause as plain
+parametrised SQLite (:func:`filter_sql`); the catalog only runs it
+(:meth:`~indexer.store.catalog.Catalog.ids_where`) and knows nothing of filters.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from indexer.errors import QueryError
-from indexer.store.catalog import Catalog, ImageFilter
+from indexer.paths import to_db
+from indexer.store.catalog import Catalog
+from retrieval.search.errors import QueryError
 
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX*\u00d7]\s*(\d{1,6})\s*$")
 _PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{1,2}))?$")
@@ -49,6 +52,33 @@ FORMAT_ALIASES = {
     "J2K": ("JPEG2000",),
     "JP2": ("JPEG2000",),
 }
+
+
+@dataclass(frozen=True)
+class ImageFilter:
+    """Conditions on catalog rows, all of which must hold; an unset field matches anything.
+
+    ``after``/``before`` bound the capture time (EXIF, else the file's mtime in local time):
+    ``after`` inclusive, ``before`` exclusive. ``folders`` are absolute folder paths or
+    globs (an image matches when it lies anywhere under one of them). Every word of
+    ``camera`` must occur in "make model", case-insensitively ("nikon d750" matches make
+    "NIKON CORPORATION", model "D750"). ``min_long``/``min_short`` bound the long
+    and the short side, whatever the orientation. ``formats`` are Pillow format names (any
+    of them); ``tags`` are labels that must all be present.
+    """
+
+    after: dt.datetime | None = None
+    before: dt.datetime | None = None
+    folders: tuple[str, ...] = ()
+    camera: str | None = None
+    min_long: int = 0
+    min_short: int = 0
+    formats: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    def is_empty(self) -> bool:
+        """Whether the filter lets every photo through."""
+        return self == ImageFilter()
 
 
 @dataclass(frozen=True)
@@ -147,7 +177,78 @@ def allowed_ids(catalog: Catalog, spec: ImageFilter) -> np.ndarray | None:
         return None
     if spec.tags and not catalog.has_tags():
         raise QueryError("no photo has tags yet: run `clipdex tag` before filtering with --tag")
-    return catalog.filter_ids(spec)
+    return catalog.ids_where(*filter_sql(spec))
+
+
+def capture_time(row: dict) -> dt.datetime:
+    """A row's capture time: EXIF ``taken_at``, else its mtime as a naive local time.
+
+    The same rule as the SQL of :func:`filter_sql`, for sorting results by date.
+    """
+    taken = row.get("taken_at")
+    if isinstance(taken, dt.datetime):
+        return taken
+    return dt.datetime.fromtimestamp(row["mtime_ns"] / 1e9)
+
+
+# The SQL below names the catalog's columns (images.*, tags.image_id/label); it is plain
+# SQLite with ? placeholders so that any reader of catalog.sqlite can run it.
+_CAPTURE_JULIAN = (
+    "coalesce(julianday(images.taken_at), "
+    "julianday(images.mtime_ns / 1000000000.0, 'unixepoch', 'localtime'))"
+)
+_CAMERA = "(coalesce(images.camera_make, '') || ' ' || coalesce(images.camera_model, ''))"
+_GLOB_CHARS = set("*?[")
+
+
+def filter_sql(spec: ImageFilter) -> tuple[str, list[object]]:
+    """The WHERE clause (over ``images``) and its parameters that select ``spec``'s rows."""
+    terms: list[str] = []
+    params: list[object] = []
+    if spec.after is not None:
+        terms.append(f"{_CAPTURE_JULIAN} >= julianday(?)")
+        params.append(_julian_text(spec.after))
+    if spec.before is not None:
+        terms.append(f"{_CAPTURE_JULIAN} < julianday(?)")
+        params.append(_julian_text(spec.before))
+    if spec.folders:
+        folder_terms = [_folder_condition(folder, params) for folder in spec.folders]
+        terms.append("(" + " OR ".join(folder_terms) + ")")
+    if spec.camera:
+        for word in spec.camera.split():
+            terms.append(f"{_CAMERA} LIKE ? ESCAPE '\\'")
+            params.append(f"%{_like_escape(word)}%")
+    if spec.min_long or spec.min_short:
+        terms.append("max(images.width, images.height) >= ?")
+        terms.append("min(images.width, images.height) >= ?")
+        params.extend([spec.min_long, spec.min_short])
+    if spec.formats:
+        terms.append(f"upper(images.format) IN ({', '.join('?' * len(spec.formats))})")
+        params.extend(f.upper() for f in spec.formats)
+    for label in spec.tags:  # tags.label is COLLATE NOCASE: `--tag Cat` finds "cat"
+        terms.append("EXISTS (SELECT 1 FROM tags WHERE image_id = images.id AND label = ?)")
+        params.append(label)
+    return " AND ".join(f"({term})" for term in terms) or "1", params
+
+
+def _julian_text(value: dt.datetime) -> str:
+    # Zero-padded year by hand: strftime("%Y") gives "1", not "0001", for year 1 on glibc.
+    return f"{value.year:04d}-" + value.strftime("%m-%d %H:%M:%S.%f")
+
+
+def _folder_condition(folder: str, params: list[object]) -> str:
+    """SQL for "the path lies under ``folder``", appending its parameters to ``params``."""
+    folder = to_db(folder)
+    if _GLOB_CHARS & set(folder):
+        params.append(folder.rstrip("/") + "/*")
+        return "images.path GLOB ?"
+    prefix = folder.rstrip("/") + "/"
+    params.extend([len(prefix), prefix])
+    return "substr(images.path, 1, ?) = ?"
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _known_formats() -> set[str]:

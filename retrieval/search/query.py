@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from indexer.errors import QueryError
+from retrieval.search.errors import QueryError
 
 MAX_TERMS = 16
 _WEIGHT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*:")

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from indexer.errors import QueryError
-from indexer.store.catalog import ImageFilter, capture_time
 from indexer.store.library import Library
 from retrieval.search.cutoff import (
     Cutoff,
@@ -27,7 +25,8 @@ from retrieval.search.cutoff import (
     combine_cutoffs,
     resolve_cutoff,
 )
-from retrieval.search.filters import allowed_ids
+from retrieval.search.errors import QueryError
+from retrieval.search.filters import ImageFilter, allowed_ids, capture_time
 
 SORTS = ("score", "date", "date-asc")
 

@@ -19,8 +19,9 @@ import numpy as np
 from fastapi import APIRouter
 from fastapi import Path as PathParam
 
-from indexer.errors import NotFound, QueryError
+from indexer.errors import NotFound
 from indexer.model.identity import CONTEXT_LENGTH, EMBED_DIM
+from retrieval.search.errors import QueryError
 from retrieval.server.api import State, errors
 from retrieval.server.schemas import EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList
 from retrieval.server.state import ServerState

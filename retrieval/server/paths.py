@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from indexer.errors import QueryError
+from retrieval.search.errors import QueryError
 from retrieval.server.errors import Forbidden
 
 

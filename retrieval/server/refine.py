@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, Query
 
-from indexer.errors import QueryError
+from retrieval.search.errors import QueryError
 from retrieval.search.filters import FilterArgs, build_filter
 from retrieval.search.ranking import SearchOptions
 

@@ -12,9 +12,9 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 
-from indexer.errors import QueryError
 from retrieval.search.classify import classify_vector, make_labelset
 from retrieval.search.duplicates import DEFAULT_THRESHOLD, find_duplicates
+from retrieval.search.errors import QueryError
 from retrieval.search.filters import FilterArgs, build_filter
 from retrieval.server.api import State, errors, urls
 from retrieval.server.refine import refinements

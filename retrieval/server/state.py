@@ -29,13 +29,14 @@ from importlib import metadata
 
 import numpy as np
 
-from indexer.errors import ClipdexError, NotFound, QueryError
+from indexer.errors import ClipdexError, NotFound
 from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress, index_paths
 from indexer.model.identity import Encoder
 from indexer.store.catalog import Catalog
 from indexer.store.library import Library
 from indexer.store.vectors import set_search_threads
 from retrieval.search.engine import SearchEngine, SearchPage
+from retrieval.search.errors import QueryError
 from retrieval.search.ranking import SearchOptions
 from retrieval.server.errors import NotReady, Overloaded
 from retrieval.server.jobs import IndexJob, IndexJobs
