@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import socket
 import threading
 import time
@@ -228,6 +229,12 @@ def test_connections_beyond_the_cap_get_503_at_once(library, fake_encoder):
         started = time.monotonic()
         status, answer = raw_request(live.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 503 and time.monotonic() - started < 2, answer
+        head, _, body = answer.partition(b"\r\n\r\n")
+        headers = dict(line.decode().lower().split(": ", 1) for line in head.split(b"\r\n")[1:])
+        assert headers["content-type"] == "application/json"
+        assert int(headers["retry-after"]) > 0 and headers["connection"] == "close"
+        error = json.loads(body)["error"]
+        assert error["code"] == "overloaded" and "--max-connections" in error["message"]
         for sock in idle:
             sock.close()
         time.sleep(0.2)

@@ -14,8 +14,11 @@ a deadline:
 - **response**: the same guard drops a client that takes no response bytes for
   ``request_timeout`` seconds (a full socket buffer would otherwise park the send).
 
-Beyond ``max_connections`` open connections (or running requests) uvicorn answers 503 at
-once, so the connections still waiting out a deadline cannot exhaust the process.
+Beyond ``max_connections`` open connections (or running requests) a request is answered
+503 at once, so the connections still waiting out a deadline cannot exhaust the process.
+uvicorn enforces that cap (``limit_concurrency``) in its protocol, with a fixed plain-text
+answer; :class:`GuardedH11Protocol` takes the cap over, applies uvicorn's very rule and
+answers in the project's JSON error shape with ``Retry-After`` (see :func:`over_capacity`).
 """
 
 from __future__ import annotations
@@ -26,24 +29,58 @@ import logging
 
 import h11
 import uvicorn
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from indexer.errors import ConfigError
-from retrieval.server.errors import RequestTimeout
+from retrieval.server.errors import Overloaded, RequestTimeout, error_response
 from retrieval.server.settings import Settings
 
 log = logging.getLogger("clipdex.server")
 
 KEEP_ALIVE_SECONDS = 5  # an idle keep-alive connection is closed after this
 MAX_HEADER_BYTES = 16 * 1024  # request line + headers; more is answered 400 and closed
+CAP_RETRY_AFTER_SECONDS = 2  # what a client over --max-connections is told to wait
+
+
+async def over_capacity(scope: Scope, receive: Receive, send: Send, cap: int) -> None:
+    """The answer beyond the connection cap: 503 in the JSON error shape, then close."""
+    message = (
+        f"the server is at its limit of {cap} open connections or running requests "
+        "(the server's --max-connections): retry shortly"
+    )
+    headers = {"Retry-After": str(CAP_RETRY_AFTER_SECONDS), "Connection": "close"}
+    response = error_response(Request(scope), 503, Overloaded.code, message, headers)
+    await response(scope, receive, send)
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol plus a deadline for each request's headers."""
+    """uvicorn's h11 protocol plus a deadline for each request's headers and a JSON answer
+    beyond the connection cap."""
 
     header_timeout: float = 10.0
     _header_timer: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Take the cap from uvicorn (whose answer is a fixed text/plain 503) and apply it
+        # in front of the app instead, where the answer is ours.
+        self.connection_cap, self.limit_concurrency = self.limit_concurrency, None
+        self._inner_app, self.app = self.app, self._app_within_cap
+
+    def _over_cap(self) -> bool:
+        """uvicorn's rule: the connections (this one included) or the running requests
+        reached the cap. uvicorn counts before adding this request's task; here it counts."""
+        cap = self.connection_cap
+        return cap is not None and (len(self.connections) >= cap or len(self.tasks) > cap)
+
+    async def _app_within_cap(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self._over_cap():
+            log.warning("over --max-connections (%d): answered 503", self.connection_cap)
+            await over_capacity(scope, receive, send, self.connection_cap)
+            return
+        await self._inner_app(scope, receive, send)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
