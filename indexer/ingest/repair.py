@@ -29,7 +29,7 @@ from indexer.errors import LibraryDamaged, LibraryError
 from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress, index_paths
 from indexer.model.identity import Encoder
 from indexer.store.catalog import Catalog, sqlite_file_problem
-from indexer.store.library import CATALOG_FILE, Library, take_lock
+from indexer.store.library import Library, take_lock
 from indexer.store.salvage import salvage
 
 SIDE_FILES = ("", "-wal", "-shm")  # a SQLite database and its WAL companions
@@ -81,7 +81,7 @@ def repair_library(
 ) -> RepairReport:
     """Check and rebuild the library at ``root``; see the module docstring for the steps."""
     root = Path(root).expanduser()
-    if not (root / CATALOG_FILE).exists():
+    if not Library.exists(root):
         raise LibraryError(f"no clipdex library at {root}: nothing to repair (check --library)")
     report = RepairReport()
     handle = take_lock(root)
@@ -121,16 +121,16 @@ def catalog_problem(path: Path) -> str | None:
 
 def _repair_catalog(root: Path, report: RepairReport) -> None:
     """Salvage a damaged catalog into a fresh file and swap it in; keep the damaged one."""
-    path = root / CATALOG_FILE
+    path = Library.catalog_path(root)
     problem = catalog_problem(path)
     if problem is None:
         return
-    fresh = root / f"{CATALOG_FILE}.salvage"
+    fresh = path.with_name(f"{path.name}.salvage")
     _remove_database(fresh)
     Catalog(fresh).close()  # an empty catalog at the current schema
     result = salvage(path, fresh)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    kept = root / f"{CATALOG_FILE}.damaged-{stamp}"
+    kept = path.with_name(f"{path.name}.damaged-{stamp}")
     for suffix in SIDE_FILES:
         with contextlib.suppress(FileNotFoundError):
             os.replace(f"{path}{suffix}", f"{kept}{suffix}")

@@ -1,10 +1,12 @@
 """A library: one directory holding the catalog, the vector index and the model identity.
 
-Layout::
+Layout (this class is the only code that spells these names; everything else asks it)::
 
     LIBRARY/catalog.sqlite        metadata + vectors (source of truth), SQLite WAL
     LIBRARY/vectors.<gen>.faiss   FAISS index saved when the catalog was at generation <gen>
     LIBRARY/write.lock            held (flock) by the one process allowed to write
+    LIBRARY/label_vectors/        cached text vectors of label sets (zero-shot classify, tag)
+    LIBRARY/thumbnails/           JPEG thumbnails the server renders (derived, deletable)
 
 Opening reconciles the two stores: catalog rows missing from the index are added from
 their stored vectors, index ids without a row are dropped. Writers checkpoint by
@@ -36,6 +38,8 @@ from indexer.store.vectors import STAMP_SUFFIX, UnstampedIndex, VectorIndex
 
 CATALOG_FILE = "catalog.sqlite"
 LOCK_FILE = "write.lock"
+LABEL_CACHE_DIR = "label_vectors"
+THUMBNAIL_DIR = "thumbnails"
 INDEX_PATTERN = re.compile(r"^vectors\.(\d+)\.faiss$")
 # The index files, their stamps and the temporary files of interrupted writes.
 INDEX_FAMILY = re.compile(r"^vectors\.(\d+)\.faiss(\.check)?(\.[^.]+\.tmp)?$")
@@ -51,6 +55,30 @@ class Library:
         self.index = index
         self.index_generation = generation
         self._lock_handle = None
+
+    # -- the folder's layout --------------------------------------------------------------
+    @staticmethod
+    def catalog_path(root: str | os.PathLike) -> Path:
+        """Where the catalog database of the library at ``root`` lives."""
+        return Path(root).expanduser() / CATALOG_FILE
+
+    @staticmethod
+    def exists(root: str | os.PathLike) -> bool:
+        """Whether ``root`` holds a library (its catalog), without opening it."""
+        return Library.catalog_path(root).exists()
+
+    @property
+    def label_cache_dir(self) -> Path:
+        """The folder where label-set text vectors are cached (created on first write)."""
+        return self.root / LABEL_CACHE_DIR
+
+    @property
+    def thumbnail_dir(self) -> Path:
+        """The folder where rendered thumbnails are cached (created on first write)."""
+        return self.root / THUMBNAIL_DIR
+
+    def _index_path(self, generation: int) -> Path:
+        return self.root / f"vectors.{generation}.faiss"
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -68,7 +96,7 @@ class Library:
         reconciles: the index starts empty, to be rebuilt from the catalog.
         """
         root = Path(root).expanduser()
-        if not (root / CATALOG_FILE).exists():
+        if not cls.exists(root):
             if not create:
                 raise LibraryError(
                     f"no clipdex library at {root}: run `clipdex index PATH --library {root}` "
@@ -80,7 +108,7 @@ class Library:
                 raise LibraryError(
                     f"cannot create the library folder {root}: {exc.strerror}"
                 ) from exc
-        catalog = Catalog(root / CATALOG_FILE)
+        catalog = Catalog(cls.catalog_path(root))
         if not load_index:
             return cls(root, catalog, VectorIndex(), -1)
         try:
@@ -164,9 +192,9 @@ class Library:
         save fails (disk full), the older files stay and the next open reconciles.
         """
         generation = self.catalog.generation()
-        if (self.root / f"vectors.{generation}.faiss").exists():
+        if self._index_path(generation).exists():
             generation = self.catalog.bump_generation()
-        self.index.save(self.root / f"vectors.{generation}.faiss")
+        self.index.save(self._index_path(generation))
         self.index_generation = generation
         self._drop_index_files(keep=generation)
 

@@ -518,10 +518,10 @@ def classify(
 
     labelset = make_labelset(labels, labels_file, template or ())
     root = library_dir(library)
-    if (root / "catalog.sqlite").exists() or not Path(photo).is_file():
+    if Library.exists(root) or not Path(photo).is_file():
         engine = SearchEngine(Library.open(root), lambda: load_encoder(weights, device, backend))
         vector, encoder = engine.photo_vector(photo), engine.encoder
-        cache: Path | None = root / "label_vectors"
+        cache: Path | None = engine.library.label_cache_dir
     else:  # a plain image file and no library: nothing to look up or cache
         encoder = load_encoder(weights, device, backend)
         vector, cache = embed_image(encoder, photo), None

@@ -233,7 +233,7 @@ def tag_library(
             catalog.forget_tagged()
         total = catalog.count()
         if catalog.untagged(digest, limit=1):
-            matrix = label_vectors(encoder, labelset, library.root / "label_vectors")
+            matrix = label_vectors(encoder, labelset, library.label_cache_dir)
             report.tagged = _tag_pending(
                 catalog, digest, matrix, encoder.logit_scale, labelset, top, min_probability, batch
             )

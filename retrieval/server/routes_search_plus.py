@@ -96,7 +96,7 @@ def classify(
         vector = engine.vector_of(image_id)
     else:
         vector = state.embed_upload(file.file.read())  # decodes in a bounded slot
-    cache = state.require_library().root / "label_vectors"
+    cache = state.require_library().label_cache_dir
     predictions = classify_vector(vector, state.require_encoder(), labelset, top, cache)
     return {
         "id": image_id,

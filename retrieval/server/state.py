@@ -153,7 +153,7 @@ class ServerState:
             if self.library is None:
                 self.library = Library.open(self.settings.library, create=True)
             self.thumbnails = ThumbnailCache(
-                self.library.root / "thumbnails", self.settings.max_megapixels, self._decode_slots
+                self.library.thumbnail_dir, self.settings.max_megapixels, self._decode_slots
             )
             self.engine = SearchEngine(
                 self.library, self.require_encoder, self.settings.max_megapixels
