@@ -3,7 +3,8 @@
 Layout (this class is the only code that spells these names; everything else asks it)::
 
     LIBRARY/catalog.sqlite        metadata + vectors (source of truth), SQLite WAL
-    LIBRARY/vectors.<gen>.faiss   FAISS index saved when the catalog was at generation <gen>
+    LIBRARY/vectors.<gen>.faiss   vector index saved when the catalog was at generation <gen>
+                                  (+ ``.check``, its stamp, which also names its kind)
     LIBRARY/write.lock            held (flock) by the one process allowed to write
     LIBRARY/label_vectors/        cached text vectors of label sets (zero-shot classify, tag)
     LIBRARY/thumbnails/           JPEG thumbnails the server renders (derived, deletable)
@@ -34,7 +35,13 @@ import numpy as np
 from indexer.errors import LibraryError, LibraryLocked, ModelMismatch
 from indexer.model.identity import ModelIdentity
 from indexer.store.catalog import Catalog
-from indexer.store.vectors import STAMP_SUFFIX, UnstampedIndex, VectorIndex
+from indexer.store.vectorstore import (
+    STAMP_SUFFIX,
+    UnstampedIndex,
+    VectorStore,
+    load_store,
+    open_store,
+)
 
 CATALOG_FILE = "catalog.sqlite"
 LOCK_FILE = "write.lock"
@@ -49,7 +56,7 @@ LOAD_ATTEMPTS = 10  # a reader racing writers that keep replacing the newest fil
 class Library:
     """Catalog + vector index of one library directory, kept consistent."""
 
-    def __init__(self, root: Path, catalog: Catalog, index: VectorIndex, generation: int) -> None:
+    def __init__(self, root: Path, catalog: Catalog, index: VectorStore, generation: int) -> None:
         self.root = root
         self.catalog = catalog
         self.index = index
@@ -110,7 +117,7 @@ class Library:
                 ) from exc
         catalog = Catalog(cls.catalog_path(root))
         if not load_index:
-            return cls(root, catalog, VectorIndex(), -1)
+            return cls(root, catalog, open_store(), -1)
         try:
             generation, index = _load_latest(root, mmap=mmap)
             library = cls(root, catalog, index, generation)
@@ -214,8 +221,8 @@ class Library:
             path.unlink(missing_ok=True)
 
     def rebuild_index(self) -> int:
-        """Build the index again from the catalog's vectors alone; returns its size."""
-        index = VectorIndex()
+        """Build the index again (same kind) from the catalog's vectors alone; returns its size."""
+        index = open_store(self.index.kind, self.index.dim)
         for ids, vectors in self.catalog.iter_vectors():
             index.add(ids, vectors)
         self.index = index
@@ -279,7 +286,7 @@ def take_lock(root: Path) -> IO:
     return handle
 
 
-def _load_latest(root: Path, *, mmap: bool) -> tuple[int, VectorIndex]:
+def _load_latest(root: Path, *, mmap: bool) -> tuple[int, VectorStore]:
     """The newest verified index file as (generation, index); (-1, empty) if none is usable.
 
     A file without a stamp (older clipdex) is not trusted: the caller rebuilds from the
@@ -288,13 +295,13 @@ def _load_latest(root: Path, *, mmap: bool) -> tuple[int, VectorIndex]:
     for _ in range(LOAD_ATTEMPTS):
         generation, path = _latest_index_file(root)
         if path is None:
-            return -1, VectorIndex()
+            return -1, open_store()
         try:
-            return generation, VectorIndex.load(path, mmap=mmap)
+            return generation, load_store(path, mmap=mmap)
         except FileNotFoundError:
             continue
         except UnstampedIndex:
-            return -1, VectorIndex()
+            return -1, open_store()
     raise LibraryError(
         f"the index files of {root} kept changing while being read: try again in a moment"
     )

@@ -1,14 +1,11 @@
-"""The vector index: FAISS ``IndexIDMap2`` over ``IndexFlatIP``; the only module importing faiss.
+"""The ``exact`` vector store: FAISS ``IndexIDMap2`` over ``IndexFlatIP``.
 
-It stores integer ids (the catalog's primary keys) and unit vectors, nothing else, so inner
-product is cosine similarity. Files are written to a temporary name, fsynced and renamed
-into place, so a reader or a crash only ever sees a whole file.
-
-Every index file ``X`` has a stamp ``X.check`` (its size, CRC-32 and vector count), renamed
-into place just before the index itself. Loading checks the stamp, so a truncated or
-bit-flipped file is refused with a repair hint instead of answering queries wrongly. A
-failed write (disk full, I/O error) removes its temporary file and leaves the previous
-files untouched.
+It implements :class:`~indexer.store.vectorstore.VectorStore`: integer ids (the catalog's
+primary keys) and unit vectors, nothing else, so inner product is cosine similarity, and a
+search scans every vector. Files are written to a temporary name, fsynced and renamed into
+place, so a reader or a crash only ever sees a whole file; each carries a stamp
+(:mod:`indexer.store.vectorstore`) checked on load. A failed write (disk full, I/O error)
+removes its temporary file and leaves the previous files untouched.
 """
 
 from __future__ import annotations
@@ -19,6 +16,7 @@ import os
 import tempfile
 import zlib
 from pathlib import Path
+from typing import ClassVar
 
 import faiss
 import numpy as np
@@ -26,10 +24,19 @@ import numpy as np
 from indexer.errors import DiskFull, LibraryDamaged, LibraryError
 from indexer.fsutil import write_atomic
 from indexer.model.identity import EMBED_DIM
+from indexer.store.vectorstore import (
+    check_stamp,
+    damage_message,
+    make_stamp,
+    read_stamp,
+    stamp_path,
+)
 
 
 class VectorIndex:
-    """Exact cosine search over id-tagged vectors."""
+    """Exact cosine search over id-tagged vectors (the ``exact`` kind of vector store)."""
+
+    kind: ClassVar[str] = "exact"
 
     def __init__(self, dim: int = EMBED_DIM, index: faiss.Index | None = None) -> None:
         self.dim = dim
@@ -48,7 +55,9 @@ class VectorIndex:
         path = Path(path)
         stamp = read_stamp(path) if verify else None
         if stamp is not None:
-            _check_stamp(path, stamp)
+            if stamp["kind"] != cls.kind:
+                raise LibraryError(f"{path} is a {stamp['kind']!r} index, not {cls.kind!r}")
+            check_stamp(path, stamp)
         # IO_FLAG_MMAP_IFC maps a flat index's vectors; IO_FLAG_MMAP alone still copies them.
         mapped = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
         flags = mapped | faiss.IO_FLAG_READ_ONLY if mmap else 0
@@ -101,7 +110,7 @@ class VectorIndex:
         writer = faiss.PyCallbackIOWriter(sink)
         faiss.write_index(self.index, writer)
         del writer  # flushes FAISS's buffer into ``sink``
-        return {"format": STAMP_FORMAT, "count": len(self), "dim": self.dim, **state}
+        return make_stamp(self.kind, len(self), self.dim, state["size"], state["crc32"])
 
     def in_memory(self) -> VectorIndex:
         """A writable copy of a memory-mapped index (self when not mapped).
@@ -181,14 +190,6 @@ class VectorIndex:
         return lims.astype(np.int64), scores, ids.astype(np.int64)
 
 
-STAMP_FORMAT = 1
-STAMP_SUFFIX = ".check"
-
-
-class UnstampedIndex(Exception):
-    """An index file without a stamp (written before stamps existed): rebuild, don't trust."""
-
-
 def set_search_threads(count: int) -> None:
     """Threads FAISS (OpenMP) may use per call, process-wide.
 
@@ -197,48 +198,6 @@ def set_search_threads(count: int) -> None:
     per query on a 2-core machine (measured by bench/bench_server.py).
     """
     faiss.omp_set_num_threads(max(1, int(count)))
-
-
-def stamp_path(path: Path) -> Path:
-    return path.with_name(path.name + STAMP_SUFFIX)
-
-
-def damage_message(path: Path, problem: str) -> str:
-    return (
-        f"the vector index {path} is damaged ({problem}): run `clipdex repair --library "
-        f"{path.parent}` to rebuild it from the catalog"
-    )
-
-
-def read_stamp(path: Path) -> dict:
-    """The stamp of an index file; UnstampedIndex without one, FileNotFoundError w/o index."""
-    try:
-        text = stamp_path(path).read_bytes()
-    except FileNotFoundError:
-        if not path.exists():
-            raise
-        raise UnstampedIndex(str(path)) from None
-    try:
-        stamp = json.loads(text)
-        if stamp.get("format") != STAMP_FORMAT:
-            raise ValueError(f"unknown stamp format {stamp.get('format')!r}")
-        return {key: int(stamp[key]) for key in ("count", "dim", "size", "crc32")}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LibraryDamaged(damage_message(path, f"unreadable stamp: {exc}")) from exc
-
-
-def _check_stamp(path: Path, stamp: dict) -> None:
-    """Size first (truncation costs nothing to find), then the CRC-32 of every byte."""
-    size = path.stat().st_size
-    if size != stamp["size"]:
-        problem = f"{size} bytes where {stamp['size']} were written, truncated?"
-        raise LibraryDamaged(damage_message(path, problem))
-    crc = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            crc = zlib.crc32(chunk, crc)
-    if crc != stamp["crc32"]:
-        raise LibraryDamaged(damage_message(path, "checksum mismatch: its bytes changed"))
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
