@@ -28,13 +28,12 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
 from indexer.errors import LibraryError, LibraryLocked, ModelMismatch
 from indexer.model.identity import ModelIdentity
-from indexer.store.catalog import Catalog
 from indexer.store.vectorstore import (
     STAMP_SUFFIX,
     UnstampedIndex,
@@ -42,6 +41,10 @@ from indexer.store.vectorstore import (
     load_store,
     open_store,
 )
+
+if TYPE_CHECKING:  # the catalog imports SQLAlchemy: only writers pay for it
+    from indexer.store.catalog import Catalog
+    from indexer.store.catalog_reader import CatalogReader
 
 CATALOG_FILE = "catalog.sqlite"
 LOCK_FILE = "write.lock"
@@ -56,7 +59,9 @@ LOAD_ATTEMPTS = 10  # a reader racing writers that keep replacing the newest fil
 class Library:
     """Catalog + vector index of one library directory, kept consistent."""
 
-    def __init__(self, root: Path, catalog: Catalog, index: VectorStore, generation: int) -> None:
+    def __init__(
+        self, root: Path, catalog: Catalog | CatalogReader, index: VectorStore, generation: int
+    ) -> None:
         self.root = root
         self.catalog = catalog
         self.index = index
@@ -96,11 +101,15 @@ class Library:
         create: bool = False,
         mmap: bool = False,
         load_index: bool = True,
+        read_only: bool = False,
     ) -> Library:
         """Open (or with ``create`` make) the library at ``root`` and reconcile its stores.
 
         ``load_index=False`` (for `clipdex repair`) neither reads the index file nor
         reconciles: the index starts empty, to be rebuilt from the catalog.
+        ``read_only`` is for callers that never write (a query): the catalog is read
+        through :class:`~indexer.store.catalog_reader.CatalogReader` (no SQLAlchemy) and
+        the index is memory-mapped.
         """
         root = Path(root).expanduser()
         if not cls.exists(root):
@@ -115,11 +124,11 @@ class Library:
                 raise LibraryError(
                     f"cannot create the library folder {root}: {exc.strerror}"
                 ) from exc
-        catalog = Catalog(cls.catalog_path(root))
+        catalog = open_catalog(cls.catalog_path(root), read_only=read_only and not create)
         if not load_index:
             return cls(root, catalog, open_store(), -1)
         try:
-            generation, index = _load_latest(root, mmap=mmap)
+            generation, index = _load_latest(root, mmap=mmap or read_only)
             library = cls(root, catalog, index, generation)
             if generation != catalog.generation():
                 library.reconcile()
@@ -268,6 +277,21 @@ class Library:
     # -- facts --------------------------------------------------------------------------
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+
+def open_catalog(path: Path, *, read_only: bool = False) -> Catalog | CatalogReader:
+    """The catalog at ``path``: the stdlib reader when the caller only reads and the file
+    allows it (else, e.g. for a catalog that needs migrating, the full SQLAlchemy one)."""
+    if read_only:
+        from indexer.store.catalog_reader import CatalogReader, ReaderUnavailable
+
+        try:
+            return CatalogReader(path)
+        except ReaderUnavailable:
+            pass
+    from indexer.store.catalog import Catalog
+
+    return Catalog(path)
 
 
 def take_lock(root: Path) -> IO:

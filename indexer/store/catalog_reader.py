@@ -1,0 +1,353 @@
+"""A read-only view of the catalog through the stdlib's sqlite3: what a query reads.
+
+:class:`~indexer.store.catalog.Catalog` (SQLAlchemy) owns the schema, its migrations and
+every write; importing SQLAlchemy alone costs a cold query ~0.3 s. A query reads a handful
+of columns, so :class:`CatalogReader` answers the catalog's read methods with plain SQL on
+a connection opened ``mode=ro``: it never writes, never migrates, and reads while an indexer
+holds the WAL (each statement sees the last committed state, as the catalog's do).
+
+It keeps the catalog's promises about damage: the same checks on open (the file's header and
+length, the first and last rows of every table) and SQLite's corruption errors become
+:class:`~indexer.errors.LibraryDamaged` with the same repair hint. A file it cannot serve as
+is (a schema it was not written for, one that needs migrating) raises
+:class:`ReaderUnavailable`, and the caller opens the full catalog instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from indexer.errors import DiskFull, LibraryDamaged, LibraryError
+from indexer.model.identity import EMBED_DIM
+from indexer.paths import from_db, to_db
+
+# Schema versions whose tables this reader's SQL was checked against (the catalog's
+# SCHEMA_VERSION must be one of them: tests/test_catalog_reader.py says so).
+READABLE_SCHEMAS = frozenset({3, 4})
+SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 10, 11, 13, 26  # primary codes
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_CHUNK = 500  # ids per IN (...) list, as the catalog does
+
+
+class ReaderUnavailable(Exception):
+    """This file needs the full catalog (e.g. a migration): open that instead."""
+
+
+# -- checks shared with the catalog ------------------------------------------------------------
+def sqlite_file_problem(path: Path) -> str | None:
+    """What is visibly wrong with a SQLite file's header or length, or None.
+
+    The header's page count is trusted only when SQLite marks it valid (change counter ==
+    version-valid-for); a file shorter than that was truncated.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header = handle.read(100)
+    except FileNotFoundError:
+        return None  # a new catalog
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    if size == 0:
+        return None
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        return "not a SQLite database: the header is missing or overwritten"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    valid = header[24:28] == header[92:96]
+    if valid and pages and size < pages * page_size:
+        return f"shorter than its header says: {size} of {pages * page_size} bytes, truncated?"
+    return None
+
+
+def nearly_full(folder: Path) -> bool:
+    """Less than 1 MiB free where the library lives (the likely cause of an I/O error)."""
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < 2**20
+
+
+def catalog_damage_message(path: Path, detail: str) -> str:
+    """The user's message for a damaged catalog: what is wrong and how to repair it."""
+    root = path.parent
+    return (
+        f"the catalog {path} is damaged ({detail}): run `clipdex repair --library "
+        f"{root}` to salvage what is readable (add the photo folders to re-index the rest), "
+        "or restore catalog.sqlite from a backup"
+    )
+
+
+def sqlite_error(path: Path, code: int | None, original: BaseException) -> Exception | None:
+    """The typed clipdex error for a SQLite error code on the catalog at ``path``, or None."""
+    if code is None:
+        return None
+    primary = code & 0xFF
+    if primary == SQLITE_FULL or (primary == SQLITE_IOERR and nearly_full(path.parent)):
+        return DiskFull.at(path.parent)  # SQLite hides the errno of an I/O error
+    if primary in (SQLITE_CORRUPT, SQLITE_NOTADB):
+        return LibraryDamaged(catalog_damage_message(path, str(original)), str(original))
+    if primary == SQLITE_IOERR:
+        return LibraryError(
+            f"cannot read or write the catalog {path} ({original}): the library keeps "
+            "its previous checkpoint; check the disk (free space, errors) and run again"
+        )
+    return None
+
+
+def blob_to_vector(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+def vector_is_sound(blob: bytes | None, dim: int = EMBED_DIM) -> bool:
+    """Whether a stored vector blob is ``dim`` finite float32 of unit length."""
+    if not isinstance(blob, bytes) or len(blob) != 4 * dim:
+        return False
+    vector = blob_to_vector(blob)
+    return bool(np.isfinite(vector).all()) and abs(float(vector @ vector) - 1.0) < 1e-2
+
+
+def sound_stack(path: Path, ids: Sequence[int], blobs: Sequence[bytes]) -> np.ndarray:
+    """Stored vectors as one (n, dim) array; LibraryDamaged if any is not a unit vector.
+
+    The index is rebuilt from these, so a damaged blob must stop the rebuild rather than
+    become a wrong neighbour. Vectorised: this runs over every row on a rebuild.
+    """
+    sizes = {len(b) if isinstance(b, bytes) else -1 for b in blobs}
+    if sizes == {4 * EMBED_DIM}:
+        vectors = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), EMBED_DIM)
+        norms = np.einsum("ij,ij->i", vectors, vectors)
+        if np.isfinite(norms).all() and (np.abs(norms - 1.0) < 1e-2).all():
+            return vectors.astype(np.float32)
+    bad = [i for i, b in zip(ids, blobs) if not vector_is_sound(b)]
+    detail = f"the stored vector of image {bad[0]} is invalid"
+    raise LibraryDamaged(catalog_damage_message(path, detail), detail)
+
+
+# -- the reader --------------------------------------------------------------------------------
+class CatalogReader:
+    """The catalog's read methods over a read-only sqlite3 connection (one per thread)."""
+
+    read_only = True
+
+    def __init__(self, path: Path) -> None:
+        """Open and check the catalog at ``path``; ReaderUnavailable if it needs the writer."""
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ReaderUnavailable(f"no catalog at {self.path}")
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        try:
+            self._check_file()
+            self._check_schema()
+            self._probe()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connection and errors ------------------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            uri = self.path.resolve().as_uri() + "?mode=ro"
+            try:
+                connection = sqlite3.connect(
+                    uri, uri=True, timeout=10, isolation_level=None, check_same_thread=False
+                )
+            except sqlite3.Error as exc:
+                raise ReaderUnavailable(f"cannot open {self.path} read-only: {exc}") from exc
+            with self._lock:
+                self._connections.append(connection)
+            self._local.connection = connection
+        return connection
+
+    def _rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        """Run one read statement; SQLite's damage and I/O errors come out typed."""
+        try:
+            return self._connection().execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as exc:
+            typed = sqlite_error(self.path, getattr(exc, "sqlite_errorcode", None), exc)
+            if typed is not None:
+                raise typed from exc
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+        self._local = threading.local()
+
+    def damage_message(self, detail: str) -> str:
+        return catalog_damage_message(self.path, detail)
+
+    # -- checks on open (as the catalog's) --------------------------------------------------
+    def _check_file(self) -> None:
+        """A SQLite header, and a file as long as it says it is."""
+        problem = sqlite_file_problem(self.path)
+        if problem is None:
+            return
+        if problem.startswith("shorter") and self.quick_check() == "ok":
+            return  # a concurrent WAL checkpoint was growing the file: not damage
+        raise LibraryDamaged(self.damage_message(problem), problem)
+
+    def _check_schema(self) -> None:
+        """Only a schema this reader knows; anything else goes to the full catalog."""
+        try:
+            has_meta = self._rows(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
+            )
+            version = self.get_meta("schema_version") if has_meta else None
+        except sqlite3.Error as exc:  # e.g. locked, or not openable read-only
+            raise ReaderUnavailable(f"cannot read {self.path}: {exc}") from exc
+        if version is None or int(version) not in READABLE_SCHEMAS:
+            raise ReaderUnavailable(f"schema version {version} needs the full catalog")
+
+    def _probe(self) -> None:
+        """Touch each table's first and last rows: a damaged root page shows on open."""
+        tables = self._rows(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+        )
+        for (table,) in tables:
+            for order in ("ASC", "DESC"):
+                self._rows(f'SELECT * FROM "{table}" ORDER BY rowid {order} LIMIT 1')
+
+    def quick_check(self) -> str:
+        """SQLite's ``PRAGMA quick_check``: ``"ok"`` or the first problem found."""
+        try:
+            rows = [row[0] for row in self._rows("PRAGMA quick_check(5)")]
+        except (sqlite3.Error, LibraryDamaged) as exc:
+            return str(exc).splitlines()[0][:200]
+        return "ok" if rows == ["ok"] else "; ".join(map(str, rows))[:300]
+
+    # -- key/value ------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        rows = self._rows("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def generation(self) -> int:
+        """A counter bumped by every write; the index file records the one it matches."""
+        return int(self.get_meta("generation") or 0)
+
+    # -- reads ----------------------------------------------------------------------------
+    def count(self) -> int:
+        return int(self._rows("SELECT count(*) FROM images")[0][0])
+
+    def failure_count(self) -> int:
+        return int(self._rows("SELECT count(*) FROM failures")[0][0])
+
+    def ids(self) -> np.ndarray:
+        rows = self._rows("SELECT id FROM images ORDER BY id")
+        return np.asarray([row[0] for row in rows], dtype=np.int64)
+
+    def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) for the given ids that exist."""
+        rows = self._in("SELECT id, vector FROM images WHERE id IN ({})", ids)
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        found = [row[0] for row in rows]
+        return np.asarray(found, dtype=np.int64), self._sound(found, [row[1] for row in rows])
+
+    def iter_vectors(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every (ids, vectors) in id order, in batches (keyset paging)."""
+        last = 0
+        while True:
+            rows = self._rows(
+                "SELECT id, vector FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+            )
+            if not rows:
+                return
+            ids = [row[0] for row in rows]
+            last = ids[-1]
+            yield np.asarray(ids, dtype=np.int64), self._sound(ids, [row[1] for row in rows])
+
+    def _sound(self, ids: Sequence[int], blobs: Sequence[bytes]) -> np.ndarray:
+        return sound_stack(self.path, ids, blobs)
+
+    def get_images(self, ids: Iterable[int]) -> dict[int, dict]:
+        """Metadata rows (without vectors) for the given ids, keyed by id."""
+        columns, dates = self._table_info("images")
+        columns = [c for c in columns if c != "vector"]
+        select = ", ".join(f'"{c}"' for c in columns)
+        out = {}
+        for row in self._in(f"SELECT {select} FROM images WHERE id IN ({{}})", ids):
+            record = dict(zip(columns, row))
+            for name in dates & record.keys():  # DATETIME text, as the catalog returns it
+                if isinstance(record[name], str):
+                    record[name] = dt.datetime.fromisoformat(record[name])
+            record["path"] = from_db(record["path"])
+            out[record["id"]] = record
+        return out
+
+    def id_for_path(self, path: str) -> int | None:
+        rows = self._rows("SELECT id FROM images WHERE path = ?", (to_db(path),))
+        return rows[0][0] if rows else None
+
+    def ids_where(self, where: str, params: Sequence[object] = ()) -> np.ndarray:
+        """Ids of the images whose row satisfies ``where`` (plain SQL, ``?`` bound), ascending.
+
+        The same contract as :meth:`indexer.store.catalog.Catalog.ids_where`.
+        """
+        rows = self._rows(f"SELECT id FROM images WHERE {where} ORDER BY id", params)
+        return np.asarray([row[0] for row in rows], dtype=np.int64)
+
+    def formats(self) -> list[str]:
+        """The distinct image formats in the library (for error messages)."""
+        rows = self._rows("SELECT DISTINCT format FROM images WHERE format IS NOT NULL")
+        return sorted(row[0] for row in rows)
+
+    def list_failures(self) -> list[dict]:
+        rows = self._rows("SELECT path, error FROM failures ORDER BY path")
+        return [{"path": from_db(path), "error": error} for path, error in rows]
+
+    # -- tags -----------------------------------------------------------------------------
+    def has_tags(self) -> bool:
+        return bool(self._rows("SELECT image_id FROM tags LIMIT 1"))
+
+    def tag_counts(self) -> list[tuple[str, int]]:
+        """Every stored label with the number of images carrying it, most frequent first."""
+        sql = "SELECT label, count(*) AS n FROM tags GROUP BY label ORDER BY n DESC, label"
+        return [(label, n) for label, n in self._rows(sql)]
+
+    def tags_for(self, ids: Iterable[int]) -> dict[int, list[tuple[str, float]]]:
+        """Stored (label, score) pairs of the given images, best first; untagged ids absent."""
+        out: dict[int, list[tuple[str, float]]] = {}
+        sql = (
+            "SELECT image_id, label, score FROM tags WHERE image_id IN ({}) "
+            "ORDER BY image_id, score DESC, label"
+        )
+        for image_id, label, score in self._in(sql, ids):
+            out.setdefault(image_id, []).append((label, float(score)))
+        return out
+
+    # -- helpers --------------------------------------------------------------------------
+    def _in(self, sql: str, ids: Iterable[int]) -> list[tuple]:
+        """``sql`` with its ``IN ({})`` bound to ``ids``, run in chunks (SQLite's limits).
+
+        Rows of different chunks are concatenated: a statement that orders its rows does
+        so per chunk, so callers group by id (as the catalog's do).
+        """
+        ids = [int(i) for i in ids]
+        rows: list[tuple] = []
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            rows += self._rows(sql.format(", ".join("?" * len(chunk))), chunk)
+        return rows
+
+    def _table_info(self, table: str) -> tuple[list[str], set[str]]:
+        """A table's column names in order, and those declared DATETIME.
+
+        Read on every call, not cached: a newer clipdex may add columns while this reads.
+        """
+        info = self._rows(f'PRAGMA table_info("{table}")')
+        return [row[1] for row in info], {row[1] for row in info if row[2].upper() == "DATETIME"}
