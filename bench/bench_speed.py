@@ -282,20 +282,20 @@ def timed(func: Callable[[], object]) -> float:
 
 
 def bench_warm(args, work: Path, weights: Path, cache: Path) -> dict:
-    from retrieval.search.engine import SearchEngine
+    from retrieval import Collection, SearchOptions
 
     library_dir = build_library(work / f"lib-{args.warm_images}", args.warm_images, weights, cache)
     encoder = OnnxEncoder(weights, cache_dir=cache)
-    with Library.open(library_dir, mmap=True) as library:
-        engine = SearchEngine(library, encoder)
-        engine.search_text("warm up", 20)
+    options = SearchOptions(k=20)
+    with Collection.open(library_dir, encoder=encoder, read_only=True) as photos:
+        photos.search("warm up", options=options)
         total, encode, search = [], [], []
         for i in range(args.warm_queries):
             text = f"{QUERIES[i % len(QUERIES)]} {i}"
-            total.append(timed(lambda t=text: engine.search_text(t, 20)))
+            total.append(timed(lambda t=text: photos.search(t, options=options)))
             vector = encoder.encode_texts([text])[0]
             encode.append(timed(lambda t=text: encoder.encode_texts([t])))
-            search.append(timed(lambda v=vector: engine.search_vector(v, 20)))
+            search.append(timed(lambda v=vector: photos.search_vector(v, options)))
     return {
         "images": args.warm_images,
         "total_ms": summary(total) | {"p90": float(np.percentile(total, 90))},

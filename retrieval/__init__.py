@@ -1,0 +1,42 @@
+"""clipdex's query side and its interfaces.
+
+The Python API (the front door the CLI, the server and the tests use)::
+
+    from retrieval import Collection, SearchOptions
+
+Names load on first use (module ``__getattr__``), so ``import retrieval`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from retrieval.collection import Collection, CollectionInfo
+    from retrieval.search.engine import SearchPage, SearchResult
+    from retrieval.search.options import SearchOptions
+
+_EXPORTS = {
+    "Collection": "retrieval.collection",
+    "CollectionInfo": "retrieval.collection",
+    "SearchOptions": "retrieval.search.options",
+    "SearchPage": "retrieval.search.engine",
+    "SearchResult": "retrieval.search.engine",
+}
+
+__all__ = ["Collection", "CollectionInfo", "SearchOptions", "SearchPage", "SearchResult"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import an exported name from its module on first access."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -32,8 +32,7 @@ from retrieval.search.classify import (
 )
 from retrieval.search.engine import SearchEngine
 from retrieval.search.errors import QueryError
-from retrieval.search.filters import ImageFilter
-from retrieval.search.ranking import SearchOptions
+from retrieval.search.options import SearchOptions
 
 REAL_WEIGHTS = os.environ.get("CLIPDEX_WEIGHTS")  # read before the autouse fixture clears it
 CONCEPTS = ("cat", "dog", "car", "beach", "tree")
@@ -218,8 +217,8 @@ def test_tags_filter_search_and_show_in_results(library, encoder):
     ids = _add(library, ["cat", "dog", "cat", "car"])
     tag_library(library, encoder, LabelSet(CONCEPTS), top=1, min_probability=0.0)
     engine = SearchEngine(library, encoder)
-    page = engine.search_page(
-        concept_vector("dog"), SearchOptions(k=10, filter=ImageFilter(tags=("cat",)))
+    page = engine.search(
+        concept_vector("dog"), SearchOptions(k=10, tags=("cat",))
     )
     assert {r.id for r in page.results} == {ids[0], ids[2]}
     assert all(r.tags[0]["label"] == "cat" for r in page.results)

@@ -28,8 +28,7 @@ from retrieval.search.cutoff import (
 )
 from retrieval.search.engine import SearchEngine
 from retrieval.search.errors import QueryError
-from retrieval.search.filters import ImageFilter
-from retrieval.search.ranking import SearchOptions
+from retrieval.search.options import SearchOptions
 from tests.imagefakes import ThumbnailEncoder, build_variant_library
 
 REAL_WEIGHTS = os.environ.get("CLIPDEX_WEIGHTS")  # read before the autouse fixture clears it
@@ -142,18 +141,17 @@ def planted(tmp_path, fake_encoder):
 
 def test_engine_auto_cutoff_keeps_exactly_the_planted_matches(planted):
     engine, query, matches = planted
-    page = engine.search_page(query, SearchOptions(k=50, cutoff="auto"))
+    page = engine.search(query, SearchOptions(k=50, cutoff="auto"))
     assert {r.id for r in page.results} == matches and page.total == 15
     assert page.cutoff.rule == "auto" and page.cutoff.population == 2000
-    fixed = engine.search_page(query, SearchOptions(k=50, min_score=0.99))
+    fixed = engine.search(query, SearchOptions(k=50, min_score=0.99))
     assert fixed.total == 0 and fixed.cutoff.rule == "min-score"
 
 
 def test_cutoff_background_is_the_library_even_when_a_filter_keeps_only_matches(planted):
     engine, query, matches = planted
     # The filtered set is all matches: judged against itself nothing would stand out.
-    spec = ImageFilter(folders=("/p/match",))
-    page = engine.search_page(query, SearchOptions(k=50, cutoff="auto", filter=spec))
+    page = engine.search(query, SearchOptions(k=50, cutoff="auto", folders=("/p/match",)))
     assert {r.id for r in page.results} == matches and page.cutoff.population == 15
 
 
@@ -171,7 +169,7 @@ def test_corpus_image_query_keeps_the_photo_and_all_its_copies(variant_library):
     for group in groups.values():
         for member in group:
             vector = engine.vector_of(library.catalog.id_for_path(member))
-            page = engine.search_page(vector, SearchOptions(k=100, cutoff="auto"))
+            page = engine.search(vector, SearchOptions(k=100, cutoff="auto"))
             paths = {r.path for r in page.results}
             assert group <= paths, (member, sorted(group - paths))
             assert len(paths) <= len(group) + 1, (member, sorted(paths - group))
@@ -182,11 +180,11 @@ def test_corpus_every_photo_keeps_itself_and_unrelated_queries_keep_little(varia
     encoder = ThumbnailEncoder()
     engine = SearchEngine(library, encoder)
     for image_id in library.catalog.ids():
-        page = engine.search_page(engine.vector_of(int(image_id)), SearchOptions(cutoff="auto"))
+        page = engine.search(engine.vector_of(int(image_id)), SearchOptions(cutoff="auto"))
         assert int(image_id) in {r.id for r in page.results}
     # Texts are random directions to this encoder: nothing should stand out.
     totals = [
-        engine.search_page(v, SearchOptions(cutoff="auto")).total
+        engine.search(v, SearchOptions(cutoff="auto")).total
         for v in encoder.encode_texts([f"unrelated {i}" for i in range(100)])
     ]
     assert np.mean(totals) < 1.0
@@ -203,6 +201,6 @@ def test_real_model_text_cutoff_on_the_corpus(corpus, tmp_path):
         index_paths(library, encoder, [corpus / "photos"])
         engine = SearchEngine(library, encoder)
         for query, expected in [("a photo of a cat", "black_cat.jpg"), ("a guitar", "guitar.jpg")]:
-            page = engine.search_page(engine.query_vector(query)[0], SearchOptions(cutoff="auto"))
+            page = engine.search(engine.query_vector(query)[0], SearchOptions(cutoff="auto"))
             names = [Path(r.path).name for r in page.results]
             assert expected in names and len(names) <= 8, (query, names)

@@ -33,9 +33,11 @@ def torch_encoder(random_checkpoint):
 
 
 @pytest.fixture(scope="module", params=["torch", "onnx"])
-def encoder(request, random_checkpoint):
+def encoder(request, random_checkpoint, model_cache):
     """The product's encoder on each backend (onnx is the CPU default)."""
-    return load_encoder(random_checkpoint, device="cpu", backend=request.param)
+    return load_encoder(
+        random_checkpoint, device="cpu", backend=request.param, cache_dir=model_cache
+    )
 
 
 @pytest.fixture(scope="module")

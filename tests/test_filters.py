@@ -30,7 +30,7 @@ from retrieval.search.filters import (
     parse_formats,
     parse_size,
 )
-from retrieval.search.ranking import SearchOptions
+from retrieval.search.options import SearchOptions
 
 runner = CliRunner()
 
@@ -258,19 +258,19 @@ def test_one_percent_filter_top_k_equals_brute_force_over_the_filtered_set(libra
     order = np.argsort(-truth_scores, kind="stable")[:20]
     truth_ids = ids[mask][order].tolist()
 
-    for spec in (ImageFilter(camera="leica"), ImageFilter(folders=("/lib/leica",))):
-        page = engine.search_page(query, SearchOptions(k=20, filter=spec))
+    for spec in ({"camera": "leica"}, {"folders": ("/lib/leica",)}):
+        page = engine.search(query, SearchOptions(k=20, **spec))
         assert [r.id for r in page.results] == truth_ids
         assert [r.score for r in page.results] == pytest.approx(truth_scores[order], abs=1e-5)
     # ...whereas the unfiltered top-20 holds (almost) none of them: filtering it afterwards
     # would have returned a handful of results, not 20.
-    unfiltered = {r.id for r in engine.search_page(query, SearchOptions(k=20)).results}
+    unfiltered = {r.id for r in engine.search(query, SearchOptions(k=20)).results}
     assert len(unfiltered & set(truth_ids)) <= 2
 
     # The same holds for a cut-off list (range search restricted during the scan).
     threshold = float(np.sort(truth_scores)[-30])
-    page = engine.search_page(
-        query, SearchOptions(k=100, filter=ImageFilter(camera="leica"), min_score=threshold)
+    page = engine.search(
+        query, SearchOptions(k=100, camera="leica", min_score=threshold)
     )
     expected = ids[mask][truth_scores > threshold]
     assert page.total == len(expected) and {r.id for r in page.results} == set(expected.tolist())
@@ -278,7 +278,7 @@ def test_one_percent_filter_top_k_equals_brute_force_over_the_filtered_set(libra
 
 def test_a_filter_that_matches_nothing_returns_nothing(library, engine):
     store(library, [record("/p/a.jpg", vectors(1)[0])])
-    page = engine.search_page(vectors(1)[0], SearchOptions(filter=ImageFilter(camera="none")))
+    page = engine.search(vectors(1)[0], SearchOptions(camera="none"))
     assert page.results == [] and page.total is None
 
 
@@ -288,9 +288,9 @@ def test_offset_pages_through_one_stable_order_with_ties_by_id(library, engine):
     duplicated = [v[i // 2] for i in range(20)]  # pairs of identical vectors: exact ties
     ids = store(library, [record(f"/p/{i}.jpg", duplicated[i]) for i in range(20)])
     query = v[0]
-    full = engine.search_page(query, SearchOptions(k=20)).results
+    full = engine.search(query, SearchOptions(k=20)).results
     pages = [
-        engine.search_page(query, SearchOptions(k=6, offset=offset)).results
+        engine.search(query, SearchOptions(k=6, offset=offset)).results
         for offset in (0, 6, 12, 18)
     ]
     assert [r.id for page in pages for r in page] == [r.id for r in full]
@@ -310,7 +310,7 @@ def test_sort_by_date_orders_the_kept_results_and_pages_stably(library, engine):
         when = dt.datetime(2020, 1, 1) + dt.timedelta(days=int(rng.integers(0, 5)))
         records.append(record(f"/p/{i}.jpg", vector, taken_at=when))
     store(library, records)
-    page = engine.search_page(base, SearchOptions(k=30, sort="date"))
+    page = engine.search(base, SearchOptions(k=30, sort="date"))
     assert page.cutoff is not None and page.cutoff.rule == "auto"  # a date sort implies it
     kept = page.results
     assert {int(r.path.split("/")[-1][:-4]) % 3 for r in kept} == {0} and len(kept) == 10
@@ -319,21 +319,21 @@ def test_sort_by_date_orders_the_kept_results_and_pages_stably(library, engine):
     paged = [
         r.id
         for offset in range(0, 10, 4)
-        for r in engine.search_page(base, SearchOptions(k=4, offset=offset, sort="date")).results
+        for r in engine.search(base, SearchOptions(k=4, offset=offset, sort="date")).results
     ]
     assert paged == [r.id for r in kept]
-    oldest = engine.search_page(base, SearchOptions(k=30, sort="date-asc")).results
+    oldest = engine.search(base, SearchOptions(k=30, sort="date-asc")).results
     assert [r.taken_at for r in oldest] == sorted(r.taken_at for r in kept)
 
 
 def test_paging_limits_and_bad_values(library, engine):
     store(library, [record("/p/a.jpg", vectors(1)[0])])
     with pytest.raises(QueryError, match="offset \\+ k"):
-        engine.search_page(vectors(1)[0], SearchOptions(k=10, offset=9_995))
+        engine.search(vectors(1)[0], SearchOptions(k=10, offset=9_995))
     with pytest.raises(QueryError, match="sort"):
-        engine.search_page(vectors(1)[0], SearchOptions(sort="name"))
+        engine.search(vectors(1)[0], SearchOptions(sort="name"))
     # With a cut-off the kept list can be paged as deep as it goes.
-    page = engine.search_page(vectors(1)[0], SearchOptions(k=10, offset=20_000, min_score=-1))
+    page = engine.search(vectors(1)[0], SearchOptions(k=10, offset=20_000, min_score=-1))
     assert page.results == [] and page.total == 1
 
 

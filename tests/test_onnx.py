@@ -147,7 +147,9 @@ def test_cached_export_is_reused_without_torch(first_export, random_checkpoint, 
         from pathlib import Path
         import numpy as np
         from indexer.model.encoders import load_encoder
-        encoder = load_encoder(Path({str(random_checkpoint)!r}), backend="onnx")
+        encoder = load_encoder(
+            Path({str(random_checkpoint)!r}), backend="onnx", cache_dir=Path({str(onnx_cache)!r})
+        )
         images = encoder.encode_images(np.full((2, 3, 256, 256), 0.5, np.float32))
         texts = encoder.encode_texts(["a cat", "two dogs"])
         result = {{"shapes": [list(images.shape), list(texts.shape)]}}

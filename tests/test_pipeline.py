@@ -11,7 +11,7 @@ from PIL import Image
 from indexer.errors import ConfigError
 from indexer.ingest.pipeline import IndexOptions, index_paths
 from indexer.store.library import Library
-from retrieval.search.engine import SearchEngine
+from retrieval import Collection, SearchOptions
 
 
 @pytest.fixture
@@ -52,13 +52,13 @@ def test_renamed_file_reuses_vector_without_the_model(library, photo_folder, fak
 
 def test_deleted_file_disappears_from_results(library, photo_folder, fake_encoder):
     index_paths(library, fake_encoder, [photo_folder])
-    engine = SearchEngine(library, fake_encoder)
+    photos = Collection(library.root, fake_encoder, library=library)
     target = photo_folder / "photo_3.jpg"
-    assert engine.similar(str(target), k=1)[0].path == str(target)
+    assert photos.similar(target, SearchOptions(k=1)).results[0].path == str(target)
     os.remove(target)
     report = index_paths(library, fake_encoder, [photo_folder])
     assert report.removed == 1
-    paths = [r.path for r in engine.search_text("anything", k=10)]
+    paths = [r.path for r in photos.search("anything", options=SearchOptions(k=10)).results]
     assert str(target) not in paths and len(paths) == 5
 
 

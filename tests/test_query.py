@@ -15,6 +15,7 @@ from indexer.store.library import Library
 from retrieval.cli import app
 from retrieval.search.engine import SearchEngine
 from retrieval.search.errors import QueryError
+from retrieval.search.options import SearchOptions
 from retrieval.search.query import QuerySyntaxError, Term, combine, describe, parse_query
 
 runner = CliRunner()
@@ -128,14 +129,15 @@ def test_query_vector_mixes_texts_and_photos_without_decoding_indexed_ones(
 def test_like_alone_finds_that_photo_first(engine, photo_folder):
     target = photo_folder / "photo_3.jpg"
     vector, _ = engine.query_vector(None, like=[str(target)])
-    assert engine.search_vector(vector, 1)[0].path == str(target)
+    assert engine.search(vector, SearchOptions(k=1)).results[0].path == str(target)
 
 
 def test_text_search_uses_the_grammar(engine, fake_encoder):
     dog, cat = fake_encoder.encode_texts(["dog", "cat"])
     expected = l2_normalise(dog - cat)
-    by_grammar = [r.id for r in engine.search_text("dog - cat", k=6)]
-    by_vector = [r.id for r in engine.search_vector(expected, k=6)]
+    options = SearchOptions(k=6)
+    by_grammar = [r.id for r in engine.search(engine.query_vector("dog - cat")[0], options).results]
+    by_vector = [r.id for r in engine.search(expected, options).results]
     assert by_grammar == by_vector
 
 

@@ -46,10 +46,9 @@ def data_file(model_file: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    """Where exported models live: ``CLIPDEX_CACHE`` or the user's cache dir for clipdex."""
-    configured = os.environ.get("CLIPDEX_CACHE")
-    if configured:
-        return Path(configured).expanduser()
+    """Where exported models live when the caller names no folder: the user's cache dir
+    for clipdex. (``CLIPDEX_CACHE`` is read at the edges, the CLI and the server, and
+    arrives here as ``cache_dir``.)"""
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("clipdex"))

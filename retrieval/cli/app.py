@@ -1,29 +1,39 @@
-"""The ``clipdex`` command line: thin typer commands over the library and the engine.
+"""The ``clipdex`` command line: thin typer commands over :class:`retrieval.collection.Collection`.
 
-Every command takes ``--library`` (env CLIPDEX_LIBRARY), ``--weights`` (env
-CLIPDEX_WEIGHTS) and ``--json``. Domain errors become one line on stderr and exit 1; usage
-errors exit 2 (click's convention); nothing ever prints a traceback.
+Each command parses its flags, calls one method of the front door and renders the answer.
+Flags and ``CLIPDEX_*`` environment variables are resolved here, at the edge, and passed
+inward as plain values. Every command takes ``--library`` (env CLIPDEX_LIBRARY) and
+``--json``; those that load the model take ``--weights``, ``--device``, ``--backend`` and
+``--cache-dir`` (env CLIPDEX_CACHE); those that report progress or notes on stderr take
+``-q/--quiet``. Domain errors become one line on stderr and exit 1; usage errors exit 2
+(click's convention); nothing ever prints a traceback.
+
+Help texts are plain text (``rich_markup_mode=None``): a ``[default: ...]`` in them is
+printed as written, never read as rich markup and swallowed.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 from indexer.errors import ClipdexError, ConfigError
 from indexer.paths import DISPLAY_ERRORS, display
-from indexer.store.library import Library
+
+if TYPE_CHECKING:
+    from retrieval.collection import Collection
+    from retrieval.search.engine import SearchPage
 
 app = typer.Typer(
     name="clipdex",
@@ -31,29 +41,44 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 stdout = Console()
 stderr = Console(stderr=True)
 
+
+def _opt(*names: str, help: str, **kwargs: Any) -> Any:
+    return typer.Option(*names, help=help, show_default=False, **kwargs)
+
+
 LibraryOpt = Annotated[
     Path | None,
-    typer.Option(
+    _opt(
         "--library",
         envvar="CLIPDEX_LIBRARY",
-        help="Library directory [default: the user data dir].",
-        show_default=False,
+        help="Library directory (default: 'library' in the user data folder).",
     ),
 ]
 WeightsOpt = Annotated[
     Path | None,
-    typer.Option(
+    _opt(
         "--weights",
         envvar="CLIPDEX_WEIGHTS",
         help="Local MobileCLIP-S2 checkpoint (offline use) instead of the hub's datacompdr.",
-        show_default=False,
+    ),
+]
+CacheOpt = Annotated[
+    Path | None,
+    _opt(
+        "--cache-dir",
+        envvar="CLIPDEX_CACHE",
+        help="Folder for the exported ONNX model (default: the user cache folder).",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+QuietOpt = Annotated[
+    bool, typer.Option("-q", "--quiet", help="No progress bar or notes on stderr; errors only.")
+]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto | cpu | cuda | mps", envvar="CLIPDEX_DEVICE")
 ]
@@ -68,7 +93,7 @@ BackendOpt = Annotated[
 KOpt = Annotated[int, typer.Option("-k", "--k", min=1, max=10_000, help="How many results.")]
 
 
-# -- search refinements (filters, cut-off, order, paging): see retrieval/filters.py etc. ----
+# -- search refinements (filters, cut-off, order, paging): see retrieval/search/options.py --
 class SortOrder(str, Enum):
     score = "score"
     date = "date"
@@ -80,18 +105,12 @@ class CutoffRule(str, Enum):
     none = "none"
 
 
-def _opt(*names: str, help: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, help=help, show_default=False, **kwargs)
-
-
 LabelsFileOpt = Annotated[
     Path | None, _opt("--labels-file", help="One label per line (default: data/labels.txt).")
 ]
 TemplateOpt = Annotated[
     list[str] | None, _opt("--template", help="Prompt with {} for the label (repeatable).")
 ]
-
-
 PhotoList = list[str] | None
 LikeOpt = Annotated[PhotoList, _opt("--like", help="Add a photo (id, path or file) to the query.")]
 UnlikeOpt = Annotated[PhotoList, _opt("--unlike", help="Subtract a photo from the query.")]
@@ -131,7 +150,7 @@ def cli_command(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def fail(message: str) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -143,30 +162,44 @@ def emit_json(document: Any) -> None:
     sys.stdout.write(text.encode("utf-8", "backslashreplace").decode("utf-8") + "\n")
 
 
+def note(message: str | Text, quiet: bool) -> None:
+    """A note on stderr, unless ``--quiet``."""
+    if not quiet:
+        stderr.print(message, highlight=False, soft_wrap=True)
+
+
 def path_cell(path: str) -> Text:
     """A path for a table cell: printable, and never read as rich markup ("[/]")."""
     return Text(display(path))
 
 
-def library_dir(library: Path | None) -> Path:
-    from retrieval.search.engine import default_library_dir
+def open_collection(
+    library: Path | None,
+    weights: Path | None = None,
+    device: str = "auto",
+    backend: str = "auto",
+    cache_dir: Path | None = None,
+    *,
+    quiet: bool = False,
+    read_only: bool = False,
+) -> Collection:
+    """The front door over ``--library`` with the model the flags name (loaded lazily)."""
+    from retrieval.collection import Collection
 
-    return library if library is not None else default_library_dir()
+    if quiet:  # e.g. the one-time ONNX export notice
+        logging.getLogger("clipdex").setLevel(logging.ERROR)
+    return Collection.open(
+        library,
+        weights=weights,
+        device=device,
+        backend=backend,
+        cache_dir=cache_dir,
+        read_only=read_only,
+    )
 
 
-def open_library(library: Path | None, *, create: bool = False) -> Library:
-    return Library.open(library_dir(library), create=create)
-
-
-def make_engine(
-    library: Path | None, weights: Path | None, device: str = "auto", backend: str = "auto"
-):
-    from indexer.model.encoders import load_encoder
-    from retrieval.search.engine import SearchEngine
-
-    # A query only reads the index: memory-map it instead of copying it in.
-    lib = Library.open(library_dir(library), mmap=True)
-    return SearchEngine(lib, lambda: load_encoder(weights, device, backend))
+def _value(choice: Enum | None) -> str | None:
+    return choice.value if choice is not None else None
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -180,7 +213,7 @@ def index(
     batch_size: Annotated[int, typer.Option(min=1, max=1024, help="Images per model call.")] = 16,
     workers: Annotated[
         int | None,
-        typer.Option(min=1, max=64, help="Decode worker processes [default: cores, max 4]."),
+        _opt("--workers", min=1, max=64, help="Decode worker processes (default: cores, max 4)."),
     ] = None,
     max_megapixels: Annotated[
         float,
@@ -193,11 +226,12 @@ def index(
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
     weights: WeightsOpt = None,
+    cache_dir: CacheOpt = None,
+    quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Index photos (recursively, incrementally) into the library."""
-    from indexer.ingest.pipeline import IndexOptions, index_paths
-    from indexer.model.encoders import load_encoder
+    from indexer.ingest.pipeline import IndexOptions
     from retrieval.cli.progress import BarProgress
 
     options = IndexOptions(
@@ -208,20 +242,17 @@ def index(
     )
     if workers:
         options.workers = workers
-    bar = BarProgress(stderr, enabled=not json_out)
-    with open_library(library, create=True) as lib:
-        lib.acquire_lock()  # a second `index` is refused now, not after loading the model
-        encoder = load_encoder(weights, device, backend)
-        with bar:
-            report = index_paths(lib, encoder, paths, options, bar)
+    bar = BarProgress(stderr, enabled=not (json_out or quiet))
+    photos = open_collection(library, weights, device, backend, cache_dir, quiet=quiet)
+    with photos, bar:
+        report = photos.index(paths, options, bar)
     if json_out:
         emit_json(report.as_dict())
         return
     for path, reason in report.failures[:20]:
-        line = f"[yellow]failed:[/] {escape(display(path))}: {escape(reason)}"
-        stderr.print(line, highlight=False, soft_wrap=True)
+        note(f"[yellow]failed:[/] {escape(display(path))}: {escape(reason)}", quiet)
     if len(report.failures) > 20:
-        stderr.print(f"... and {len(report.failures) - 20} more: see `clipdex failures`")
+        note(f"... and {len(report.failures) - 20} more: see `clipdex failures`", quiet)
     s = report.as_dict()
     rate = s["indexed"] / s["seconds"] if s["seconds"] else 0.0
     stdout.print(
@@ -254,18 +285,36 @@ def search(
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
     weights: WeightsOpt = None,
+    cache_dir: CacheOpt = None,
+    quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Find photos by describing them: weighted terms, photos, filters, cut-off, date order."""
+    from retrieval.search.options import SearchOptions
     from retrieval.search.query import describe
 
     if query is None and not like:
         raise typer.BadParameter("give a QUERY, or --like PHOTO")
-    options = search_options(locals())
-    engine = make_engine(library, weights, device, backend)
-    vector, terms = engine.query_vector(query, like or (), unlike or ())
-    page = engine.search_page(vector, options)
-    print_page(query if query is not None else describe(terms), page, json_out, terms)
+    options = SearchOptions(
+        k=k,
+        offset=offset,
+        after=after,
+        before=before,
+        folders=folder,
+        camera=camera,
+        min_size=min_size,
+        formats=formats,
+        tags=tag,
+        cutoff=_value(cutoff),
+        min_score=min_score,
+        sort=sort.value,
+    )
+    photos = open_collection(
+        library, weights, device, backend, cache_dir, quiet=quiet, read_only=True
+    )
+    with photos:
+        page = photos.search(query, like=like or (), unlike=unlike or (), options=options)
+    print_page(query if query is not None else describe(page.terms or []), page, json_out, quiet)
 
 
 @cli_command
@@ -287,12 +336,33 @@ def similar(
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
     weights: WeightsOpt = None,
+    cache_dir: CacheOpt = None,
+    quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Find photos that look like a photo (filters, cut-off and order as for search)."""
-    options = search_options(locals())
-    engine = make_engine(library, weights, device, backend)
-    print_page(photo, engine.search_page(engine.photo_vector(photo), options), json_out)
+    from retrieval.search.options import SearchOptions
+
+    options = SearchOptions(
+        k=k,
+        offset=offset,
+        after=after,
+        before=before,
+        folders=folder,
+        camera=camera,
+        min_size=min_size,
+        formats=formats,
+        tags=tag,
+        cutoff=_value(cutoff),
+        min_score=min_score,
+        sort=sort.value,
+    )
+    photos = open_collection(
+        library, weights, device, backend, cache_dir, quiet=quiet, read_only=True
+    )
+    with photos:
+        page = photos.similar(photo, options)
+    print_page(photo, page, json_out, quiet)
 
 
 @cli_command
@@ -303,18 +373,17 @@ def embed(
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
     weights: WeightsOpt = None,
+    cache_dir: CacheOpt = None,
+    quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Print the L2-normalised embedding of a text or an image."""
-    from indexer.model.encoders import load_encoder
-    from retrieval.search.engine import embed_image, embed_text
-
     if (text is None) == (image is None):
         raise typer.BadParameter("give exactly one of --text or --image")
-    encoder = load_encoder(weights, device, backend)
-    vector = embed_text(encoder, text) if text is not None else embed_image(encoder, image)
+    photos = open_collection(library, weights, device, backend, cache_dir, quiet=quiet)
+    vector = photos.embed_text(text) if text is not None else photos.embed_image(image)
     document = {
-        "model": encoder.identity.name,
+        "model": photos.encoder.identity.name,
         "dim": int(vector.shape[0]),
         "vector": vector.tolist(),
     }
@@ -326,36 +395,31 @@ def embed(
 
 
 @cli_command
-def info(library: LibraryOpt = None, weights: WeightsOpt = None, json_out: JsonOpt = False) -> None:
+def info(library: LibraryOpt = None, json_out: JsonOpt = False) -> None:
     """Show what the library holds and which model made it."""
-    with open_library(library) as lib:
-        identity = lib.identity
-        document = {
-            "library": str(lib.root),
-            "model": json.loads(identity.to_json()) if identity else None,
-            "images": lib.catalog.count(),
-            "failed": lib.catalog.failure_count(),
-            "bytes_on_disk": lib.bytes_on_disk(),
-        }
+    from rich.table import Table
+
+    with open_collection(library, read_only=True) as photos:
+        facts = photos.info()
     if json_out:
-        emit_json(document)
+        emit_json(facts.as_dict())
         return
     table = Table(show_header=False, box=None)
-    table.add_row("library", document["library"])
-    table.add_row("model", identity.name if identity else "(none yet)")
-    table.add_row("images", str(document["images"]))
-    table.add_row("failed", str(document["failed"]))
-    table.add_row("on disk", f"{document['bytes_on_disk'] / 1e6:.1f} MB")
+    table.add_row("library", facts.library)
+    table.add_row("model", facts.model_name or "(none yet)")
+    table.add_row("images", str(facts.images))
+    table.add_row("failed", str(facts.failed))
+    table.add_row("on disk", f"{facts.bytes_on_disk / 1e6:.1f} MB")
     stdout.print(table)
 
 
 @cli_command
-def failures(
-    library: LibraryOpt = None, weights: WeightsOpt = None, json_out: JsonOpt = False
-) -> None:
+def failures(library: LibraryOpt = None, json_out: JsonOpt = False) -> None:
     """List the files that could not be indexed, with the reason."""
-    with open_library(library) as lib:
-        rows = lib.catalog.list_failures()
+    from rich.table import Table
+
+    with open_collection(library, read_only=True) as photos:
+        rows = photos.failures()
     if json_out:
         emit_json(rows)
         return
@@ -378,17 +442,17 @@ def repair(
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
     weights: WeightsOpt = None,
+    cache_dir: CacheOpt = None,
+    quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Check the library; salvage a damaged catalog, rebuild the index, re-encode the rest."""
-    from indexer.ingest.repair import repair_library
-    from indexer.model.encoders import load_encoder
     from retrieval.cli.progress import BarProgress
 
-    bar = BarProgress(stderr, enabled=bool(paths) and not json_out)  # only PATHS take long
-    encoder = functools.partial(load_encoder, weights, device, backend)  # loaded only if needed
+    bar = BarProgress(stderr, enabled=bool(paths) and not (json_out or quiet))  # PATHS take long
+    photos = open_collection(library, weights, device, backend, cache_dir, quiet=quiet)
     with bar:
-        report = repair_library(library_dir(library), encoder, paths or (), None, bar)
+        report = photos.repair(paths or (), progress=bar)
     if json_out:
         emit_json(report.as_dict())
         return
@@ -426,10 +490,10 @@ def serve(
     ] = 8000,
     token: Annotated[
         str | None,
-        typer.Option(
+        _opt(
+            "--token",
             envvar="CLIPDEX_TOKEN",
             help="Bearer token every route but /healthz then requires.",
-            show_default=False,
         ),
     ] = None,
     max_upload_mb: Annotated[
@@ -441,11 +505,10 @@ def serve(
     ] = 89.0,
     index_root: Annotated[
         list[Path] | None,
-        typer.Option(
+        _opt(
             "--index-root",
             envvar="CLIPDEX_INDEX_ROOTS",
-            help="Folder POST /api/index may index inside (repeatable) [default: none].",
-            show_default=False,
+            help="Folder POST /api/index may index inside (repeatable; default: none).",
         ),
     ] = None,
     request_timeout: Annotated[
@@ -470,17 +533,21 @@ def serve(
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
     weights: WeightsOpt = None,
+    cache_dir: CacheOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Serve the REST API, the OpenAI-compatible embeddings and the web page."""
+    from retrieval.collection import default_library_dir
     from retrieval.server import Settings, create_app
     from retrieval.server.serving import run_server
     from retrieval.server.settings import exposure_warning
 
     settings = Settings(
-        library=library_dir(library),
+        library=library if library is not None else default_library_dir(),
         weights=weights,
         device=device,
         backend=backend,
+        cache_dir=cache_dir,
         token=token,
         max_upload_mb=max_upload_mb,
         max_megapixels=max_megapixels,
@@ -490,9 +557,13 @@ def serve(
         max_connections=max_connections,
     )
     warning = exposure_warning(host, settings.token)
-    if warning:
-        stderr.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    stderr.print(f"clipdex: library {settings.library}, http://{host}:{port}/", highlight=False)
+    if warning:  # a security warning is never silenced
+        line = f"[bold yellow]warning:[/] {escape(warning)}"
+        stderr.print(line, highlight=False, soft_wrap=True)
+    note(Text(f"clipdex: library {settings.library}, http://{host}:{port}/"), quiet)
+    if quiet:
+        logging.getLogger("clipdex").setLevel(logging.ERROR)
+        log_level = "warning" if log_level == "info" else log_level
     run_server(create_app(settings), settings, host, port, log_level=log_level)
 
 
@@ -509,23 +580,18 @@ def classify(
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
     weights: WeightsOpt = None,
+    cache_dir: CacheOpt = None,
+    quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Zero-shot classify a photo: probabilities over labels (prompt ensembles, softmax)."""
-    from indexer.model.encoders import load_encoder
-    from retrieval.search.classify import classify_vector, make_labelset
-    from retrieval.search.engine import SearchEngine, embed_image
+    from rich.table import Table
+
+    from retrieval.search.classify import make_labelset
 
     labelset = make_labelset(labels, labels_file, template or ())
-    root = library_dir(library)
-    if Library.exists(root) or not Path(photo).is_file():
-        engine = SearchEngine(Library.open(root), lambda: load_encoder(weights, device, backend))
-        vector, encoder = engine.photo_vector(photo), engine.encoder
-        cache: Path | None = engine.library.label_cache_dir
-    else:  # a plain image file and no library: nothing to look up or cache
-        encoder = load_encoder(weights, device, backend)
-        vector, cache = embed_image(encoder, photo), None
-    predictions = classify_vector(vector, encoder, labelset, top, cache)
+    with open_collection(library, weights, device, backend, cache_dir, quiet=quiet) as photos:
+        predictions = photos.classify(photo, labelset, top=top)
     if json_out:
         emit_json(
             {
@@ -538,7 +604,7 @@ def classify(
         return
     table = Table("label", "probability")
     for prediction in predictions:
-        table.add_row(prediction.label, f"{prediction.probability:.3f}")
+        table.add_row(Text(prediction.label), f"{prediction.probability:.3f}")
     stdout.print(table)
 
 
@@ -558,24 +624,30 @@ def tag(
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
     weights: WeightsOpt = None,
+    cache_dir: CacheOpt = None,
+    quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Tag every photo with its top labels, for `search --tag` (incremental: re-run freely)."""
-    from indexer.model.encoders import load_encoder
-    from retrieval.search.classify import make_labelset, tag_library
-
-    labelset = make_labelset(labels, labels_file, template or ())
-    with open_library(library) as lib:
-        encoder = load_encoder(weights, device, backend)
-        report = tag_library(lib, encoder, labelset, top, min_probability, force)
+    with open_collection(library, weights, device, backend, cache_dir, quiet=quiet) as photos:
+        report = photos.tag(
+            labels,
+            labels_file=labels_file,
+            templates=template or (),
+            top=top,
+            min_probability=min_probability,
+            force=force,
+        )
     if json_out:
         emit_json(report.as_dict())
         return
     common = ", ".join(f"{label} ({n})" for label, n in report.top_labels[:8])
     stdout.print(
-        f"tagged {report.tagged} photos ({report.already} already tagged) with "
-        f"{report.labels} labels in {report.seconds:.1f}s"
-        + (f"; most common: {common}" if common else "")
+        Text(
+            f"tagged {report.tagged} photos ({report.already} already tagged) with "
+            f"{report.labels} labels in {report.seconds:.1f}s"
+            + (f"; most common: {common}" if common else "")
+        )
     )
 
 
@@ -587,16 +659,13 @@ def duplicates(
     ] = 0.95,
     folder: InOpt = None,
     library: LibraryOpt = None,
-    weights: WeightsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Group near-duplicate photos (bursts, resized or re-encoded copies); suggest a keeper."""
-    from retrieval.search.duplicates import find_duplicates
-    from retrieval.search.filters import FilterArgs, build_filter
+    from rich.table import Table
 
-    spec = build_filter(FilterArgs(folders=tuple(folder or ())))
-    with Library.open(library_dir(library), mmap=True) as lib:
-        groups = find_duplicates(lib, threshold, spec)
+    with open_collection(library, read_only=True) as photos:
+        groups = photos.duplicates(threshold, folder or ())
     if json_out:
         emit_json({"threshold": threshold, "groups": [g.as_dict() for g in groups]})
         return
@@ -616,44 +685,18 @@ def duplicates(
         stdout.print(table)
 
 
-def search_options(flags: dict[str, Any]):
-    """The engine's SearchOptions from a search/similar command's flag values."""
-    from retrieval.search.filters import FilterArgs, build_filter
-    from retrieval.search.ranking import SearchOptions
+def print_page(query: str, page: SearchPage, json_out: bool, quiet: bool = False) -> None:
+    """A search page as JSON (query, results, total, cutoff, terms...) or a table."""
+    from rich.table import Table
 
-    args = FilterArgs(
-        after=flags.get("after"),
-        before=flags.get("before"),
-        folders=tuple(flags.get("folder") or ()),
-        camera=flags.get("camera"),
-        min_size=flags.get("min_size"),
-        formats=tuple(flags.get("formats") or ()),
-        tags=tuple(flags.get("tag") or ()),
-    )
-    cutoff = flags.get("cutoff")
-    return SearchOptions(
-        k=flags["k"],
-        offset=flags["offset"],
-        filter=build_filter(args),
-        cutoff=cutoff.value if cutoff is not None else None,
-        min_score=flags.get("min_score"),
-        sort=flags["sort"].value,
-    )
-
-
-def print_page(query: str, page, json_out: bool, terms: list | None = None) -> None:
-    """A search page as JSON (query, terms, results, total, cutoff...) or a table."""
     if json_out:
-        document = {"query": query, **page.as_dict()}
-        if terms is not None:
-            document["terms"] = [t.as_dict() for t in terms]
-        emit_json(document)
+        emit_json({"query": query, **page.as_dict()})
         return
     if page.cutoff is not None:
-        stderr.print(
+        note(
             f"{page.total} photos score above {page.cutoff.threshold:.3f} ({page.cutoff.rule} "
             "cut-off)" + ("" if page.total else "; nothing stands out: try without --cutoff"),
-            highlight=False,
+            quiet,
         )
     if not page.results:
         if page.cutoff is None:
@@ -664,26 +707,6 @@ def print_page(query: str, page, json_out: bool, terms: list | None = None) -> N
         labels = ", ".join(t["label"] for t in r.tags or [])
         size, taken, path = f"{r.width}x{r.height}", r.taken_at or "", path_cell(r.path)
         table.add_row(str(rank), f"{r.score:.3f}", str(r.id), path, size, taken, Text(labels))
-    stdout.print(table)
-
-
-def print_results(query: str, results: list, json_out: bool) -> None:
-    if json_out:
-        emit_json({"query": query, "results": [r.as_dict() for r in results]})
-        return
-    if not results:
-        stdout.print("no results (is the library empty? run `clipdex index PATH`)")
-        return
-    table = Table("#", "score", "id", "path", "size", "taken")
-    for rank, r in enumerate(results, 1):
-        table.add_row(
-            str(rank),
-            f"{r.score:.3f}",
-            str(r.id),
-            path_cell(r.path),
-            f"{r.width}x{r.height}",
-            r.taken_at or "",
-        )
     stdout.print(table)
 
 

@@ -75,15 +75,16 @@ class Prediction:
 
 # -- label sets ---------------------------------------------------------------------------
 def make_labelset(
-    labels: str | None = None,
+    labels: str | Sequence[str] | None = None,
     labels_file: str | os.PathLike | None = None,
     templates: Sequence[str] = (),
 ) -> LabelSet:
-    """A label set from ``--labels "a,b"`` or ``--labels-file`` (default: data/labels.txt)."""
+    """A label set from ``--labels "a,b"`` (or a list of labels) or ``--labels-file``
+    (default: data/labels.txt)."""
     if labels is not None and labels_file is not None:
         raise QueryError("give --labels or --labels-file, not both")
     if labels is not None:
-        names = parse_labels(labels)
+        names = parse_labels(labels) if isinstance(labels, str) else _checked_labels(labels)
     else:
         names = read_labels_file(labels_file or DEFAULT_LABELS_FILE)
     return LabelSet(names, check_templates(templates) if templates else DEFAULT_TEMPLATES)

@@ -1,8 +1,10 @@
-"""The query engine: text, image and photo-id queries against a library.
+"""The query engine: turns texts, images and photo ids into vectors, ranks a library.
 
 It is handed a :class:`~indexer.store.library.Library` and an encoder (or a zero-argument
-callable that builds one, so a query by photo id never loads a model) and returns
-:class:`SearchResult` objects; the CLI and the REST app only format them.
+callable that builds one, so a query by photo id never loads a model). Its one query method,
+:meth:`SearchEngine.search`, ranks the library for a vector under
+:class:`~retrieval.search.options.SearchOptions` and returns a :class:`SearchPage`; the
+front door (:mod:`retrieval.collection`) makes the vector, the interfaces format the page.
 """
 
 from __future__ import annotations
@@ -15,16 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.errors import ConfigError, NotFound
+from indexer.errors import NotFound
 from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS, decode_for_model
 from indexer.model.identity import Encoder
 from indexer.store.library import Library
 from retrieval.search.cutoff import Cutoff
 from retrieval.search.errors import QueryError
+from retrieval.search.options import MAX_K, SearchOptions
 from retrieval.search.query import Term, combine, parse_query, photo_terms
-from retrieval.search.ranking import SearchOptions, rank
-
-MAX_K = 10_000
+from retrieval.search.ranking import rank
 
 
 @dataclass
@@ -54,6 +55,7 @@ class SearchPage:
     total: int | None  # how many passed the cut-off (None: no cut-off, the list is top-k)
     cutoff: Cutoff | None
     options: SearchOptions
+    terms: list[Term] | None = None  # the parsed query, when the page answers one
 
     def as_dict(self) -> dict:
         return {
@@ -63,6 +65,7 @@ class SearchPage:
             "k": self.options.k,
             "sort": self.options.sort,
             "cutoff": self.cutoff.as_dict() if self.cutoff else None,
+            **({"terms": [t.as_dict() for t in self.terms]} if self.terms is not None else {}),
         }
 
 
@@ -87,11 +90,9 @@ class SearchEngine:
         self.library.check_model(self._encoder.identity)
         return self._encoder
 
-    # -- embeddings ---------------------------------------------------------------------
-    def embed_text(self, text: str) -> np.ndarray:
-        return embed_text(self.encoder, text)
-
+    # -- query vectors ------------------------------------------------------------------
     def embed_image(self, source: str | os.PathLike | bytes) -> np.ndarray:
+        """The unit vector of an image file or its bytes (checked against the library)."""
         return embed_image(self.encoder, source, self.max_megapixels)
 
     def vector_of(self, image_id: int) -> np.ndarray:
@@ -102,7 +103,10 @@ class SearchEngine:
         return vectors[0]
 
     def resolve_photo(self, ref: str | int) -> int | None:
-        """The id of an indexed photo given as an id or a path; None for an unindexed file."""
+        """The id of an indexed photo given as an id or a path; None for an unindexed file.
+        An ``int`` is always an id; a string of digits is one unless such a file exists."""
+        if isinstance(ref, int):
+            return ref
         text = str(ref)
         if text.isdigit() and not Path(text).exists():
             return int(text)
@@ -131,21 +135,9 @@ class SearchEngine:
         ]
         return combine(np.vstack(vectors), [t.weight for t in terms]), terms
 
-    # -- queries ------------------------------------------------------------------------
-    def search_text(self, text: str, k: int = 20) -> list[SearchResult]:
-        """Photos matching a text query (weighted arithmetic allowed: "beach - people")."""
-        return self.search_vector(self.query_vector(text)[0], k)
-
-    def search_image(self, source: str | os.PathLike | bytes, k: int = 20) -> list[SearchResult]:
-        return self.search_vector(self.embed_image(source), k)
-
-    def similar(self, ref: str | int, k: int = 20) -> list[SearchResult]:
-        """Photos like an indexed photo (by id or path) or like any image file."""
-        return self.search_vector(self.photo_vector(ref), k)
-
-    def search_page(self, vector: np.ndarray, options: SearchOptions) -> SearchPage:
+    # -- the query ----------------------------------------------------------------------
+    def search(self, vector: np.ndarray, options: SearchOptions) -> SearchPage:
         """One page of photos for a query vector under filters, cut-off, sort and offset."""
-        check_k(options.k)
         self.library.refresh()
         ranking = rank(self.library, vector, options, MAX_K)
         catalog = self.library.catalog
@@ -157,19 +149,6 @@ class SearchEngine:
             if i in rows
         ]
         return SearchPage(results, ranking.total, ranking.cutoff, options)
-
-    def search_vector(
-        self, vector: np.ndarray, k: int = 20, allowed_ids: np.ndarray | None = None
-    ) -> list[SearchResult]:
-        """The k nearest photos to a unit vector, best first, with their metadata."""
-        check_k(k)
-        self.library.refresh()
-        if len(self.library.index) == 0:
-            return []
-        scores, ids = self.library.index.search(vector[None], k, allowed_ids)
-        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-        rows = self.library.catalog.get_images(i for i, _ in pairs)
-        return [_result(rows[i], score) for i, score in pairs if i in rows]
 
 
 def embed_text(encoder: Encoder, text: str) -> np.ndarray:
@@ -191,11 +170,6 @@ def embed_image(
     return encoder.encode_images(pixels[None])[0]
 
 
-def check_k(k: int) -> None:
-    if not isinstance(k, int) or k < 1 or k > MAX_K:
-        raise QueryError(f"k must be between 1 and {MAX_K}, got {k}")
-
-
 def _tag_list(pairs: list[tuple[str, float]]) -> list[dict]:
     return [{"label": label, "score": round(score, 4)} for label, score in pairs]
 
@@ -211,16 +185,3 @@ def _result(row: dict, score: float, tags: list[dict] | None = None) -> SearchRe
         taken_at=taken.isoformat() if isinstance(taken, dt.datetime) else None,
         tags=tags,
     )
-
-
-def default_library_dir() -> Path:
-    """Where a library lives when neither --library nor CLIPDEX_LIBRARY says."""
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("clipdex")) / "library"
-
-
-def parse_positive(name: str, value: int) -> int:
-    if value < 1:
-        raise ConfigError(f"{name} must be at least 1, got {value}")
-    return value

@@ -13,7 +13,7 @@ capture time (newest first; ``"date-asc"``: oldest first), ties by score then id
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,21 +26,8 @@ from retrieval.search.cutoff import (
     resolve_cutoff,
 )
 from retrieval.search.errors import QueryError
-from retrieval.search.filters import ImageFilter, allowed_ids, capture_time
-
-SORTS = ("score", "date", "date-asc")
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    """How to rank and page: every field has the plain-search default."""
-
-    k: int = 20
-    offset: int = 0
-    filter: ImageFilter = field(default_factory=ImageFilter)
-    cutoff: str | None = None  # "auto" | "none" | None
-    min_score: float | None = None
-    sort: str = "score"
+from retrieval.search.filters import allowed_ids, capture_time
+from retrieval.search.options import SearchOptions
 
 
 @dataclass
@@ -56,10 +43,6 @@ class Ranking:
 
 def rank(library: Library, vector: np.ndarray, options: SearchOptions, max_k: int) -> Ranking:
     """Rank the library for ``vector`` under ``options`` and cut out the requested page."""
-    if options.sort not in SORTS:
-        raise QueryError(f"sort must be one of {', '.join(SORTS)}, got {options.sort!r}")
-    if options.offset < 0:
-        raise QueryError(f"offset must be 0 or more, got {options.offset}")
     allowed = allowed_ids(library.catalog, options.filter)
     auto, min_score = resolve_cutoff(options.cutoff, options.min_score, options.sort)
     if allowed is not None and not len(allowed):

@@ -18,10 +18,10 @@ from fastapi.responses import FileResponse
 from PIL import Image
 
 from indexer.paths import display
-from retrieval.search.engine import MAX_K, SearchPage, SearchResult
+from retrieval.search.engine import SearchPage, SearchResult
 from retrieval.server.errors import NotReady, Unauthorized
 from retrieval.server.jobs import IndexJob
-from retrieval.server.refine import Refine, page_fields
+from retrieval.server.refine import Options, page_fields
 from retrieval.server.schemas import (
     ErrorResponse,
     ImageMeta,
@@ -43,8 +43,6 @@ def get_state(request: Request) -> ServerState:
 
 
 State = Annotated[ServerState, Depends(get_state)]
-K = Annotated[int, Query(ge=1, le=MAX_K, description="How many results.")]
-Offset = Annotated[int, Query(ge=0, le=MAX_K, description="Skip this many (paging).")]
 ImageId = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="A photo's catalog id.")]
 ThumbnailSize = IntEnum("ThumbnailSize", {f"px{size}": size for size in THUMBNAIL_SIZES})
 
@@ -89,14 +87,12 @@ def search(
     request: Request,
     state: State,
     q: Annotated[str, Query(min_length=1, max_length=1000, description="What the photos show.")],
-    k: K = 20,
-    offset: Offset = 0,
-    refine: Refine = None,
+    options: Options,
 ) -> dict:
     """Photos that match a text, best first. The text may weigh terms ("beach + sunset -
     people", "2:dog + cat"); filters, cut-off and date order are optional (see README)."""
-    page = state.search_text(q, k, offset, refine)
-    return search_response(request, q, "text", k, offset, page)
+    page = state.search_text(q, options)
+    return search_response(request, q, "text", page)
 
 
 @router.post(
@@ -109,15 +105,13 @@ def search_image(
     request: Request,
     state: State,
     file: Annotated[UploadFile, File(description="An image file (its bytes decide its type).")],
-    k: K = 20,
-    offset: Offset = 0,
-    refine: Refine = None,
+    options: Options,
 ) -> dict:
     """Photos that look like an uploaded image (multipart field ``file``)."""
     data = file.file.read()
-    page = state.search_image(data, k, offset, refine)
+    page = state.search_image(data, options)
     name = os.path.basename(file.filename or "") or "uploaded image"
-    return search_response(request, name, "image", k, offset, page)
+    return search_response(request, name, "image", page)
 
 
 @router.get(
@@ -130,23 +124,20 @@ def similar(
     request: Request,
     state: State,
     image_id: ImageId,
-    k: K = 20,
-    offset: Offset = 0,
-    refine: Refine = None,
+    options: Options,
 ) -> dict:
     """Photos that look like an indexed photo ("more like this"); needs no model call."""
-    page = state.similar(image_id, k, offset, refine)
-    return search_response(request, str(image_id), "similar", k, offset, page)
+    page = state.similar(image_id, options)
+    return search_response(request, str(image_id), "similar", page)
 
 
-def search_response(
-    request: Request, query: str, kind: str, k: int, offset: int, page: SearchPage
-) -> dict:
+def search_response(request: Request, query: str, kind: str, page: SearchPage) -> dict:
+    """The JSON answer of a search route: the query, its paging and refinements, the hits."""
     return {
         "query": query,
         "kind": kind,
-        "k": k,
-        "offset": offset,
+        "k": page.options.k,
+        "offset": page.options.offset,
         **page_fields(page),
         "results": [hit(request, result) for result in page.results],
     }

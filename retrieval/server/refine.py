@@ -1,11 +1,11 @@
-"""Query parameters that refine a search (filters, cut-off, order), shared by the search routes.
+"""The search routes' query parameters as one :class:`~retrieval.search.options.SearchOptions`.
 
-``Refine`` is a FastAPI dependency: it validates ``after``, ``before``, ``in``, ``camera``,
-``min_size``, ``format``, ``tag``, ``cutoff``, ``min_score`` and ``sort`` into the
-engine's :class:`~retrieval.search.ranking.SearchOptions` (paging is filled in by the route), or
-None when none is given. Semantics are the CLI's (see retrieval/filters.py); over HTTP a
-folder must be absolute or a glob starting with ``*``, since the server's working
-directory means nothing to a client.
+``Options`` is a FastAPI dependency: it reads ``k``, ``offset``, ``after``, ``before``,
+``in``, ``camera``, ``min_size``, ``format``, ``tag``, ``cutoff``, ``min_score`` and
+``sort`` and builds the same options object the CLI and Python callers build, which
+validates them (bad values: 400). Semantics are the CLI's (see retrieval/search/filters.py);
+over HTTP a folder must be absolute or a glob starting with ``*``, since the server's
+working directory means nothing to a client.
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ from typing import Annotated, Literal
 from fastapi import Depends, Query
 
 from retrieval.search.errors import QueryError
-from retrieval.search.filters import FilterArgs, build_filter
-from retrieval.search.ranking import SearchOptions
+from retrieval.search.options import MAX_K, SearchOptions
 
 Words = Annotated[str | None, Query(max_length=200)]
 Many = list[str] | None
+K = Annotated[int, Query(ge=1, le=MAX_K, description="How many results.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_K, description="Skip this many (paging).")]
 
 
-def refinements(
+def search_options(
+    k: K = 20,
+    offset: Offset = 0,
     after: Annotated[str | None, Query(max_length=40, description="Taken on/after DATE.")] = None,
     before: Annotated[str | None, Query(max_length=40, description="Taken before DATE.")] = None,
     folders: Annotated[
@@ -44,20 +47,27 @@ def refinements(
         Literal["score", "date", "date-asc"],
         Query(description="score, or capture time (date: newest first)."),
     ] = "score",
-) -> SearchOptions | None:
-    """The refinements of one search request; None when the request has none."""
-    args = FilterArgs(
+) -> SearchOptions:
+    """The options of one search request (paging, filters, cut-off, order)."""
+    return SearchOptions(
+        k=k,
+        offset=offset,
         after=after,
         before=before,
-        folders=tuple(_checked_folder(f) for f in folders or ()),
+        folders=checked_folders(folders),
         camera=camera,
         min_size=min_size,
         formats=tuple(_no_nul(f) for f in formats or ())[:20],
         tags=tuple(_no_nul(t) for t in tags or ())[:20],
+        cutoff=cutoff,
+        min_score=min_score,
+        sort=sort,
     )
-    if args == FilterArgs() and cutoff is None and min_score is None and sort == "score":
-        return None
-    return SearchOptions(filter=build_filter(args), cutoff=cutoff, min_score=min_score, sort=sort)
+
+
+def checked_folders(folders: list[str] | None) -> tuple[str, ...]:
+    """``in=`` values: each absolute or a glob starting with ``*`` (QueryError otherwise)."""
+    return tuple(_checked_folder(f) for f in folders or ())
 
 
 def _checked_folder(folder: str) -> str:
@@ -73,7 +83,7 @@ def _no_nul(text: str) -> str:
     return text
 
 
-Refine = Annotated[SearchOptions | None, Depends(refinements)]
+Options = Annotated[SearchOptions, Depends(search_options)]
 
 
 def page_fields(page) -> dict:

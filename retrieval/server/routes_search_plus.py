@@ -12,12 +12,11 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 
-from retrieval.search.classify import classify_vector, make_labelset
-from retrieval.search.duplicates import DEFAULT_THRESHOLD, find_duplicates
+from retrieval.search.classify import make_labelset
+from retrieval.search.duplicates import DEFAULT_THRESHOLD
 from retrieval.search.errors import QueryError
-from retrieval.search.filters import FilterArgs, build_filter
 from retrieval.server.api import State, errors, urls
-from retrieval.server.refine import refinements
+from retrieval.server.refine import checked_folders
 from retrieval.server.schemas import TagScore
 
 router = APIRouter(tags=["search"])
@@ -90,14 +89,13 @@ def classify(
     if (image_id is None) == (file is None):
         raise QueryError("send exactly one of the form fields id (a photo id) or file (an image)")
     labelset = make_labelset(labels, None, [t for t in template or () if t is not None])
-    engine = state.require_engine()
+    collection = state.require_collection()
     if image_id is not None:
         state.image_row(image_id)
-        vector = engine.vector_of(image_id)
+        photo = image_id
     else:
-        vector = state.embed_upload(file.file.read())  # decodes in a bounded slot
-    cache = state.require_library().label_cache_dir
-    predictions = classify_vector(vector, state.require_encoder(), labelset, top, cache)
+        photo = state.embed_upload(file.file.read())  # decodes in a bounded slot
+    predictions = collection.classify(photo, labelset, top=top)
     return {
         "id": image_id,
         "labels": len(labelset.labels),
@@ -125,11 +123,9 @@ def duplicates(
     ] = None,
 ) -> dict:
     """Groups of near-duplicate photos (bursts, resized or re-encoded copies), largest first."""
-    checked = refinements(folders=folders) if folders else None
-    spec = checked.filter if checked else build_filter(FilterArgs())
-    library = state.require_library()
-    groups = state.in_search_thread(find_duplicates, library, threshold, spec)
-    catalog = library.catalog
+    collection = state.require_collection()
+    groups = state.in_search_thread(collection.duplicates, threshold, checked_folders(folders))
+    catalog = collection.library.catalog
     ids = [m.id for g in groups for m in g.members]
     tagged = catalog.tags_for(ids) if catalog.has_tags() else None
     return {"threshold": threshold, "groups": [_group(request, g, tagged) for g in groups]}

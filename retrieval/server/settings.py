@@ -20,6 +20,7 @@ class Settings:
     weights: Path | None = None
     device: str = "auto"
     backend: str = "auto"  # auto | torch | onnx, as for the other commands
+    cache_dir: Path | None = None  # exported ONNX models (--cache-dir, CLIPDEX_CACHE)
     token: str | None = None  # when set, every route but /healthz and the page shell needs it
     max_upload_mb: float = 20.0  # request bodies over this are refused with 413
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS  # uploads and thumbnails over this: 413

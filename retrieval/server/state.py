@@ -1,6 +1,8 @@
-"""What the server keeps warm: the library, the encoder, the search engine, jobs, thumbnails.
+"""What the server keeps warm: the collection (library + model), jobs, thumbnails.
 
-Routers stay thin: they validate the request, call one method here and format the answer.
+Routers stay thin: they validate the request, call one method here and format the answer;
+the methods here add the server's concerns (readiness, threads, a text-vector cache, decode
+slots) around the front door, :class:`~retrieval.collection.Collection`.
 The library and the model load in a background thread when the app starts, so ``/healthz``
 answers at once and ``/readyz`` says when queries can be served; until then (or if loading
 failed) the routes that need them answer 503 with the reason.
@@ -23,21 +25,20 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import replace
-from functools import partial
 from importlib import metadata
 
 import numpy as np
 
 from indexer.errors import ClipdexError, NotFound
-from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress, index_paths
+from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress
 from indexer.model.identity import Encoder
 from indexer.store.catalog import Catalog
 from indexer.store.library import Library
 from indexer.store.vectors import set_search_threads
-from retrieval.search.engine import SearchEngine, SearchPage
+from retrieval.collection import Collection, EncoderLoader
+from retrieval.search.engine import SearchPage
 from retrieval.search.errors import QueryError
-from retrieval.search.ranking import SearchOptions
+from retrieval.search.options import SearchOptions
 from retrieval.server.errors import NotReady, Overloaded
 from retrieval.server.jobs import IndexJob, IndexJobs
 from retrieval.server.paths import confine
@@ -112,15 +113,13 @@ class ServerState:
         encoder: EncoderSource | None = None,
         library: Library | None = None,
     ) -> None:
-        from indexer.model.encoders import load_encoder
-
         self.settings = settings
-        self._encoder_source = encoder or partial(
-            load_encoder, settings.weights, settings.device, settings.backend
+        self._encoder_source = encoder or EncoderLoader(
+            settings.weights, settings.device, settings.backend, settings.cache_dir
         )
         self.library = library
         self.encoder: SerialEncoder | None = None
-        self.engine: SearchEngine | None = None
+        self.collection: Collection | None = None
         self.thumbnails: ThumbnailCache | None = None
         self.library_state, self.model_state = "loading", "loading"
         self.library_error: str | None = None
@@ -155,8 +154,11 @@ class ServerState:
             self.thumbnails = ThumbnailCache(
                 self.library.thumbnail_dir, self.settings.max_megapixels, self._decode_slots
             )
-            self.engine = SearchEngine(
-                self.library, self.require_encoder, self.settings.max_megapixels
+            self.collection = Collection(
+                self.library.root,
+                self.require_encoder,  # the model is asked for when a query needs it
+                library=self.library,
+                max_megapixels=self.settings.max_megapixels,
             )
             self.library_state = "ready"
         except ClipdexError as exc:
@@ -201,10 +203,10 @@ class ServerState:
             raise NotReady(self.library_error or "the library is still opening: retry shortly")
         return self.library
 
-    def require_engine(self) -> SearchEngine:
+    def require_collection(self) -> Collection:
         self.require_library()
-        assert self.engine is not None
-        return self.engine
+        assert self.collection is not None
+        return self.collection
 
     def require_encoder(self) -> SerialEncoder:
         if self.model_state != "ready" or self.encoder is None:
@@ -212,17 +214,14 @@ class ServerState:
         return self.encoder
 
     # -- queries ------------------------------------------------------------------------
-    def search_text(
-        self, text: str, k: int, offset: int = 0, refine: SearchOptions | None = None
-    ) -> SearchPage:
-        engine = self.require_engine()
-        return self._search(self._text_vector(engine, text), k, offset, refine)
+    def search_text(self, text: str, options: SearchOptions) -> SearchPage:
+        """Photos for a text in the query grammar ("beach + sunset - people")."""
+        return self._search(self._text_vector(self.require_collection(), text), options)
 
-    def search_image(
-        self, data: bytes, k: int, offset: int = 0, refine: SearchOptions | None = None
-    ) -> SearchPage:
-        self.require_engine()
-        return self._search(self.embed_upload(data), k, offset, refine)
+    def search_image(self, data: bytes, options: SearchOptions) -> SearchPage:
+        """Photos that look like uploaded image bytes."""
+        self.require_collection()
+        return self._search(self.embed_upload(data), options)
 
     def embed_upload(self, data: bytes) -> np.ndarray:
         """The unit vector of uploaded image bytes. Decoding holds a decode slot (memory);
@@ -234,32 +233,27 @@ class ServerState:
             pixels, _ = decode_for_model(data, max_megapixels=self.settings.max_megapixels)
         return encoder.encode_images(pixels[None])[0]
 
-    def similar(
-        self, image_id: int, k: int, offset: int = 0, refine: SearchOptions | None = None
-    ) -> SearchPage:
+    def similar(self, image_id: int, options: SearchOptions) -> SearchPage:
         """Photos like an indexed photo; needs no model (its vector is in the catalog)."""
         self.image_row(image_id)
-        return self._search(self.require_engine().vector_of(image_id), k, offset, refine)
+        return self.in_search_thread(self.require_collection().similar, image_id, options)
 
     def in_search_thread(self, fn: Callable, *args):
         """Run ``fn(*args)`` where searches run: one at a time, never beside an index refresh."""
         return self._searcher.submit(fn, *args).result()
 
-    def _search(
-        self, vector: np.ndarray, k: int, offset: int, refine: SearchOptions | None = None
-    ) -> SearchPage:
-        """One page; ``refine`` carries filters, cut-off and sort (retrieval.search.ranking)."""
-        options = replace(refine or SearchOptions(), k=k, offset=offset)
-        engine = self.require_engine()
-        return self.in_search_thread(engine.search_page, vector, options)
+    def _search(self, vector: np.ndarray, options: SearchOptions) -> SearchPage:
+        """One page for a query vector under ``options`` (filters, cut-off, sort, paging)."""
+        collection = self.require_collection()
+        return self.in_search_thread(collection.search_vector, vector, options)
 
-    def _text_vector(self, engine: SearchEngine, text: str) -> np.ndarray:
+    def _text_vector(self, collection: Collection, text: str) -> np.ndarray:
         """A text's vector, from a small LRU cache so paging does not re-run the model."""
         with self._text_cache_lock:
             if text in self._text_cache:
                 self._text_cache.move_to_end(text)
                 return self._text_cache[text]
-        vector = engine.query_vector(text)[0]  # the query grammar: "beach + sunset - people"
+        vector = collection.query_vector(text)[0]  # the query grammar: "beach + sunset - people"
         with self._text_cache_lock:
             self._text_cache[text] = vector
             while len(self._text_cache) > self.settings.text_cache_size:
@@ -306,8 +300,9 @@ class ServerState:
         roots = [os.path.realpath(root) for root in self.settings.index_roots]
         # Symlinks met while walking may not lead out of the roots either.
         options = IndexOptions(max_megapixels=self.settings.max_megapixels, within=roots)
-        with Library.open(self.require_library().root, create=True) as library:
-            return index_paths(library, encoder, paths, options, progress)
+        root = self.require_library().root
+        with Collection.open(root, create=True, encoder=encoder) as collection:
+            return collection.index(paths, options, progress)
 
     # -- facts --------------------------------------------------------------------------
     def info(self) -> dict:

@@ -1,0 +1,428 @@
+"""The front door for Python: one library folder, one model, every operation clipdex has.
+
+The CLI, the server and the tests use it as any Python program would::
+
+    from retrieval import Collection, SearchOptions
+
+    with Collection.open("~/photo-library", create=True) as photos:
+        photos.index(["~/Pictures"], progress=lambda done, total: print(done, "/", total))
+        for hit in photos.search("a dog on a beach", options=SearchOptions(k=5)).results:
+            print(hit.score, hit.path)
+
+Nothing is read until a call needs it: the library opens on first use (memory-mapped with
+``read_only=True``, the cheap way for queries), and the model loads only when a call has
+to encode something; a query by photo id, ``info()`` or ``duplicates()`` never loads it.
+Configuration arrives as plain arguments: environment variables (``CLIPDEX_LIBRARY``,
+``CLIPDEX_CACHE``, ...) are read by the CLI and the server, never here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retrieval.search.options import SearchOptions
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress
+    from indexer.ingest.repair import RepairReport
+    from indexer.model.identity import Encoder
+    from indexer.store.library import Library
+    from retrieval.search.classify import LabelSet, Prediction, TagReport
+    from retrieval.search.duplicates import DuplicateGroup
+    from retrieval.search.engine import SearchEngine, SearchPage
+    from retrieval.search.query import Term
+
+ProgressCallback = Callable[[int, int], None]  # (done, total)
+PhotoRef = str | int | os.PathLike
+
+
+def default_library_dir() -> Path:
+    """Where a library lives when the caller names none: under the user's data folder."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("clipdex")) / "library"
+
+
+def default_cache_dir() -> Path:
+    """Where exported ONNX models are cached when the caller names no folder."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("clipdex"))
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """What a library holds and which model made it."""
+
+    library: str
+    model: dict | None  # the model identity's fields; None before anything was indexed
+    model_name: str | None
+    images: int
+    failed: int
+    bytes_on_disk: int
+
+    def as_dict(self) -> dict:
+        """The ``clipdex info --json`` document."""
+        return {
+            "library": self.library,
+            "model": self.model,
+            "images": self.images,
+            "failed": self.failed,
+            "bytes_on_disk": self.bytes_on_disk,
+        }
+
+
+class Collection:
+    """A photo library and the model that searches it; see the module docstring."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        encoder: Encoder | Callable[[], Encoder],
+        *,
+        read_only: bool = False,
+        max_megapixels: float | None = None,
+        library: Library | None = None,
+    ) -> None:
+        """Prefer :meth:`open`. ``encoder`` is an encoder or a zero-argument callable that
+        builds one on first need; ``library`` an already open library to use (not closed
+        by :meth:`close` then)."""
+        self.root = Path(root).expanduser()
+        self.read_only = read_only
+        self.max_megapixels = max_megapixels
+        self._encoder_source = encoder
+        self._encoder: Encoder | None = None
+        self._library = library
+        self._owns_library = library is None
+        self._engine: SearchEngine | None = None
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike | None = None,
+        *,
+        weights: str | os.PathLike | None = None,
+        device: str = "auto",
+        backend: str = "auto",
+        create: bool = False,
+        read_only: bool = False,
+        encoder: Encoder | Callable[[], Encoder] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        max_megapixels: float | None = None,
+    ) -> Collection:
+        """A collection over the library at ``path`` (default: the user's data folder).
+
+        The model is MobileCLIP-S2 with ``weights`` (a local checkpoint; None: the hub's
+        datacompdr) on ``device`` (auto | cpu | cuda | mps) through ``backend`` (auto |
+        torch | onnx), exported ONNX models cached in ``cache_dir``; or pass a ready
+        ``encoder`` (any object with ``identity``, ``logit_scale``, ``encode_images`` and
+        ``encode_texts``). ``create`` makes the library folder now if it is missing;
+        ``read_only`` memory-maps the vector index instead of reading it in;
+        ``max_megapixels`` bounds the images a query decodes (None: the decoder's default).
+        """
+        root = Path(path).expanduser() if path is not None else default_library_dir()
+        if encoder is None:
+            encoder = EncoderLoader(weights, device, backend, cache_dir)
+        collection = cls(root, encoder, read_only=read_only, max_megapixels=max_megapixels)
+        if create:
+            collection._open_library(create=True)
+        return collection
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the library (the collection opens it again if used afterwards)."""
+        if self._library is not None and self._owns_library:
+            self._library.close()
+        if self._owns_library:
+            self._library = None
+        self._engine = None
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def library(self) -> Library:
+        """The open library (opened on first use; LibraryError if there is none)."""
+        return self._open_library()
+
+    @property
+    def encoder(self) -> Encoder:
+        """The model, loaded on first use."""
+        if self._encoder is None:
+            source = self._encoder_source
+            self._encoder = source() if _is_factory(source) else source
+        return self._encoder
+
+    @property
+    def engine(self) -> SearchEngine:
+        """The query engine over this library and model."""
+        if self._engine is None:
+            from retrieval.search.engine import SearchEngine
+
+            limit = {} if self.max_megapixels is None else {"max_megapixels": self.max_megapixels}
+            self._engine = SearchEngine(self.library, lambda: self.encoder, **limit)
+        return self._engine
+
+    def _open_library(self, create: bool = False) -> Library:
+        if self._library is None:
+            from indexer.store.library import Library
+
+            self._library = Library.open(self.root, create=create, mmap=self.read_only)
+        return self._library
+
+    # -- indexing -----------------------------------------------------------------------
+    def index(
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        options: IndexOptions | None = None,
+        progress: Progress | ProgressCallback | None = None,
+    ) -> IndexReport:
+        """Index folders or image files (recursively, incrementally), creating the library
+        if needed. ``progress`` is a :class:`~indexer.ingest.pipeline.Progress` or a
+        callable ``(done, total)``; files that fail are in the report's ``failures``."""
+        from indexer.ingest.pipeline import index_paths
+
+        library = self._open_library(create=True)
+        held = library.locked
+        library.acquire_lock()  # a second writer is refused now, not after loading the model
+        try:
+            roots = [Path(p).expanduser() for p in _as_list(paths)]
+            return index_paths(library, self.encoder, roots, options, _progress(progress))
+        finally:
+            if not held:
+                library.release_lock()
+
+    def repair(
+        self,
+        paths: Sequence[str | os.PathLike] = (),
+        options: IndexOptions | None = None,
+        progress: Progress | ProgressCallback | None = None,
+    ) -> RepairReport:
+        """Check the library; salvage a damaged catalog, rebuild the vector index and encode
+        lost rows again from ``paths`` (the model loads only if something needs it)."""
+        from indexer.ingest.repair import repair_library
+
+        self.close()  # repair opens the library its own way (the catalog may be damaged)
+        roots = [Path(p).expanduser() for p in _as_list(paths)]
+        return repair_library(
+            self.root, lambda: self.encoder, roots, options, _progress(progress) if roots else None
+        )
+
+    # -- search -------------------------------------------------------------------------
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        like: Sequence[PhotoRef] = (),
+        unlike: Sequence[PhotoRef] = (),
+        options: SearchOptions | None = None,
+    ) -> SearchPage:
+        """Photos matching a text in clipdex's query grammar ("beach + sunset - people",
+        "2:dog + cat") plus or minus photos (ids, indexed paths or image files)."""
+        vector, terms = self.query_vector(text, like=like, unlike=unlike)
+        page = self.search_vector(vector, options)
+        page.terms = terms
+        return page
+
+    def search_image(
+        self, source: str | os.PathLike | bytes, options: SearchOptions | None = None
+    ) -> SearchPage:
+        """Photos that look like an image file or image bytes."""
+        return self.search_vector(self.embed_image(source), options)
+
+    def search_vector(self, vector: np.ndarray, options: SearchOptions | None = None) -> SearchPage:
+        """Photos nearest to a unit vector (e.g. from :meth:`embed_text`)."""
+        import numpy as np
+
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        return self.engine.search(query, options or SearchOptions())
+
+    def similar(self, photo: PhotoRef, options: SearchOptions | None = None) -> SearchPage:
+        """Photos like an indexed photo (id or path: no model call) or any image file."""
+        return self.search_vector(self.engine.photo_vector(photo), options)
+
+    def query_vector(
+        self,
+        text: str | None = None,
+        *,
+        like: Sequence[PhotoRef] = (),
+        unlike: Sequence[PhotoRef] = (),
+    ) -> tuple[np.ndarray, list[Term]]:
+        """The one unit vector a :meth:`search` ranks by, and the terms it parsed."""
+        return self.engine.query_vector(
+            text, [str(p) for p in _as_list(like)], [str(p) for p in _as_list(unlike)]
+        )
+
+    # -- classification -----------------------------------------------------------------
+    def classify(
+        self,
+        photo: PhotoRef | bytes | np.ndarray,
+        labels: str | Sequence[str] | LabelSet | None = None,
+        *,
+        labels_file: str | os.PathLike | None = None,
+        templates: Sequence[str] = (),
+        top: int = 5,
+    ) -> list[Prediction]:
+        """Zero-shot labels of a photo (id, indexed path, image file, bytes or a vector),
+        best first: softmax over ``labels`` ("cat,dog", a list or a LabelSet; default:
+        ``labels_file``, else data/labels.txt) with prompt ``templates``. Label vectors
+        are cached in the library."""
+        from retrieval.search.classify import classify_vector
+
+        labelset = _labelset(labels, labels_file, templates)
+        vector, cache = self._photo_vector(photo)
+        return classify_vector(vector, self.encoder, labelset, top, cache)
+
+    def _photo_vector(self, photo: PhotoRef | bytes | np.ndarray) -> tuple[np.ndarray, Path | None]:
+        """A photo's vector and the label-vector cache folder (None without a library)."""
+        import numpy as np
+
+        if isinstance(photo, np.ndarray):
+            return photo.astype(np.float32).reshape(-1), self._label_cache()
+        if isinstance(photo, bytes):
+            return self.embed_image(photo), self._label_cache()
+        plain_file = not isinstance(photo, int) and Path(photo).is_file()
+        if self._library is None and plain_file and not self._library_exists():
+            return self.embed_image(photo), None  # a plain file, no library: nothing to cache
+        return self.engine.photo_vector(photo), self._label_cache()
+
+    def _library_exists(self) -> bool:
+        from indexer.store.library import Library
+
+        return Library.exists(self.root)
+
+    def _label_cache(self) -> Path | None:
+        if self._library is None and not self._library_exists():
+            return None
+        return self.library.label_cache_dir
+
+    def tag(
+        self,
+        labels: str | Sequence[str] | LabelSet | None = None,
+        *,
+        labels_file: str | os.PathLike | None = None,
+        templates: Sequence[str] = (),
+        top: int = 3,
+        min_probability: float = 0.1,
+        force: bool = False,
+    ) -> TagReport:
+        """Store every photo's top labels (for ``SearchOptions(tags=...)``); incremental."""
+        from retrieval.search.classify import tag_library
+
+        labelset = _labelset(labels, labels_file, templates)
+        library = self.library
+        return tag_library(library, self.encoder, labelset, top, min_probability, force)
+
+    def duplicates(
+        self, threshold: float = 0.95, folders: str | Sequence[str] = ()
+    ) -> list[DuplicateGroup]:
+        """Groups of near-duplicate photos (cosine >= ``threshold``), largest first."""
+        from retrieval.search.duplicates import find_duplicates
+
+        spec = SearchOptions(folders=tuple(_as_list(folders))).filter
+        return find_duplicates(self.library, threshold, spec)
+
+    # -- facts and embeddings -----------------------------------------------------------
+    def failures(self) -> list[dict]:
+        """The files that could not be indexed: ``{"path", "error"}`` each."""
+        return self.library.catalog.list_failures()
+
+    def info(self) -> CollectionInfo:
+        """What the library holds and which model made it."""
+        import json
+
+        library = self.library
+        identity = library.identity
+        return CollectionInfo(
+            library=str(library.root),
+            model=json.loads(identity.to_json()) if identity else None,
+            model_name=identity.name if identity else None,
+            images=library.catalog.count(),
+            failed=library.catalog.failure_count(),
+            bytes_on_disk=library.bytes_on_disk(),
+        )
+
+    def embed_text(self, text: str) -> np.ndarray:
+        """The unit vector of a text (no library needed)."""
+        from retrieval.search.engine import embed_text
+
+        return embed_text(self.encoder, text)
+
+    def embed_image(self, source: str | os.PathLike | bytes) -> np.ndarray:
+        """The unit vector of an image file or image bytes (no library needed)."""
+        from retrieval.search.engine import embed_image
+
+        limit = {} if self.max_megapixels is None else {"max_megapixels": self.max_megapixels}
+        return embed_image(self.encoder, source, **limit)
+
+
+class EncoderLoader:
+    """A zero-argument callable that loads MobileCLIP-S2 as the arguments say (the model
+    loads when it is called, which the collection does on first need)."""
+
+    def __init__(self, weights, device: str, backend: str, cache_dir) -> None:
+        self.weights = Path(weights).expanduser() if weights is not None else None
+        self.device, self.backend = device, backend
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+    def __call__(self) -> Encoder:
+        from indexer.model import encoders  # looked up at call time: tests swap load_encoder
+
+        return encoders.load_encoder(
+            self.weights, self.device, self.backend, cache_dir=self.cache_dir
+        )
+
+
+def _labelset(labels, labels_file, templates: Sequence[str]) -> LabelSet:
+    """A LabelSet as given, or made from labels ("a,b" or a list) / a labels file."""
+    from retrieval.search.classify import LabelSet, make_labelset
+
+    if isinstance(labels, LabelSet):
+        return labels
+    return make_labelset(labels, labels_file, templates)
+
+
+def _is_factory(source: Any) -> bool:
+    """A zero-argument callable that builds an encoder, rather than an encoder."""
+    return callable(source) and not hasattr(source, "encode_texts")
+
+
+def _as_list(values: Any) -> list:
+    """One value or a sequence of them as a list (a lone string is one value)."""
+    if isinstance(values, str | bytes | os.PathLike | int):
+        return [values]
+    return list(values or ())
+
+
+def _progress(progress: Progress | ProgressCallback | None) -> Progress | None:
+    """A pipeline Progress from a Progress or a ``(done, total)`` callable."""
+    if progress is None or hasattr(progress, "advance"):
+        return progress
+    return _CallbackProgress(progress)
+
+
+class _CallbackProgress:
+    """A pipeline Progress that calls ``callback(done, total)`` at the start and per file."""
+
+    def __init__(self, callback: ProgressCallback) -> None:
+        self.callback, self.done, self.total = callback, 0, 0
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self.callback(0, total)
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        self.callback(self.done, self.total)
+
+    def fail(self, path: str, reason: str) -> None:
+        """Failures are in the report; the callback sees only counts."""
