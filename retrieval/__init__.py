@@ -5,6 +5,14 @@ The Python API (the front door the CLI, the server and the tests use)::
     from retrieval import Collection, SearchOptions
 
 Names load on first use (module ``__getattr__``), so ``import retrieval`` stays cheap.
+
+Layers, lowest first, above ``indexer``'s; each imports only itself and the layers below
+it (tests/test_layers.py checks the import graph)::
+
+    search   search/          engine, query grammar, filters, cut-off, classify, duplicates
+    front    retrieval/*.py   this front door (``collection.py``): open, index, search, ...
+    cli      cli/             } interfaces: parse, call the front door, render; they never
+    server   server/ (+ web)  } import each other (`clipdex serve` only launches the server)
 """
 
 from __future__ import annotations

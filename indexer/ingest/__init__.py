@@ -1,0 +1,7 @@
+"""Ingest layer: files in, catalog rows and vectors out.
+
+Owns discovery (folder walks, incremental by size and mtime), decoding (photos, RAW, video
+frames, pixel limits), the decode worker processes, the indexing pipeline (batches, encode,
+checkpoint) and repair. It imports the base modules, the model and the store layers; never
+``retrieval``. The encoder and the library are handed in, so tests can pass fakes.
+"""

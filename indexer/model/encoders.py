@@ -8,11 +8,11 @@ indexed with one is searched and extended with the other.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from indexer.errors import ConfigError
 from indexer.model.identity import Encoder
+from indexer.model.torch_encoder import cuda_available  # cheap: torch loads inside it
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -51,17 +51,3 @@ def resolve_backend(backend: str = "auto", device: str = "auto") -> str:
     if device == "auto":
         return "torch" if cuda_available() else "onnx"
     return "onnx" if device == "cpu" else "torch"
-
-
-def cuda_available() -> bool:
-    """Whether torch would run on a CUDA GPU; asks torch only when an NVIDIA driver is present."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    driver = Path("/proc/driver/nvidia/gpus")
-    if not (driver.is_dir() and any(driver.iterdir())) and not Path("/dev/nvidia0").exists():
-        return False
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())

@@ -10,6 +10,7 @@ MobileCLIP's own transform whatever the weights source.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,20 @@ from indexer.model.identity import (
 )
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def cuda_available() -> bool:
+    """Whether torch would run on a CUDA GPU; asks torch only when an NVIDIA driver is present."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    driver = Path("/proc/driver/nvidia/gpus")
+    if not (driver.is_dir() and any(driver.iterdir())) and not Path("/dev/nvidia0").exists():
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def resolve_device(device: str = "auto") -> str:
