@@ -1,4 +1,4 @@
-"""Small file-system helpers shared by the modules that write library and cache files."""
+"""Small file-system helpers: atomic writes of library and cache files, and file identity."""
 
 from __future__ import annotations
 
@@ -23,3 +23,16 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_key(stat: os.stat_result) -> tuple[int, int]:
+    """A file's identity as (device, inode), each folded into SQLite's signed 64 bits.
+
+    The catalog records it when a photo is indexed; the server serves a photo only from a
+    file with the same key, so a file replaced (or a link swapped in) since is refused.
+    """
+    return _signed64(stat.st_dev), _signed64(stat.st_ino)
+
+
+def _signed64(value: int) -> int:
+    return value - 2**64 if value >= 2**63 else value

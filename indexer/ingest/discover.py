@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from indexer.errors import ConfigError
+from indexer.fsutil import file_key
 from indexer.ingest.decode import IMAGE_SUFFIXES
 
 OUTSIDE_ROOTS = "symlink leads outside the folders this server may index: not followed"
@@ -28,6 +29,8 @@ class FoundFile:
     path: str  # absolute
     size: int
     mtime_ns: int
+    device: int | None = None  # the file's identity (indexer.fsutil.file_key), when known
+    inode: int | None = None
 
 
 @dataclass
@@ -90,7 +93,7 @@ def _add_file(
     except OSError as exc:
         found.problems.append((path, f"cannot read file: {exc.strerror or exc}"))
         return
-    found.files.append(FoundFile(path, stat.st_size, stat.st_mtime_ns))
+    found.files.append(FoundFile(path, stat.st_size, stat.st_mtime_ns, *file_key(stat)))
 
 
 def _walk(

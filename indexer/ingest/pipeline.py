@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer.fsutil import file_key
 from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS
 from indexer.ingest.discover import FoundFile, discover, resolve_root
 from indexer.ingest.workers import DEFAULT_DECODER, DecodeLimits, DecodePool, Outcome
 from indexer.model.identity import Encoder
-from indexer.store.catalog import ImageRecord
+from indexer.store.catalog import FileState, ImageRecord
 from indexer.store.library import Library
 
 
@@ -93,12 +94,25 @@ class _Plan:
     vanished: list[str] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
     old_ids: dict[str, int] = field(default_factory=dict)  # path -> id it had before
+    keys_to_record: list[tuple[int, int, int]] = field(default_factory=list)  # id, dev, inode
+
+
+def is_unchanged(state: FileState | None, item: FoundFile) -> bool:
+    """Whether a catalogued file is still the one indexed: same size, mtime and identity.
+
+    A file replaced by another with the same size and mtime (``cp -p``, a restore) has a
+    new inode: it is indexed again, which also records the identity the server checks.
+    """
+    if state is None or (state.size, state.mtime_ns) != (item.size, item.mtime_ns):
+        return False
+    return state.inode is None or (state.device, state.inode) == (item.device, item.inode)
 
 
 def plan(
     library: Library, roots: Iterable[Path], excludes: Sequence[str], within: Sequence[str] = ()
 ) -> _Plan:
-    """Split what is on disk into unchanged, to do and vanished, by path, size and mtime."""
+    """Split what is on disk into unchanged, to do and vanished, by path, size, mtime and
+    identity; unchanged rows from before the catalog kept identities get theirs."""
     result = _Plan()
     for root in roots:
         found = discover(root, excludes, within)
@@ -111,8 +125,10 @@ def plan(
         on_disk = {f.path for f in found.files}
         for item in found.files:
             state = states.get(item.path)
-            if state and state.size == item.size and state.mtime_ns == item.mtime_ns:
+            if is_unchanged(state, item):
                 result.unchanged += 1
+                if state.inode is None and item.inode is not None:
+                    result.keys_to_record.append((state.id, item.device, item.inode))
                 continue
             if state:
                 result.old_ids[item.path] = state.id
@@ -123,6 +139,7 @@ def plan(
                 result.old_ids[path] = state.id
         if root.is_dir():
             library.catalog.forget_failures_under(str(root), on_disk)
+    library.catalog.record_file_keys(result.keys_to_record)
     return result
 
 
@@ -158,7 +175,16 @@ class _Writer:
     def add(self, item: Outcome, vector: np.ndarray) -> None:
         found = item.found
         self.records.append(
-            ImageRecord(found.path, found.size, found.mtime_ns, item.sha256, vector, **item.fields)
+            ImageRecord(
+                found.path,
+                found.size,
+                found.mtime_ns,
+                item.sha256,
+                vector,
+                **item.fields,
+                device=found.device,
+                inode=found.inode,
+            )
         )
 
     def fail(self, found: FoundFile, reason: str) -> None:
@@ -279,7 +305,10 @@ def _unstable(found: FoundFile) -> str | None:
         return "the file disappeared while being indexed"
     except OSError:
         return None  # the worker's reason (e.g. permission denied) says more
-    if (stat.st_size, stat.st_mtime_ns) != (found.size, found.mtime_ns):
+    now = (stat.st_size, stat.st_mtime_ns)
+    if found.inode is not None:  # replaced by another file with the same size and mtime?
+        now += file_key(stat)
+    if now != (found.size, found.mtime_ns, found.device, found.inode)[: len(now)]:
         return "the file changed while being indexed: run `clipdex index` again once it is complete"
     return None
 

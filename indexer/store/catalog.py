@@ -29,6 +29,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -45,7 +46,7 @@ from indexer.errors import DiskFull, LibraryDamaged, LibraryError
 from indexer.model.identity import EMBED_DIM
 from indexer.paths import ESCAPE, from_db, to_db
 
-SCHEMA_VERSION = 3  # == len(MIGRATIONS)
+SCHEMA_VERSION = 4  # == len(MIGRATIONS)
 metadata = MetaData()
 
 meta_table = Table(
@@ -73,6 +74,10 @@ images = Table(
     Column("gps_lon", Float),
     Column("indexed_at", DateTime, nullable=False),
     Column("vector", LargeBinary, nullable=False),
+    # The file's identity when indexed (indexer.fsutil.file_key): the server serves only
+    # that file. NULL in rows from before schema 4 (the server then compares size + mtime).
+    Column("device", Integer),
+    Column("inode", Integer),
     sqlite_autoincrement=True,
 )
 
@@ -127,8 +132,16 @@ def _migration_3(conn: Connection) -> None:
         )
 
 
+def _migration_4(conn: Connection) -> None:
+    """Each image's file identity (device, inode); NULL until the file is indexed again."""
+    present = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(images)")}
+    for column in ("device", "inode"):
+        if column not in present:  # a catalog created at schema >= 4 has them already
+            conn.exec_driver_sql(f"ALTER TABLE images ADD COLUMN {column} INTEGER")
+
+
 # Named, ordered migrations: index i brings the schema from version i to i + 1.
-MIGRATIONS = [_migration_1, _migration_2, _migration_3]
+MIGRATIONS = [_migration_1, _migration_2, _migration_3, _migration_4]
 
 IMAGE_FIELDS = (
     "width",
@@ -159,6 +172,8 @@ class ImageRecord:
     camera_model: str | None = None
     gps_lat: float | None = None
     gps_lon: float | None = None
+    device: int | None = None  # the file's identity (indexer.fsutil.file_key)
+    inode: int | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +183,8 @@ class FileState:
     id: int
     size: int
     mtime_ns: int
+    device: int | None = None  # None in rows from before schema 4
+    inode: int | None = None
 
 
 def vector_to_blob(vector: np.ndarray) -> bytes:
@@ -406,12 +423,13 @@ class Catalog:
     def file_states(self, under: str) -> dict[str, FileState]:
         """Every catalogued path inside the folder ``under`` (absolute, resolved)."""
         prefix = to_db(under.rstrip("/") + "/")
-        query = select(images.c.path, images.c.id, images.c.size, images.c.mtime_ns).where(
-            func.substr(images.c.path, 1, len(prefix)) == prefix
+        c = images.c
+        query = select(c.path, c.id, c.size, c.mtime_ns, c.device, c.inode).where(
+            func.substr(c.path, 1, len(prefix)) == prefix
         )
         with self.engine.connect() as conn:
             return {
-                from_db(row.path): FileState(row.id, row.size, row.mtime_ns)
+                from_db(row.path): FileState(row.id, row.size, row.mtime_ns, row.device, row.inode)
                 for row in conn.execute(query)
             }
 
@@ -614,6 +632,8 @@ class Catalog:
                         sha256=record.sha256,
                         vector=vector_to_blob(record.vector),
                         indexed_at=_now(),
+                        device=record.device,
+                        inode=record.inode,
                         **values,
                     )
                 )
@@ -663,9 +683,25 @@ class Catalog:
             bad += [(r.id, from_db(r.path)) for r in rows if not vector_is_sound(r.vector)]
         return bad
 
-    def touch(self, image_id: int, size: int, mtime_ns: int) -> None:
-        """Record a new mtime for a file whose content hash did not change."""
+    def touch(
+        self,
+        image_id: int,
+        size: int,
+        mtime_ns: int,
+        device: int | None = None,
+        inode: int | None = None,
+    ) -> None:
+        """Record a new stat (and file identity) for a file whose content did not change."""
+        values = {"size": size, "mtime_ns": mtime_ns}
+        if inode is not None:
+            values.update(device=device, inode=inode)
         with self.engine.begin() as conn:
-            conn.execute(
-                update(images).where(images.c.id == image_id).values(size=size, mtime_ns=mtime_ns)
-            )
+            conn.execute(update(images).where(images.c.id == image_id).values(**values))
+
+    def record_file_keys(self, keys: Sequence[tuple[int, int, int]]) -> None:
+        """Store (id, device, inode) identities, e.g. of rows from before schema 4."""
+        if not keys:
+            return
+        rows = [{"row_id": i, "device": d, "inode": n} for i, d, n in keys]
+        with self.engine.begin() as conn:
+            conn.execute(update(images).where(images.c.id == bindparam("row_id")), rows)

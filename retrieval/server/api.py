@@ -21,6 +21,7 @@ from indexer.paths import display
 from retrieval.search.engine import SearchPage, SearchResult
 from retrieval.server.errors import NotReady, Unauthorized
 from retrieval.server.jobs import IndexJob
+from retrieval.server.originals import CataloguedFileResponse, open_catalogued
 from retrieval.server.refine import Options, page_fields
 from retrieval.server.schemas import (
     ErrorResponse,
@@ -33,7 +34,7 @@ from retrieval.server.schemas import (
 )
 from retrieval.server.security import SESSION_COOKIE, session_value, token_matches
 from retrieval.server.state import ServerState
-from retrieval.server.thumbnails import CACHE_CONTROL, THUMBNAIL_SIZES, regular_file_stat
+from retrieval.server.thumbnails import CACHE_CONTROL, THUMBNAIL_SIZES
 
 router = APIRouter()
 
@@ -179,15 +180,20 @@ def _jsonable(value):
     "/api/images/{image_id}/file",
     tags=["photos"],
     response_class=FileResponse,
-    responses={200: {"content": {"image/*": {}}}, **errors(404, 422, 503)},
+    responses={200: {"content": {"image/*": {}}}, **errors(404, 409, 422, 503)},
 )
 def image_file(state: State, image_id: ImageId) -> FileResponse:
-    """The original file, with the content type of what was decoded when it was indexed."""
+    """The original file, with the content type of what was decoded when it was indexed.
+
+    Only the very file that was indexed is served (same device and inode, a final symlink
+    not followed): a file replaced or a link swapped in at its path since is answered 409
+    ``file_changed`` ("run clipdex index"), never with its bytes.
+    """
     row = state.image_row(image_id)
-    stat = regular_file_stat(row["path"], image_id)
-    return FileResponse(
-        row["path"],
-        stat_result=stat,
+    fd, stat = open_catalogued(row)
+    return CataloguedFileResponse(
+        fd,
+        stat,
         media_type=media_type(row),
         filename=display(os.path.basename(row["path"])),  # a header: printable text
         content_disposition_type="inline",
@@ -207,7 +213,7 @@ def media_type(row: dict) -> str:
     "/api/images/{image_id}/thumbnail",
     tags=["photos"],
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}}}, 304: {}, **errors(404, 422, 503)},
+    responses={200: {"content": {"image/jpeg": {}}}, 304: {}, **errors(404, 409, 422, 503)},
 )
 def thumbnail(
     request: Request,

@@ -82,6 +82,13 @@ class FileUnavailable(NotFound):
     code = "file_unavailable"
 
 
+class FileChanged(ClipdexError):
+    """A catalogued photo's path now leads to another file (replaced, or a link swapped in)."""
+
+    code = "file_changed"
+    http_status = 409
+
+
 class BodyTooLarge(StarletteHTTPException):
     """Raised while a request body is being received, so FastAPI lets it through as is."""
 

@@ -3,8 +3,9 @@
 A thumbnail is keyed by the photo's content hash and size
 (``LIBRARY/thumbnails/<size>/<sha[:2]>/<sha>.jpg``), so a changed file (which gets a new
 catalog row) never shows a stale thumbnail, and copies share one. The ETag is derived from
-the same key, so a browser revalidates without the server touching the photo. Only paths
-read from the catalog are ever opened, and only when they are regular files.
+the same key, so a browser revalidates without the server touching the photo. A photo is
+read only through :func:`retrieval.server.originals.read_catalogued`: the file that was
+indexed (same device and inode), never a file or link swapped in at its path since.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from PIL import Image
 from indexer.errors import DecodeError
 from indexer.ingest.decode import MODEL_IMAGE_SIZE, open_rgb
 from retrieval.server.errors import FileUnavailable
+from retrieval.server.originals import read_catalogued
 
 log = logging.getLogger("clipdex.server")
 
@@ -37,39 +38,6 @@ class Thumbnail:
     etag: str
     path: Path | None = None
     data: bytes | None = None
-
-
-def regular_file_stat(path: str, image_id: int) -> os.stat_result:
-    """The stat of a catalogued file, refusing anything that is not a regular file now."""
-    try:
-        result = os.stat(path)
-    except (OSError, ValueError) as exc:
-        raise FileUnavailable(
-            f"the file of photo {image_id} is no longer readable ({_reason(exc)}): "
-            "run `clipdex index` on its folder again"
-        ) from exc
-    if not stat.S_ISREG(result.st_mode):
-        raise FileUnavailable(f"the file of photo {image_id} is no longer a regular file")
-    return result
-
-
-def read_catalogued(path: str, image_id: int) -> bytes:
-    """The bytes of a catalogued file (O_NONBLOCK: a FIFO swapped in cannot hang us)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except (OSError, ValueError) as exc:
-        raise FileUnavailable(
-            f"the file of photo {image_id} is no longer readable ({_reason(exc)}): "
-            "run `clipdex index` on its folder again"
-        ) from exc
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise FileUnavailable(f"the file of photo {image_id} is no longer a regular file")
-        return handle.read()
-
-
-def _reason(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or type(exc).__name__
 
 
 class ThumbnailCache:
@@ -102,7 +70,7 @@ class ThumbnailCache:
         if cached.is_file():
             return Thumbnail(etag, path=cached)
         with self.slots:
-            data = self.render(read_catalogued(row["path"], row["id"]), size, row["id"])
+            data = self.render(read_catalogued(row), size, row["id"])
         self._store(cached, data)
         return Thumbnail(etag, data=data)
 
