@@ -8,8 +8,9 @@ inward as plain values. Every command takes ``--library`` (env CLIPDEX_LIBRARY) 
 ``-q/--quiet``. Domain errors become one line on stderr and exit 1; usage errors exit 2
 (click's convention); nothing ever prints a traceback.
 
-Help texts are plain text (``rich_markup_mode=None``): a ``[default: ...]`` in them is
-printed as written, never read as rich markup and swallowed.
+Help is rendered by rich, which reads ``[...]`` as markup and drops it silently: write
+"(default: ...)" in help texts, never "[default: ...]". tests/test_help.py renders every
+command's ``--help`` and checks that each help text survives whole.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",
 )
 stdout = Console()
 stderr = Console(stderr=True)
