@@ -40,9 +40,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import DatabaseError, DisconnectionError, OperationalError
 
 from indexer.errors import DiskFull, LibraryDamaged, LibraryError
+from indexer.fsutil import file_key
 from indexer.model.identity import EMBED_DIM
 from indexer.paths import ESCAPE, from_db, to_db
 
@@ -274,6 +275,8 @@ class Catalog:
         self.engine: Engine = create_engine(f"sqlite:///{self.path}", future=True)
         event.listen(self.engine, "connect", _sqlite_pragmas)
         event.listen(self.engine, "handle_error", self._translate_error)
+        event.listen(self.engine, "do_connect", self._note_file)
+        event.listen(self.engine, "checkout", self._drop_if_replaced)
         try:
             self._check_file()
             self._migrate()
@@ -290,6 +293,25 @@ class Catalog:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # -- a file replaced under us ------------------------------------------------------
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            return file_key(os.stat(self.path))
+        except FileNotFoundError:
+            return None
+
+    def _note_file(self, _dialect, record, _cargs, _cparams) -> None:
+        """SQLAlchemy ``do_connect`` hook: remember which file a new connection opens."""
+        record.info["catalog_file"] = self._file_identity()
+
+    def _drop_if_replaced(self, _dbapi_connection, record, _proxy) -> None:
+        """SQLAlchemy ``checkout`` hook: a pooled connection to a catalog file that has since
+        been replaced (`clipdex repair` renames a salvaged one in) is dropped, and the pool
+        opens the file now at the path; nothing is read from the deleted file."""
+        now = self._file_identity()
+        if now is not None and now != record.info.get("catalog_file"):
+            raise DisconnectionError("the catalog file was replaced")
 
     # -- health -------------------------------------------------------------------------
     def _translate_error(self, context) -> None:

@@ -33,6 +33,7 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 
 from indexer.errors import LibraryError, LibraryLocked, ModelMismatch
+from indexer.fsutil import file_key
 from indexer.model.identity import ModelIdentity
 from indexer.store.vectorstore import (
     STAMP_SUFFIX,
@@ -67,6 +68,7 @@ class Library:
         self.index = index
         self.index_generation = generation
         self._lock_handle = None
+        self._catalog_file = file_identity(catalog.path)  # to notice a replaced catalog
 
     # -- the folder's layout --------------------------------------------------------------
     @staticmethod
@@ -191,7 +193,14 @@ class Library:
         self.index = self.index.in_memory()
 
     def refresh(self) -> bool:
-        """Pick up a newer checkpoint written by another process; True if anything changed."""
+        """Pick up a newer checkpoint written by another process; True if anything changed.
+
+        A catalog file replaced under this reader (`clipdex repair` swaps in a salvaged one)
+        is opened anew and the index loaded again, never read on from the deleted file.
+        """
+        if self._catalog_replaced():
+            self._reopen_catalog()
+            return True
         if self.catalog.generation() == self.index_generation:
             return False
         if _latest_index_file(self.root)[0] > self.index_generation:
@@ -199,6 +208,22 @@ class Library:
         if self.index_generation != self.catalog.generation():
             self.reconcile()
         return True
+
+    def _catalog_replaced(self) -> bool:
+        now = file_identity(self.catalog.path)
+        return now is not None and now != self._catalog_file
+
+    def _reopen_catalog(self) -> None:
+        """Open the catalog file now at the path (same kind as before), then the newest
+        index, reconciled with it: ids of the replaced catalog are not served again."""
+        old = self.catalog
+        identity = file_identity(old.path)
+        self.catalog = type(old)(old.path)
+        self._catalog_file = identity
+        old.close()
+        self.index_generation, self.index = _load_latest(self.root, mmap=False)
+        if self.index_generation != self.catalog.generation():
+            self.reconcile()
 
     def checkpoint(self) -> None:
         """Save the index under the catalog's current generation; drop older index files.
@@ -292,6 +317,14 @@ def open_catalog(path: Path, *, read_only: bool = False) -> Catalog | CatalogRea
     from indexer.store.catalog import Catalog
 
     return Catalog(path)
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``, or None when there is none."""
+    try:
+        return file_key(os.stat(path))
+    except FileNotFoundError:
+        return None
 
 
 def take_lock(root: Path) -> IO:
