@@ -25,6 +25,9 @@ from retrieval.cli import app
 yaml = pytest.importorskip("yaml")
 
 REPO = Path(__file__).resolve().parents[1]
+SETUPTOOLS_WARNING = re.compile(
+    r".*(?:Warning:|absent from the `packages` configuration|package data).*"
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +96,19 @@ def test_a_built_wheel_carries_the_server_and_the_page(tmp_path):
     for package in ("indexer", "retrieval"):
         shutil.copytree(REPO / package, source / package,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
          "-w", str(tmp_path / "dist"), str(source)],
-        check=True, capture_output=True, cwd=tmp_path,
+        check=True, capture_output=True, text=True, cwd=tmp_path,
     )
+    # setuptools warns (pages of it) when data lies in folders the packages do not declare.
+    noise = SETUPTOOLS_WARNING.findall(build.stdout + build.stderr)
+    assert not noise, noise
     wheel = next((tmp_path / "dist").glob("clipdex-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("retrieval/server/app.py", "retrieval/server/api.py",
                    "retrieval/server/web/index.html", "retrieval/server/web/app.js",
                    "retrieval/server/web/app.css", "retrieval/cli/app.py",
-                   "retrieval/search/labels.txt", "indexer/model/assets/bpe_simple_vocab_16e6.txt.gz"):
+                   "retrieval/search/labels.txt",
+                   "indexer/model/assets/bpe_simple_vocab_16e6.txt.gz"):
         assert needed in names, needed
