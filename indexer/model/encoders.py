@@ -23,13 +23,18 @@ def load_encoder(
     backend: str = "auto",
     *,
     cache_dir: Path | None = None,
+    single_query: bool = False,
 ) -> Encoder:
-    """An encoder for MobileCLIP-S2 with the given weights (None: the hub's datacompdr)."""
+    """An encoder for MobileCLIP-S2 with the given weights (None: the hub's datacompdr).
+
+    ``single_query``: the process embeds one text and exits (a CLI search), so the ONNX
+    text session is built for a fast start rather than for many runs.
+    """
     chosen = resolve_backend(backend, device)
     if chosen == "onnx":
         from indexer.model.onnx_encoder import OnnxEncoder
 
-        return OnnxEncoder(weights, cache_dir=cache_dir)
+        return OnnxEncoder(weights, cache_dir=cache_dir, single_query=single_query)
     from indexer.model.torch_encoder import TorchEncoder
 
     return TorchEncoder(weights, device)

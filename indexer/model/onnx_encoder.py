@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -175,12 +177,14 @@ class OnnxEncoder:
         *,
         cache_dir: Path | None = None,
         threads: int | None = None,
+        single_query: bool = False,
     ) -> None:
         self.weights = Path(weights) if weights else None
         if self.weights is not None and not self.weights.is_file():
             raise WeightsUnavailable(f"weights file {weights} does not exist: {weights_help()}")
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.threads = threads
+        self.single_query = single_query
         self.identity = weights_identity(self.weights, self.cache_dir)
         self._meta: dict | None = None
         self._sessions: dict[str, object] = {}
@@ -208,13 +212,16 @@ class OnnxEncoder:
         """The ONNX Runtime session of one tower file, created once.
 
         The image session's threads do not spin-wait between batches: while indexing, the
-        decode workers need those cycles. The text session (one query at a time) keeps
-        ONNX Runtime's default.
+        decode workers need those cycles. The text session loads the optimised copy of
+        its graph (:func:`text_session`).
         """
         if name not in self._sessions:
             _ = self.meta
-            spin = name != IMAGE_FILE
-            self._sessions[name] = _make_session(self.folder / name, self.threads, spin)
+            if name == TEXT_FILE:
+                session = text_session(self.folder, self.threads, self.single_query)
+            else:
+                session = _make_session(self.folder / name, self.threads, spin=False)
+            self._sessions[name] = session
         return self._sessions[name]
 
     def encode_images(self, batch: np.ndarray) -> np.ndarray:
@@ -230,11 +237,12 @@ class OnnxEncoder:
         return l2_normalise(self.session(TEXT_FILE).run(None, {"tokens": tokens})[0])
 
 
-def _make_session(path: Path, threads: int | None, spin: bool = True):
+def _make_session(path: Path, threads: int | None, spin: bool = True, options=None):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if options is None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
     if not spin:
@@ -246,3 +254,115 @@ def _make_session(path: Path, threads: int | None, spin: bool = True):
             f"cannot load the ONNX model {path} ({str(exc).splitlines()[0][:160]}): "
             f"delete {path.parent} to export it again"
         ) from exc
+
+
+# -- the optimised text graph -----------------------------------------------------------------
+# ONNX Runtime spends most of a cold query's session set-up optimising the text graph (fusing
+# attention, GELU, layer norm) and pre-packing its weights. The optimised graph is saved once
+# beside the export and later loaded with optimisations off: same kernels, same outputs.
+# It is saved at the EXTENDED level, which holds no layout transforms specific to this CPU
+# (the ALL level adds only NCHWc conv layouts, and the text tower has no convolutions).
+OPTIMISED_STAMP = "stamp.json"
+
+
+def optimised_dir(folder: Path, version: str) -> Path:
+    """Where the optimised text graph for ONNX Runtime ``version`` lives in an export folder.
+
+    The version is in the name: a graph optimised by one release may use fused operators
+    another does not know, so each release makes (and finds) its own.
+    """
+    return folder / f"{Path(TEXT_FILE).stem}.optimised-ort{version}"
+
+
+def text_session(folder: Path, threads: int | None, single_query: bool = False):
+    """The text tower's session, from the optimised graph (made here on first use).
+
+    ``single_query``: the process embeds one text and exits (the CLI); its weights are then
+    not pre-packed, which costs a cold query more than it saves on one run. A damaged or
+    unreadable optimised graph is made again; if the cache is read-only, the session is
+    built from the exported graph as before.
+    """
+    import onnxruntime as ort
+
+    target = optimised_dir(folder, ort.__version__)
+    if read_optimised(target, ort.__version__):
+        options = _text_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, single_query)
+        try:
+            return _make_session(target / TEXT_FILE, threads, options=options)
+        except WeightsUnavailable as exc:
+            log.warning("the optimised text graph in %s is unusable (%s): rebuilding", target, exc)
+    return _optimise_text(folder, target, threads, single_query)
+
+
+def _text_options(level, single_query: bool):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    if single_query:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def read_optimised(target: Path, version: str) -> bool:
+    """Whether ``target`` holds a complete optimised graph made by ONNX Runtime ``version``."""
+    stamp = _read_json(target / OPTIMISED_STAMP)
+    files = stamp.get("files")
+    if stamp.get("onnxruntime") != version or not isinstance(files, dict):
+        return False
+    if set(files) != {TEXT_FILE, data_file(TEXT_FILE)}:
+        return False
+    try:
+        return all((target / name).stat().st_size == size for name, size in files.items())
+    except OSError:
+        return False
+
+
+def _optimise_text(folder: Path, target: Path, threads: int | None, single_query: bool):
+    """Build the text session from the export, saving its optimised graph into ``target``.
+
+    The graph is written into a temporary folder beside ``target``, stamped last and
+    renamed into place whole, so a reader never sees part of one.
+    """
+    import onnxruntime as ort
+
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options = _text_options(level, single_query)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+    except OSError as exc:  # a read-only cache: optimise in memory, every time
+        log.debug("cannot save the optimised text graph in %s: %s", folder, exc)
+        return _make_session(folder / TEXT_FILE, threads, options=options)
+    try:
+        options.optimized_model_filepath = str(staging / TEXT_FILE)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", data_file(TEXT_FILE)
+        )
+        session = _make_session(folder / TEXT_FILE, threads, options=options)
+        _stamp_and_place(staging, target, ort.__version__)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return session
+
+
+def _stamp_and_place(staging: Path, target: Path, version: str) -> None:
+    """Stamp the saved graph and rename its folder to ``target`` (replacing a bad one)."""
+    try:
+        names = (TEXT_FILE, data_file(TEXT_FILE))
+        files = {name: (staging / name).stat().st_size for name in names}
+        for name in files:
+            _fsync_file(staging / name)
+        stamp = {"onnxruntime": version, "files": files}
+        write_atomic(staging / OPTIMISED_STAMP, json.dumps(stamp).encode())
+        if target.exists():  # stale or damaged: move it aside, then drop it
+            doomed = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.rename(target, doomed / "graph")
+            shutil.rmtree(doomed, ignore_errors=True)
+        os.rename(staging, target)
+    except OSError as exc:  # e.g. another process placed it first: theirs is as good
+        log.debug("optimised text graph not saved to %s: %s", target, exc)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())

@@ -5,6 +5,8 @@ defaults: OpenAI CLIP's byte-level BPE (``bpe_simple_vocab_16e6.txt.gz``, shippe
 ``indexer/assets``), the ``'lower'`` clean function, no reduction mask, context length 77.
 This module reproduces it id for id with stdlib, numpy, ftfy and regex only, so a text
 query answered through ONNX Runtime never pays the ~8 s ``import torch, open_clip``.
+ftfy (~70 ms to import) is imported only for a text it could change: plain printable
+ASCII without ``&`` passes through it unchanged (tests/test_cold_query.py checks that).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
-import ftfy
 import numpy as np
 import regex
 
@@ -45,10 +46,24 @@ def _byte_alphabet() -> dict[int, str]:
     return table
 
 
+# Characters ftfy.fix_text never changes when a text holds nothing else: printable ASCII
+# and the whitespace it only normalises (collapsed by clean() anyway). Not "&", which
+# starts an HTML entity that fix_text would unescape once more than clean() does.
+_PLAIN = frozenset(map(chr, range(0x20, 0x7F))) - {"&"} | {"\t", "\n", "\r"}
+
+
 def clean(text: str) -> str:
     """open_clip's ``'lower'`` clean: ftfy, HTML-unescape twice, collapse whitespace, lowercase."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    if not is_plain(text):
+        import ftfy
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
+
+
+def is_plain(text: str) -> bool:
+    """Whether ``text`` is made of characters ftfy and HTML unescaping leave as they are."""
+    return text.isascii() and _PLAIN.issuperset(text)
 
 
 def _merge_pair(word: list[str], first: str, second: str) -> list[str]:
