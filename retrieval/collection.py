@@ -123,7 +123,8 @@ class Collection:
         torch | onnx), exported ONNX models cached in ``cache_dir``; or pass a ready
         ``encoder`` (any object with ``identity``, ``logit_scale``, ``encode_images`` and
         ``encode_texts``). ``create`` makes the library folder now if it is missing;
-        ``read_only`` memory-maps the vector index instead of reading it in;
+        ``read_only`` (for queries) reads the catalog without SQLAlchemy and memory-maps
+        the vector index instead of reading it in;
         ``max_megapixels`` bounds the images a query decodes (None: the decoder's default).
         """
         root = Path(path).expanduser() if path is not None else default_library_dir()
@@ -176,7 +177,7 @@ class Collection:
         if self._library is None:
             from indexer.store.library import Library
 
-            self._library = Library.open(self.root, create=create, mmap=self.read_only)
+            self._library = Library.open(self.root, create=create, read_only=self.read_only)
         return self._library
 
     # -- indexing -----------------------------------------------------------------------
@@ -369,16 +370,22 @@ class EncoderLoader:
     """A zero-argument callable that loads MobileCLIP-S2 as the arguments say (the model
     loads when it is called, which the collection does on first need)."""
 
-    def __init__(self, weights, device: str, backend: str, cache_dir) -> None:
+    def __init__(
+        self, weights, device: str, backend: str, cache_dir, *, single_query: bool = False
+    ) -> None:
+        """``single_query``: the process embeds one text and exits (``clipdex search``);
+        the ONNX text session is then built to start fast rather than to run many times."""
         self.weights = Path(weights).expanduser() if weights is not None else None
         self.device, self.backend = device, backend
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.single_query = single_query
 
     def __call__(self) -> Encoder:
         from indexer.model import encoders  # looked up at call time: tests swap load_encoder
 
+        extra = {"single_query": True} if self.single_query else {}
         return encoders.load_encoder(
-            self.weights, self.device, self.backend, cache_dir=self.cache_dir
+            self.weights, self.device, self.backend, cache_dir=self.cache_dir, **extra
         )
 
 

@@ -4,12 +4,14 @@
   Runtime's optimisations off: the same outputs as the exported graph optimised on load; a
   damaged or foreign copy is made again; a read-only cache still answers.
 - The tokenizer imports ftfy only for a text ftfy could change.
+- ``python -m retrieval.cli search`` imports neither SQLAlchemy nor torch/open_clip nor ftfy.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +165,47 @@ def test_an_ascii_query_does_not_import_ftfy():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.stdout.strip() == "False", done.stderr
+
+
+# -- what a cold `clipdex search` imports -----------------------------------------------------
+NEVER_IMPORTED = ("sqlalchemy", "torch", "open_clip", "timm", "torchvision", "ftfy")
+
+
+def imported_modules(stderr: str) -> set[str]:
+    """Top-level module names from ``python -X importtime`` output."""
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1].strip()
+            names.add(name.split(".")[0])
+    return names
+
+
+def test_cold_cli_search_imports_only_what_it_needs(
+    export_folder, random_checkpoint, model_cache, tmp_path
+):
+    from indexer.model.onnx_encoder import weights_identity
+    from indexer.store.catalog import ImageRecord
+    from indexer.store.library import Library
+
+    rng = np.random.default_rng(0)
+    with Library.open(tmp_path / "library", create=True) as library:
+        library.bind_model(weights_identity(random_checkpoint, model_cache))
+        vectors = rng.standard_normal((12, 512)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        records = [
+            ImageRecord(f"/photos/{i}.jpg", 1, 1, f"{i:064x}", vectors[i], 64, 48, "JPEG")
+            for i in range(12)
+        ]
+        library.index.add(np.asarray(library.catalog.commit_batch(records)), vectors)
+        library.checkpoint()
+    command = [sys.executable, "-X", "importtime", "-m", "retrieval.cli", "search", "a dog",
+               "--library", str(tmp_path / "library"), "--weights", str(random_checkpoint),
+               "-k", "3"]  # fmt: skip
+    env = {**os.environ, "CLIPDEX_CACHE": str(model_cache)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "/photos/" in done.stdout
+    imported = imported_modules(done.stderr)
+    assert "onnxruntime" in imported and "indexer" in imported  # the output is what we think
+    assert imported.isdisjoint(NEVER_IMPORTED), sorted(imported & set(NEVER_IMPORTED))

@@ -183,20 +183,19 @@ def open_collection(
     *,
     quiet: bool = False,
     read_only: bool = False,
+    single_query: bool = False,
 ) -> Collection:
-    """The front door over ``--library`` with the model the flags name (loaded lazily)."""
-    from retrieval.collection import Collection
+    """The front door over ``--library`` with the model the flags name (loaded lazily).
+
+    ``single_query``: this process embeds one text, then exits (``search``): the model
+    is set up to start fast rather than to run many times.
+    """
+    from retrieval.collection import Collection, EncoderLoader
 
     if quiet:  # e.g. the one-time ONNX export notice
         logging.getLogger("clipdex").setLevel(logging.ERROR)
-    return Collection.open(
-        library,
-        weights=weights,
-        device=device,
-        backend=backend,
-        cache_dir=cache_dir,
-        read_only=read_only,
-    )
+    loader = EncoderLoader(weights, device, backend, cache_dir, single_query=single_query)
+    return Collection.open(library, read_only=read_only, encoder=loader)
 
 
 def _value(choice: Enum | None) -> str | None:
@@ -311,7 +310,7 @@ def search(
         sort=sort.value,
     )
     photos = open_collection(
-        library, weights, device, backend, cache_dir, quiet=quiet, read_only=True
+        library, weights, device, backend, cache_dir, quiet=quiet, read_only=True, single_query=True
     )
     with photos:
         page = photos.search(query, like=like or (), unlike=unlike or (), options=options)

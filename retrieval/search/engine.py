@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import NotFound
-from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS, decode_for_model
 from indexer.model.identity import Encoder
 from indexer.store.library import Library
 from retrieval.search.cutoff import Cutoff
@@ -76,8 +75,10 @@ class SearchEngine:
         self,
         library: Library,
         encoder: Encoder | Callable[[], Encoder],
-        max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+        max_megapixels: float | None = None,
     ) -> None:
+        """``max_megapixels`` bounds the images a query decodes (None: the decoder's
+        default)."""
         self.library = library
         self._encoder = encoder
         self.max_megapixels = max_megapixels
@@ -161,12 +162,19 @@ def embed_text(encoder: Encoder, text: str) -> np.ndarray:
 def embed_image(
     encoder: Encoder,
     source: str | os.PathLike | bytes,
-    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    max_megapixels: float | None = None,
 ) -> np.ndarray:
-    """Unit vector of an image file or its bytes (decode errors are DecodeError)."""
+    """Unit vector of an image file or its bytes (decode errors are DecodeError).
+
+    ``max_megapixels``: None is the decoder's default. The decoder (Pillow) is imported
+    here, not with this module: a text query never needs it.
+    """
+    from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS, decode_for_model
+
     if not isinstance(source, bytes) and not Path(source).is_file():
         raise NotFound(f"no image file at {source}: pass an existing file or a photo id")
-    pixels, _ = decode_for_model(source, max_megapixels=max_megapixels)
+    limit = DEFAULT_MAX_MEGAPIXELS if max_megapixels is None else max_megapixels
+    pixels, _ = decode_for_model(source, max_megapixels=limit)
     return encoder.encode_images(pixels[None])[0]
 
 

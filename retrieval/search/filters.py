@@ -33,12 +33,16 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from indexer.paths import to_db
-from indexer.store.catalog import Catalog
 from retrieval.search.errors import QueryError
+
+if TYPE_CHECKING:  # either catalog kind: the SQLAlchemy one or the stdlib reader
+    from indexer.store.catalog import Catalog
+    from indexer.store.catalog_reader import CatalogReader
 
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX*\u00d7]\s*(\d{1,6})\s*$")
 _PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{1,2}))?$")
@@ -146,6 +150,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def parse_formats(values: Iterable[str]) -> tuple[str, ...]:
     """Format names or extensions (comma lists allowed) → Pillow format names."""
+    values = tuple(values)
+    if not values:
+        return ()  # without asking Pillow, whose plugin registry costs a query ~60 ms
     known = _known_formats()
     out: list[str] = []
     for value in values:
@@ -171,7 +178,7 @@ def folder_pattern(text: str, cwd: str | None = None) -> str:
     return os.path.normpath(os.path.join(base, value))
 
 
-def allowed_ids(catalog: Catalog, spec: ImageFilter) -> np.ndarray | None:
+def allowed_ids(catalog: Catalog | CatalogReader, spec: ImageFilter) -> np.ndarray | None:
     """The ids a query may return under ``spec``; None when nothing is filtered."""
     if spec.is_empty():
         return None
