@@ -77,7 +77,7 @@ def test_a_running_server_answers_from_the_catalog_repair_swapped_in(built, fake
         assert result_ids(client) == now
 
 
-def test_repair_waits_for_no_one_but_refuses_beside_a_writer(built, fake_encoder):
+def test_repair_refuses_to_run_beside_a_writer(built, fake_encoder):
     """Repair and indexing coordinate through the library's writer lock."""
     root, _ = built
     with Library.open(root) as writer:
