@@ -146,6 +146,14 @@ def test_library_opened_read_only_uses_the_reader(catalog_path):
         assert not library.refresh()
 
 
+def test_a_write_asked_of_the_reader_is_a_clear_error(both):
+    _, reader = both
+    with pytest.raises(LibraryError, match="opened read-only"):
+        reader.set_meta("model", "x")
+    with pytest.raises(AttributeError):
+        reader.no_such_method()
+
+
 def test_reads_while_a_writer_holds_a_transaction(catalog_path):
     writer = sqlite3.connect(catalog_path, isolation_level=None, timeout=1)
     writer.execute("BEGIN IMMEDIATE")

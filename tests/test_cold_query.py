@@ -4,7 +4,7 @@
   Runtime's optimisations off: the same outputs as the exported graph optimised on load; a
   damaged or foreign copy is made again; a read-only cache still answers.
 - The tokenizer imports ftfy only for a text ftfy could change.
-- ``python -m retrieval.cli search`` imports neither SQLAlchemy nor torch/open_clip nor ftfy.
+- ``python -m retrieval.cli search`` imports neither SQLAlchemy nor torch/open_clip, ftfy or Pillow.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def test_an_ascii_query_does_not_import_ftfy():
 
 
 # -- what a cold `clipdex search` imports -----------------------------------------------------
-NEVER_IMPORTED = ("sqlalchemy", "torch", "open_clip", "timm", "torchvision", "ftfy")
+NEVER_IMPORTED = ("sqlalchemy", "torch", "open_clip", "timm", "torchvision", "ftfy", "PIL")
 
 
 def imported_modules(stderr: str) -> set[str]:

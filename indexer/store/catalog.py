@@ -42,10 +42,17 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError, DisconnectionError, OperationalError
 
-from indexer.errors import DiskFull, LibraryDamaged, LibraryError
+from indexer.errors import LibraryDamaged, LibraryError
 from indexer.fsutil import file_key
-from indexer.model.identity import EMBED_DIM
 from indexer.paths import ESCAPE, from_db, to_db
+from indexer.store.catalog_reader import (  # the checks both catalog kinds share
+    blob_to_vector,
+    catalog_damage_message,
+    sound_stack,
+    sqlite_error,
+    sqlite_file_problem,
+    vector_is_sound,
+)
 
 SCHEMA_VERSION = 4  # == len(MIGRATIONS)
 metadata = MetaData()
@@ -192,63 +199,11 @@ def vector_to_blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
 
-def blob_to_vector(blob: bytes) -> np.ndarray:
-    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
-
-
-def vector_is_sound(blob: bytes | None, dim: int = EMBED_DIM) -> bool:
-    """Whether a stored vector blob is ``dim`` finite float32 of unit length."""
-    if not isinstance(blob, bytes) or len(blob) != 4 * dim:
-        return False
-    vector = blob_to_vector(blob)
-    return bool(np.isfinite(vector).all()) and abs(float(vector @ vector) - 1.0) < 1e-2
-
-
 def _real_path(mapping) -> dict:
     """A result row as a dict whose ``path`` is the real (OS) path again."""
     row = dict(mapping)
     row["path"] = from_db(row["path"])
     return row
-
-
-SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 10, 11, 13, 26  # primary codes
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-def _nearly_full(folder: Path) -> bool:
-    """Less than 1 MiB free where the library lives (the likely cause of an I/O error)."""
-    try:
-        fs = os.statvfs(folder)
-    except OSError:
-        return False
-    return fs.f_bavail * fs.f_frsize < 2**20
-
-
-def sqlite_file_problem(path: Path) -> str | None:
-    """What is visibly wrong with a SQLite file's header or length, or None.
-
-    The header's page count is trusted only when SQLite marks it valid (change counter ==
-    version-valid-for); a file shorter than that was truncated.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            header = handle.read(100)
-    except FileNotFoundError:
-        return None  # a new catalog
-    except OSError as exc:
-        return f"cannot read it: {exc.strerror or exc}"
-    if size == 0:
-        return None
-    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
-        return "not a SQLite database: the header is missing or overwritten"
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages = int.from_bytes(header[28:32], "big")
-    valid = header[24:28] == header[92:96]
-    if valid and pages and size < pages * page_size:
-        return f"shorter than its header says: {size} of {pages * page_size} bytes, truncated?"
-    return None
 
 
 def _now() -> dt.datetime:
@@ -317,28 +272,12 @@ class Catalog:
     def _translate_error(self, context) -> None:
         """SQLAlchemy ``handle_error`` hook: disk full and damage become typed, actionable."""
         original = context.original_exception
-        code = getattr(original, "sqlite_errorcode", None)
-        if code is None:
-            return
-        if code & 0xFF == SQLITE_FULL:
-            raise DiskFull.at(self.path.parent) from original
-        if code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
-            raise LibraryDamaged(self.damage_message(str(original)), str(original)) from original
-        if code & 0xFF == SQLITE_IOERR and _nearly_full(self.path.parent):
-            raise DiskFull.at(self.path.parent) from original  # SQLite hides the errno
-        if code & 0xFF == SQLITE_IOERR:
-            raise LibraryError(
-                f"cannot read or write the catalog {self.path} ({original}): the library keeps "
-                "its previous checkpoint; check the disk (free space, errors) and run again"
-            ) from original
+        typed = sqlite_error(self.path, getattr(original, "sqlite_errorcode", None), original)
+        if typed is not None:
+            raise typed from original
 
     def damage_message(self, detail: str) -> str:
-        root = self.path.parent
-        return (
-            f"the catalog {self.path} is damaged ({detail}): run `clipdex repair --library "
-            f"{root}` to salvage what is readable (add the photo folders to re-index the rest), "
-            "or restore catalog.sqlite from a backup"
-        )
+        return catalog_damage_message(self.path, detail)
 
     def _check_file(self) -> None:
         """Cheap checks on open: a SQLite header, and a file as long as it says it is."""
@@ -508,17 +447,9 @@ class Catalog:
         """Stored vectors as one (n, dim) array; LibraryDamaged if any is not a unit vector.
 
         The index is rebuilt from these, so a damaged blob must stop the rebuild rather than
-        become a wrong neighbour. Vectorised: this runs over every row on a rebuild.
+        become a wrong neighbour (:func:`~indexer.store.catalog_reader.sound_stack`).
         """
-        sizes = {len(b) if isinstance(b, bytes) else -1 for b in blobs}
-        if sizes == {4 * EMBED_DIM}:
-            vectors = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), EMBED_DIM)
-            norms = np.einsum("ij,ij->i", vectors, vectors)
-            if np.isfinite(norms).all() and (np.abs(norms - 1.0) < 1e-2).all():
-                return vectors.astype(np.float32)
-        bad = [i for i, b in zip(ids, blobs) if not vector_is_sound(b)]
-        detail = f"the stored vector of image {bad[0]} is invalid"
-        raise LibraryDamaged(self.damage_message(detail), detail)
+        return sound_stack(self.path, ids, blobs)
 
     def get_images(self, ids: Iterable[int]) -> dict[int, dict]:
         """Metadata rows (without vectors) for the given ids, keyed by id."""

@@ -34,6 +34,11 @@ READABLE_SCHEMAS = frozenset({3, 4})
 SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 10, 11, 13, 26  # primary codes
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _CHUNK = 500  # ids per IN (...) list, as the catalog does
+# The catalog's writes: asked of a reader, they are a typed error, not an AttributeError.
+CATALOG_WRITES = frozenset({
+    "set_meta", "bump_generation", "commit_batch", "delete_ids", "touch", "store_tags",
+    "forget_tagged", "forget_failures_under", "record_file_keys",
+})  # fmt: skip
 
 
 class ReaderUnavailable(Exception):
@@ -190,6 +195,15 @@ class CatalogReader:
 
     def damage_message(self, detail: str) -> str:
         return catalog_damage_message(self.path, detail)
+
+    def __getattr__(self, name: str):
+        """A write asked of the reader: say that the library was opened read-only."""
+        if name in CATALOG_WRITES:
+            raise LibraryError(
+                f"the library {self.path.parent} was opened read-only (for queries): "
+                "open it without read_only to change it"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- checks on open (as the catalog's) --------------------------------------------------
     def _check_file(self) -> None:
