@@ -17,6 +17,7 @@ from retrieval.search.engine import SearchEngine
 from retrieval.search.errors import QueryError
 from retrieval.search.options import SearchOptions
 from retrieval.search.query import QuerySyntaxError, Term, combine, describe, parse_query
+from tests.margins import assert_clear_order
 
 runner = CliRunner()
 
@@ -137,8 +138,11 @@ def test_text_search_uses_the_grammar(engine, fake_encoder):
     expected = l2_normalise(dog - cat)
     options = SearchOptions(k=6)
     by_grammar = [r.id for r in engine.search(engine.query_vector("dog - cat")[0], options).results]
-    by_vector = [r.id for r in engine.search(expected, options).results]
-    assert by_grammar == by_vector
+    reference = engine.search(expected, options).results
+    # Two code paths make the two query vectors: their orders agree only where no two
+    # scores are closer than rounding (measured: 4e-4 apart at the least).
+    assert_clear_order([r.score for r in reference])
+    assert by_grammar == [r.id for r in reference]
 
 
 # -- CLI ------------------------------------------------------------------------------------

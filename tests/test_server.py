@@ -310,7 +310,8 @@ def test_thumbnail_survives_a_read_only_cache(client, library):
 
 
 # -- index jobs -----------------------------------------------------------------------------
-def wait_for_job(client, url: str, timeout: float = 30.0) -> dict:
+def wait_for_job(client, url: str, timeout: float = 300.0) -> dict:
+    """Poll an index job until it ends; the deadline only stops a job that never would."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(url).json()

@@ -75,7 +75,7 @@ def test_hanging_and_crashing_files_cost_only_themselves(small_photos):
     pool = DecodePool(2, DecodeLimits(seconds=2.0), decoder=HOSTILE)
     started = time.monotonic()
     results = outcomes_by_name(pool, [hang, crash, *small_photos])
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 300  # not the hang's 600 s (normally ~3 s)
     assert "longer than 2 s to read and decode" in results["hang.png"].error
     assert "crashed" in results["crash.png"].error
     assert "SIGSEGV" in results["crash.png"].error
