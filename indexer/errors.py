@@ -4,7 +4,10 @@ Every error clipdex raises on purpose derives from :class:`ClipdexError`. Its me
 written for the user (it names the thing and says what to do); the CLI prints it on one
 line and exits 1, the REST app turns it into a JSON error with the status in
 ``http_status``. Nothing in ``indexer/`` knows about either edge: the status is a hint the
-edge may read.
+edge may read, and so is ``setting``, the name of the setting that would fix the problem
+(``"max_megapixels"``, ``"library"``, ``"weights"``, ``"backend"``, ``"device"``). Messages
+never spell a flag (an HTTP client has none); the CLI adds ``--max-megapixels`` itself, the
+server adds ``"setting"`` to its JSON error.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ class ClipdexError(Exception):
 
     code = "error"
     http_status = 400
+
+    def __init__(self, *args: object, setting: str | None = None) -> None:
+        super().__init__(*args)
+        self.setting = setting  # the setting (snake_case name) that would fix it, if one
 
 
 class ConfigError(ClipdexError):

@@ -88,7 +88,8 @@ def test_user_error_exits_1_with_one_line_and_no_traceback(fake_model, tmp_path)
     result = run("search", "dogs", "--library", str(tmp_path / "none"))
     assert result.exit_code == 1
     assert "Traceback" not in result.output
-    assert "clipdex index" in result.output
+    assert "index some photos" in result.output
+    assert "(--library)" in result.output  # the CLI spells the setting's flag
 
 
 def test_missing_path_to_index_is_exit_1(fake_model, tmp_path):

@@ -98,12 +98,13 @@ def test_missing_weights_file_says_what_to_download(tmp_path):
         load_encoder(tmp_path / "missing.bin")
 
 
-def test_offline_without_weights_says_which_flag(monkeypatch, tmp_path):
+def test_offline_without_weights_says_which_setting(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     encoder = load_encoder(None, device="cpu", backend="torch")
-    with pytest.raises(WeightsUnavailable, match="--weights"):
+    with pytest.raises(WeightsUnavailable, match="give that file as the weights") as caught:
         encoder.encode_texts(["hello"])
+    assert caught.value.setting == "weights"  # the CLI adds --weights, the server "setting"
 
 
 def test_garbage_checkpoint_is_a_clear_error(tmp_path):

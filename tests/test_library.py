@@ -30,8 +30,9 @@ def _store(library: Library, records: list[ImageRecord]) -> list[int]:
 
 
 def test_open_missing_library_says_how_to_create(tmp_path):
-    with pytest.raises(LibraryError, match="clipdex index"):
+    with pytest.raises(LibraryError, match="index some photos into it") as caught:
         Library.open(tmp_path / "nope")
+    assert caught.value.setting == "library"
 
 
 def test_stored_vectors_are_searchable_by_id(tmp_path):
@@ -70,8 +71,9 @@ def test_model_identity_is_bound_once_and_enforced(tmp_path):
     with Library.open(tmp_path / "lib", create=True) as library:
         library.bind_model(ModelIdentity(weights="sha256:aaa"))
         library.bind_model(ModelIdentity(weights="sha256:aaa"))
-        with pytest.raises(ModelMismatch, match="--weights"):
+        with pytest.raises(ModelMismatch, match="same weights") as caught:
             library.bind_model(ModelIdentity(weights="datacompdr"))
+        assert caught.value.setting == "weights"
 
 
 def test_second_writer_is_refused_clearly(tmp_path):

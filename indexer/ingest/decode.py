@@ -424,7 +424,8 @@ def _check_pixels(size: tuple[int, int], limit: float, max_mp: float, what: str)
     if width * height > limit:
         raise ImageTooLarge(
             f"{what} is {_megapixels(width * height)} megapixels ({width}x{height}), over the "
-            f"{max_mp:g} MP limit (raise with --max-megapixels)"
+            f"{max_mp:g} MP limit (raise the pixel limit to index it)",
+            setting="max_megapixels",
         )
 
 
@@ -821,7 +822,7 @@ def _reason_by_type(exc: BaseException, what: str, unsupported: str | None) -> s
         FileNotFoundError: "file not found",
         IsADirectoryError: "is a directory, not an image file",
         PermissionError: "permission denied (check the file's permissions)",
-        MemoryError: "out of memory while decoding (try a lower --max-megapixels)",
+        MemoryError: "out of memory while decoding (a lower pixel limit may help)",
         RecursionError: f"corrupt {what}: nesting too deep",
         TimeoutError: "decoding timed out",
         NotImplementedError: f"unsupported codec: {what}: {_first_line(exc)}",
@@ -838,7 +839,7 @@ def _bomb_reason(exc: BaseException) -> str:
     """Phrase Pillow's own DecompressionBombError (raised by a plugin while decoding)."""
     pixels = re.search(r"\((\d+) pixels\)", str(exc))
     size = _megapixels(int(pixels.group(1))) if pixels else "too many"
-    return f"image is {size} megapixels, over the pixel limit (raise with --max-megapixels)"
+    return f"image is {size} megapixels, over the pixel limit (raise it to index the file)"
 
 
 def _reason_by_text(exc: BaseException, text: str, what: str) -> str | None:

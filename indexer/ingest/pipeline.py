@@ -309,7 +309,7 @@ def _unstable(found: FoundFile) -> str | None:
     if found.inode is not None:  # replaced by another file with the same size and mtime?
         now += file_key(stat)
     if now != (found.size, found.mtime_ns, found.device, found.inode)[: len(now)]:
-        return "the file changed while being indexed: run `clipdex index` again once it is complete"
+        return "the file changed while being indexed: index it again once it is complete"
     return None
 
 

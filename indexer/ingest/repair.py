@@ -82,7 +82,10 @@ def repair_library(
     """Check and rebuild the library at ``root``; see the module docstring for the steps."""
     root = Path(root).expanduser()
     if not Library.exists(root):
-        raise LibraryError(f"no clipdex library at {root}: nothing to repair (check --library)")
+        raise LibraryError(
+            f"no clipdex library at {root}: nothing to repair (check the library folder)",
+            setting="library",
+        )
     report = RepairReport()
     handle = take_lock(root)
     try:

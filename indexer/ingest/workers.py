@@ -131,7 +131,7 @@ def _read_failure(exc: OSError, path: str) -> str:
 def _memory_failure(limits: DecodeLimits) -> str:
     return (
         f"decoding needs more than {limits.memory_mb} MB, the per-file memory limit "
-        "(lower --max-megapixels, or the file is hostile)"
+        "(a lower pixel limit may help, or the file is hostile)"
     )
 
 

@@ -43,12 +43,15 @@ def load_encoder(
 def resolve_backend(backend: str = "auto", device: str = "auto") -> str:
     """``torch`` or ``onnx`` for a requested backend and device; never imports torch on a CPU."""
     if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        raise ConfigError(
+            f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}", setting="backend"
+        )
     if backend == "onnx":
         if device not in ("auto", "cpu"):
             raise ConfigError(
-                f"--backend onnx runs on the CPU, not on {device}: use --backend torch "
-                f"--device {device}, or --device cpu"
+                f"the onnx backend runs on the CPU, not on {device}: choose the torch backend "
+                f"for {device}, or the cpu device",
+                setting="backend",
             )
         return "onnx"
     if backend == "torch":

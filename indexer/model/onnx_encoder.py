@@ -160,9 +160,9 @@ def _export_in_child(weights: Path | None, identity: ModelIdentity, folder: Path
         tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
         message = (
             f"the ONNX export of {identity.name} failed ({tail[0][:200]}): "
-            "retry, or use --backend torch"
+            "retry, or choose the torch backend"
         )
-    raise WeightsUnavailable(message)
+    raise WeightsUnavailable(message, setting="backend")
 
 
 # -- the encoder ------------------------------------------------------------------------------
@@ -181,7 +181,9 @@ class OnnxEncoder:
     ) -> None:
         self.weights = Path(weights) if weights else None
         if self.weights is not None and not self.weights.is_file():
-            raise WeightsUnavailable(f"weights file {weights} does not exist: {weights_help()}")
+            raise WeightsUnavailable(
+                f"weights file {weights} does not exist: {weights_help()}", setting="weights"
+            )
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.threads = threads
         self.single_query = single_query

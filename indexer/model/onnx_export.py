@@ -165,7 +165,8 @@ def _verify(tower, which: str, name: str, path: Path) -> dict:
     if not (cosine >= MIN_COSINE and relative <= MAX_RELATIVE_ERROR):
         raise WeightsUnavailable(
             f"the ONNX export of the {which} tower does not match torch (cosine {cosine:.6f}, "
-            f"error {relative:.1%} of the probe spread): use --backend torch"
+            f"error {relative:.1%} of the probe spread): choose the torch backend",
+            setting="backend",
         )
     return {"cosine": cosine, "relative_error": relative}
 

@@ -57,7 +57,10 @@ def resolve_device(device: str = "auto") -> str:
             return "mps"
         return "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
+        raise ConfigError(
+            "the cuda device was asked for, but torch sees no CUDA GPU: choose the cpu device",
+            setting="device",
+        )
     return device
 
 
@@ -65,7 +68,7 @@ def weights_help() -> str:
     """How to get the weights without a network, for error messages."""
     return (
         f"download {HF_FILE} from https://huggingface.co/{HF_REPO} "
-        "and pass it with --weights FILE (or set CLIPDEX_WEIGHTS)"
+        "and give that file as the weights"
     )
 
 
@@ -75,7 +78,9 @@ def build_model(weights: Path | None):
     from timm.utils import reparameterize_model
 
     if weights is not None and not Path(weights).is_file():
-        raise WeightsUnavailable(f"weights file {weights} does not exist: {weights_help()}")
+        raise WeightsUnavailable(
+            f"weights file {weights} does not exist: {weights_help()}", setting="weights"
+        )
     pretrained = str(weights) if weights is not None else DEFAULT_PRETRAINED
     try:
         model = open_clip.create_model(ARCHITECTURE, pretrained=pretrained)
@@ -83,7 +88,8 @@ def build_model(weights: Path | None):
         source = f"weights file {weights}" if weights else f"weights '{DEFAULT_PRETRAINED}'"
         raise WeightsUnavailable(
             f"could not load {ARCHITECTURE} {source} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): {weights_help()}"
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): {weights_help()}",
+            setting="weights",
         ) from exc
     model.eval()
     reparameterize_model(model, inplace=True)
@@ -99,7 +105,9 @@ class TorchEncoder:
         self.weights = Path(weights) if weights else None
         self.requested_device = device
         if self.weights is not None and not self.weights.is_file():
-            raise WeightsUnavailable(f"weights file {weights} does not exist: {weights_help()}")
+            raise WeightsUnavailable(
+                f"weights file {weights} does not exist: {weights_help()}", setting="weights"
+            )
         # The identity is known without loading the model, so an up-to-date library is
         # checked (and an unchanged folder re-indexed) without paying for torch.
         self.identity = (

@@ -86,9 +86,9 @@ def catalog_damage_message(path: Path, detail: str) -> str:
     """The user's message for a damaged catalog: what is wrong and how to repair it."""
     root = path.parent
     return (
-        f"the catalog {path} is damaged ({detail}): run `clipdex repair --library "
-        f"{root}` to salvage what is readable (add the photo folders to re-index the rest), "
-        "or restore catalog.sqlite from a backup"
+        f"the catalog {path} is damaged ({detail}): run `clipdex repair` on the library "
+        f"{root} to salvage what is readable (add the photo folders to re-index the rest), "
+        f"or restore {path.name} from a backup"
     )
 
 

@@ -117,8 +117,9 @@ class Library:
         if not cls.exists(root):
             if not create:
                 raise LibraryError(
-                    f"no clipdex library at {root}: run `clipdex index PATH --library {root}` "
-                    "first, or pass the right --library"
+                    f"no clipdex library at {root}: index some photos into it first, or "
+                    "choose the right library folder",
+                    setting="library",
                 )
             try:
                 root.mkdir(parents=True, exist_ok=True)
@@ -168,7 +169,8 @@ class Library:
         if stored is not None and stored != identity:
             raise ModelMismatch(
                 f"the library {self.root} was built with {stored.name}, not {identity.name}: "
-                "pass the same weights (--weights) as when it was built, or use another --library"
+                "use the same weights as when it was built, or another library",
+                setting="weights",
             )
 
     # -- consistency --------------------------------------------------------------------

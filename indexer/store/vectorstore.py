@@ -149,8 +149,8 @@ def make_stamp(kind: str, count: int, dim: int, size: int, crc32: int) -> dict:
 def damage_message(path: Path, problem: str) -> str:
     """The user-facing message for a damaged index file: what, and that it is rebuildable."""
     return (
-        f"the vector index {path} is damaged ({problem}): run `clipdex repair --library "
-        f"{path.parent}` to rebuild it from the catalog"
+        f"the vector index {path} is damaged ({problem}): run `clipdex repair` on the library "
+        f"{path.parent} to rebuild it from the catalog"
     )
 
 

@@ -142,7 +142,7 @@ def cli_command(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except ClipdexError as exc:
-            fail(str(exc))
+            fail(cli_message(exc))
         except KeyboardInterrupt:
             stderr.print("interrupted: the library keeps its last checkpoint")
             raise typer.Exit(130) from None
@@ -153,6 +153,17 @@ def cli_command(func: Callable[..., Any]) -> Callable[..., Any]:
 def fail(message: str) -> None:
     stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+def cli_message(exc: ClipdexError) -> str:
+    """A domain error's message, plus the flag of the setting that fixes it (``--weights``).
+
+    The indexer words its errors without flags (an HTTP client has none) and names the
+    setting in ``exc.setting``; every setting is the flag of the same name here.
+    """
+    if not exc.setting:
+        return str(exc)
+    return f"{exc} (--{exc.setting.replace('_', '-')})"
 
 
 def emit_json(document: Any) -> None:

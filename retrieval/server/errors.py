@@ -131,7 +131,10 @@ async def clipdex_error(request: Request, exc: ClipdexError) -> JSONResponse:
     headers = {"Retry-After": "5"} if exc.http_status == 503 else None
     if isinstance(exc, Unauthorized):
         headers = {"WWW-Authenticate": "Bearer"}
-    return error_response(request, exc.http_status, exc.code, str(exc), headers)
+    body = error_body(request, exc.http_status, exc.code, str(exc))
+    if exc.setting:  # the server setting that would fix it, e.g. "max_megapixels"
+        body["error"]["setting"] = exc.setting
+    return JSONResponse(body, exc.http_status, headers=headers)
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -10,6 +10,10 @@ from pydantic import BaseModel, Field
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. not_found, too_large.")
     message: str = Field(description="What went wrong and what to do, for a person.")
+    setting: str | None = Field(
+        None,
+        description="The server setting that would fix it (e.g. max_megapixels), when one does.",
+    )
 
 
 class ErrorResponse(BaseModel):
