@@ -9,6 +9,7 @@ written for (a schema to migrate, or one from a newer clipdex) goes to the full 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sqlite3
 from pathlib import Path
 
@@ -144,6 +145,27 @@ def test_library_opened_read_only_uses_the_reader(catalog_path):
         assert isinstance(library.catalog, CatalogReader)
         assert library.index.mmapped and len(library.index) == 23
         assert not library.refresh()
+
+
+def test_a_replaced_catalog_is_read_again_read_only(catalog_path, tmp_path):
+    """`clipdex repair` renames a salvaged catalog in: a reading library opens the new file."""
+    root = catalog_path.parent
+    with Library.open(root) as library:
+        library.checkpoint()
+    salvaged = tmp_path / "salvaged.sqlite"
+    with sqlite3.connect(catalog_path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    salvaged.write_bytes(catalog_path.read_bytes())
+    with sqlite3.connect(salvaged) as conn:
+        conn.execute("DELETE FROM images WHERE id > 5")
+        conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+    conn.close()
+    with Library.open(root, read_only=True) as library:
+        os.replace(salvaged, catalog_path)
+        assert library.refresh()
+        assert isinstance(library.catalog, CatalogReader)
+        assert library.catalog.count() == 5 and len(library.index) == 5
 
 
 def test_a_write_asked_of_the_reader_is_a_clear_error(both):

@@ -220,7 +220,7 @@ class Library:
         index, reconciled with it: ids of the replaced catalog are not served again."""
         old = self.catalog
         identity = file_identity(old.path)
-        self.catalog = type(old)(old.path)
+        self.catalog = open_catalog(old.path, read_only=getattr(old, "read_only", False))
         self._catalog_file = identity
         old.close()
         self.index_generation, self.index = _load_latest(self.root, mmap=False)
