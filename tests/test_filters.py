@@ -150,6 +150,7 @@ def test_folder_filters_literal_and_glob(library):
             record("/photos/[odd]/e.jpg", v[4]),
         ],
     )
+    store(library, [record("/photos/o/f.jpg", v[0]), record("/photos/d/g.jpg", v[1])])
     assert _paths(library, ImageFilter(folders=("/photos/2019",))) == {"/photos/2019/trip/a.jpg"}
     assert _paths(library, ImageFilter(folders=("/photos/2019*",))) == {
         "/photos/2019/trip/a.jpg",
@@ -163,9 +164,32 @@ def test_folder_filters_literal_and_glob(library):
         "/photos/2020/c.jpg",
         "/other/2019/d.jpg",
     }
-    # A folder name with glob characters given literally is... a glob; quote-free users
-    # get it by the literal prefix only when it has no *, ? or [:
-    assert _paths(library, ImageFilter(folders=("/photos/[[]odd]",))) == {"/photos/[odd]/e.jpg"}
+    # Only * and ? are wildcards: brackets are the folder's own characters, not a class.
+    assert _paths(library, ImageFilter(folders=("/photos/[odd]",))) == {"/photos/[odd]/e.jpg"}
+    assert _paths(library, ImageFilter(folders=("/photos/[od*",))) == {"/photos/[odd]/e.jpg"}
+    assert _paths(library, ImageFilter(folders=("/photos/[od]",))) == set()  # not o or d
+
+
+def test_a_folder_named_with_brackets_or_wildcards_matches_itself(library, tmp_path):
+    """`--in 'Trip [2019]'` is that folder; a name holding ? or * still matches itself."""
+    v = vectors(5)
+    trip = tmp_path / "Trip [2019]"
+    odd = tmp_path / "what? *really*"
+    store(
+        library,
+        [
+            record(f"{trip}/a.jpg", v[0]),
+            record(f"{tmp_path}/Trip 2/b.jpg", v[1]),
+            record(f"{tmp_path}/Trip [2019] extra/c.jpg", v[2]),
+            record(f"{odd}/d.jpg", v[3]),
+        ],
+    )
+    for typed, cwd in ((str(trip), None), ("Trip [2019]", str(tmp_path))):
+        spec = build_filter(FilterArgs(folders=(typed,)), cwd=cwd)
+        assert _paths(library, spec) == {f"{trip}/a.jpg"}
+    spec = build_filter(FilterArgs(folders=("Trip [2019]*",)), cwd=str(tmp_path))
+    assert _paths(library, spec) == {f"{trip}/a.jpg", f"{tmp_path}/Trip [2019] extra/c.jpg"}
+    assert _paths(library, ImageFilter(folders=(str(odd),))) == {f"{odd}/d.jpg"}
 
 
 def test_camera_size_and_format_filters(library):

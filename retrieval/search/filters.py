@@ -9,8 +9,9 @@ The flags (CLI and REST alike)::
     --in FOLDER_GLOB               photos anywhere under a folder, or under any folder the
                                    glob matches ('*/2019*', '~/Pictures/trips/*'); relative
                                    folders are taken from the current directory; repeatable
-                                   (any). A name holding *, ? or [ is read as a glob (SQLite
-                                   GLOB: write a literal [ as [[]).
+                                   (any). Only * and ? are wildcards: [ and ] are plain
+                                   characters, so 'Trip [2019]' is that folder and every
+                                   folder name, given as it is, matches at least itself.
     --camera TEXT                  every word occurs in "make model", any case ("iphone",
                                    "nikon d750").
     --min-size WxH                 at least this big in either orientation: the long side
@@ -205,7 +206,10 @@ _CAPTURE_JULIAN = (
     "julianday(images.mtime_ns / 1000000000.0, 'unixepoch', 'localtime'))"
 )
 _CAMERA = "(coalesce(images.camera_make, '') || ' ' || coalesce(images.camera_model, ''))"
-_GLOB_CHARS = set("*?[")
+# Only * and ? make a folder a glob. SQLite GLOB also reads [...] as a character class,
+# but real folders are named "Trip [2019]" far more often than anyone wants a class, so [
+# is escaped ([[]) and stays literal: any folder name, typed as it is, matches itself.
+_GLOB_CHARS = set("*?")
 
 
 def filter_sql(spec: ImageFilter) -> tuple[str, list[object]]:
@@ -247,7 +251,7 @@ def _folder_condition(folder: str, params: list[object]) -> str:
     """SQL for "the path lies under ``folder``", appending its parameters to ``params``."""
     folder = to_db(folder)
     if _GLOB_CHARS & set(folder):
-        params.append(folder.rstrip("/") + "/*")
+        params.append(folder.rstrip("/").replace("[", "[[]") + "/*")
         return "images.path GLOB ?"
     prefix = folder.rstrip("/") + "/"
     params.extend([len(prefix), prefix])
