@@ -110,7 +110,7 @@ def build_random_checkpoint(path: Path) -> Path:
 
 def build_library(root: Path, count: int, weights: Path, cache: Path) -> Path:
     """A library of ``count`` synthetic images (random unit vectors) bound to ``weights``."""
-    if (root / "catalog.sqlite").exists():
+    if Library.exists(root):
         return root
     rng = np.random.default_rng(0)
     with Library.open(root, create=True) as library:
