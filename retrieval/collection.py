@@ -169,8 +169,7 @@ class Collection:
         if self._engine is None:
             from retrieval.search.engine import SearchEngine
 
-            limit = {} if self.max_megapixels is None else {"max_megapixels": self.max_megapixels}
-            self._engine = SearchEngine(self.library, lambda: self.encoder, **limit)
+            self._engine = SearchEngine(self.library, lambda: self.encoder, **self._limits())
         return self._engine
 
     def _open_library(self, create: bool = False) -> Library:
@@ -362,8 +361,11 @@ class Collection:
         """The unit vector of an image file or image bytes (no library needed)."""
         from retrieval.search.engine import embed_image
 
-        limit = {} if self.max_megapixels is None else {"max_megapixels": self.max_megapixels}
-        return embed_image(self.encoder, source, **limit)
+        return embed_image(self.encoder, source, **self._limits())
+
+    def _limits(self) -> dict:
+        """The decode limit to pass on, when the caller set one."""
+        return {} if self.max_megapixels is None else {"max_megapixels": self.max_megapixels}
 
 
 class EncoderLoader:
