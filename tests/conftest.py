@@ -1,7 +1,8 @@
-"""Shared fixtures: isolated library dirs, a fake encoder, a random-weights checkpoint.
+"""Shared fixtures: isolated library dirs, a fake encoder, random-weights checkpoints.
 
-The random-weights MobileCLIP-S2 checkpoint is the real architecture saved once per session
-and loaded through the product's real ``--weights`` path (shared/DESIGN.md). A fake,
+The MobileCLIP-S2 checkpoints are the real architecture saved once per session and loaded
+through the product's real ``--weights`` path (shared/DESIGN.md); ``spread_checkpoint``
+(centred projection heads) is the one for tests that rank. A fake,
 deterministic encoder stands in where the model is not what a test is about.
 """
 
@@ -93,7 +94,11 @@ def fake_encoder() -> FakeEncoder:
 
 @pytest.fixture(scope="session")
 def random_checkpoint(tmp_path_factory) -> Path:
-    """The real MobileCLIP-S2 architecture with random weights, saved once per session."""
+    """The real MobileCLIP-S2 architecture with plain random weights, saved once per session.
+
+    Every input maps to nearly one direction with these (cosine ~0.99998): use
+    ``spread_checkpoint`` for anything that ranks or compares embeddings.
+    """
     torch = pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
     torch.manual_seed(0)
@@ -101,6 +106,22 @@ def random_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "mobileclip_s2_random.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def spread_checkpoint(tmp_path_factory) -> Path:
+    """The real MobileCLIP-S2 architecture, random trunk, projection heads centred so that
+    embeddings depend on the input (tests/spread.py), saved once per session.
+
+    Load it through the product's ``--weights`` path like any checkpoint. Unrelated photos
+    score far apart and a resized copy stays near its original, so a ranking test is decided
+    by the images, not by float noise (tests/test_spread.py measures it).
+    """
+    pytest.importorskip("torch")
+    pytest.importorskip("open_clip")
+    from tests.spread import write_spread_checkpoint
+
+    return write_spread_checkpoint(tmp_path_factory.mktemp("weights") / "mobileclip_s2_spread.pt")
 
 
 @pytest.fixture

@@ -1,5 +1,9 @@
 """The real MobileCLIP-S2 architecture (random weights) through the product's --weights path.
 
+The weights are the spread checkpoint (tests/spread.py): with plain random weights every
+input embeds to nearly one direction and a cosine of 0.999 against the reference would hold
+for any photo, right or wrong.
+
 Fidelity is checked against an independent reference: open_clip's own model and transform
 (MobileCLIP preprocessing given explicitly, full decode, no re-parameterisation).
 """
@@ -28,23 +32,23 @@ TEXTS = ["a dog on the beach", "Sunset über dem Meer 🌅", "", "x" * 500]
 
 
 @pytest.fixture(scope="module")
-def torch_encoder(random_checkpoint):
-    return load_encoder(random_checkpoint, device="cpu", backend="torch")
+def torch_encoder(spread_checkpoint):
+    return load_encoder(spread_checkpoint, device="cpu", backend="torch")
 
 
 @pytest.fixture(scope="module", params=["torch", "onnx"])
-def encoder(request, random_checkpoint, model_cache):
+def encoder(request, spread_checkpoint, model_cache):
     """The product's encoder on each backend (onnx is the CPU default)."""
     return load_encoder(
-        random_checkpoint, device="cpu", backend=request.param, cache_dir=model_cache
+        spread_checkpoint, device="cpu", backend=request.param, cache_dir=model_cache
     )
 
 
 @pytest.fixture(scope="module")
-def reference(random_checkpoint):
+def reference(spread_checkpoint):
     model, _, preprocess = open_clip.create_model_and_transforms(
         "MobileCLIP-S2",
-        pretrained=str(random_checkpoint),
+        pretrained=str(spread_checkpoint),
         image_mean=(0.0, 0.0, 0.0),
         image_std=(1.0, 1.0, 1.0),
         image_interpolation="bilinear",
