@@ -2,7 +2,7 @@
 
 The Python API (the front door the CLI, the server and the tests use)::
 
-    from retrieval import Collection, SearchOptions
+    from retrieval import Collection, IndexOptions, SearchOptions
 
 Names load on first use (module ``__getattr__``), so ``import retrieval`` stays cheap.
 
@@ -21,6 +21,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from indexer.ingest.pipeline import IndexOptions
     from retrieval.collection import Collection, CollectionInfo
     from retrieval.search.engine import SearchPage, SearchResult
     from retrieval.search.options import SearchOptions
@@ -28,12 +29,20 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "Collection": "retrieval.collection",
     "CollectionInfo": "retrieval.collection",
+    "IndexOptions": "indexer.ingest.pipeline",
     "SearchOptions": "retrieval.search.options",
     "SearchPage": "retrieval.search.engine",
     "SearchResult": "retrieval.search.engine",
 }
 
-__all__ = ["Collection", "CollectionInfo", "SearchOptions", "SearchPage", "SearchResult"]
+__all__ = [
+    "Collection",
+    "CollectionInfo",
+    "IndexOptions",
+    "SearchOptions",
+    "SearchPage",
+    "SearchResult",
+]
 
 
 def __getattr__(name: str) -> Any:
