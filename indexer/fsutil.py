@@ -7,6 +7,16 @@ import tempfile
 from pathlib import Path
 
 
+def child_pythonpath() -> str:
+    """``PYTHONPATH`` for a child process (decode workers, the ONNX export) to import this copy.
+
+    The folder holding the ``indexer`` package goes first, so a child imports the very code
+    that started it, installed or run from a checkout, wherever its modules sit.
+    """
+    root = str(Path(__file__).resolve().parents[1])  # this file is indexer/fsutil.py
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 

@@ -26,6 +26,7 @@ Starlette and uvicorn only in the server; typer and rich only in the CLI.
 from __future__ import annotations
 
 import ast
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,3 +266,11 @@ def test_checker_finds_a_violation(module, source):
 )
 def test_checker_allows_downward_imports(module, source):
     assert not _check(module, source)
+
+
+def test_child_processes_import_this_copy_of_the_packages():
+    """Decode workers and the ONNX export child get the folder holding ``indexer`` first."""
+    from indexer.fsutil import child_pythonpath
+
+    first = Path(child_pythonpath().split(os.pathsep)[0])
+    assert first == ROOT and (first / "indexer" / "__init__.py").is_file()

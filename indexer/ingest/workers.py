@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import ClipdexError
+from indexer.fsutil import child_pythonpath
 from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS, decode_for_model, describe_failure
 from indexer.ingest.discover import FoundFile
 
@@ -243,8 +244,7 @@ class _Worker:
 
 def _worker_env() -> dict[str, str]:
     """The child sees this checkout's packages and stays single-threaded and lean."""
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    path = child_pythonpath()
     single = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     return {**os.environ, **single, "PYTHONPATH": path, "MALLOC_ARENA_MAX": "2"}
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import WeightsUnavailable
-from indexer.fsutil import write_atomic
+from indexer.fsutil import child_pythonpath, write_atomic
 from indexer.model.identity import DEFAULT_PRETRAINED, ModelIdentity, l2_normalise
 from indexer.model.torch_encoder import (
     weights_help,  # torch_encoder imports torch only when it runs
@@ -148,21 +148,20 @@ def _export_in_child(weights: Path | None, identity: ModelIdentity, folder: Path
     command = [sys.executable, "-m", "indexer.model.onnx_export", str(folder), identity.to_json()]
     if weights is not None:
         command.append(str(weights))
-    root = str(Path(__file__).resolve().parents[1])  # this checkout, installed or not
-    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": pythonpath}
+    env = {**os.environ, "PYTHONPATH": child_pythonpath()}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode == 0:
         return
     lines = done.stdout.strip().splitlines()
-    message = json.loads(lines[-1]).get("message") if lines and lines[-1].startswith("{") else None
+    reported = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    message = reported.get("message")
     if not message:
         tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
         message = (
             f"the ONNX export of {identity.name} failed ({tail[0][:200]}): "
             "retry, or choose the torch backend"
         )
-    raise WeightsUnavailable(message, setting="backend")
+    raise WeightsUnavailable(message, setting=reported.get("setting") or "backend")
 
 
 # -- the encoder ------------------------------------------------------------------------------

@@ -217,7 +217,8 @@ def main(argv: list[str]) -> int:
     try:
         export_locked(weights, identity, folder)
     except ClipdexError as exc:
-        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+        reported = {"error": type(exc).__name__, "message": str(exc), "setting": exc.setting}
+        print(json.dumps(reported))
         return 1
     return 0
 
