@@ -1,14 +1,16 @@
 """The ONNX Runtime backend: export + verification, fidelity to torch, the cache, no torch.
 
-The towers are exported from the real MobileCLIP-S2 architecture (random weights) through
-the product's own path, once for this module, into a cache of its own: the first test to
-use it pays the export (in a child process) and the rest reuse it.
+The towers are exported from the real MobileCLIP-S2 architecture (the spread random-weights
+checkpoint, tests/spread.py) through the product's own path, once for this module, into a
+cache of its own: the first test to use it pays the export (in a child process) and the
+rest reuse it.
 
-With random weights every image embeds to nearly the same direction (cosine ~0.99998
-between unrelated photos), so a plain cosine threshold proves little. Fidelity tests also
-measure the error against how far apart different inputs embed, or compare *centred*
-embeddings (the set's mean removed), which tell photos apart (median centred cosine between
-distinct photos ~ -0.1); both say the same thing with real weights.
+With plain random weights every image embeds to nearly the same direction (cosine ~0.99998
+between unrelated photos), so a plain cosine threshold would prove little; the spread
+checkpoint puts unrelated photos far apart, so a cosine of 0.9999 between backends means
+what it says. Fidelity tests also measure the error against how far apart different inputs
+embed, or compare *centred* embeddings (the set's mean removed); both say the same thing
+with real weights.
 """
 
 from __future__ import annotations
@@ -48,13 +50,13 @@ def onnx_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_export(random_checkpoint, onnx_cache) -> dict:
+def first_export(spread_checkpoint, onnx_cache) -> dict:
     """Export in a fresh process through OnnxEncoder; report what that process imported."""
     report = run_python(
         f"""
         from pathlib import Path
         from indexer.model.onnx_encoder import OnnxEncoder
-        encoder = OnnxEncoder(Path({str(random_checkpoint)!r}), cache_dir=Path({str(onnx_cache)!r}))
+        encoder = OnnxEncoder(Path({str(spread_checkpoint)!r}), cache_dir=Path({str(onnx_cache)!r}))
         vector = encoder.encode_texts(["a dog"])[0]
         result = {{"norm": float((vector ** 2).sum())}}
         """,
@@ -64,14 +66,14 @@ def first_export(random_checkpoint, onnx_cache) -> dict:
 
 
 @pytest.fixture(scope="module")
-def onnx_encoder(first_export, random_checkpoint, onnx_cache) -> OnnxEncoder:
-    return OnnxEncoder(random_checkpoint, cache_dir=onnx_cache)
+def onnx_encoder(first_export, spread_checkpoint, onnx_cache) -> OnnxEncoder:
+    return OnnxEncoder(spread_checkpoint, cache_dir=onnx_cache)
 
 
 @pytest.fixture(scope="module")
-def torch_encoder(random_checkpoint):
+def torch_encoder(spread_checkpoint):
     pytest.importorskip("open_clip")
-    return load_encoder(random_checkpoint, device="cpu", backend="torch")
+    return load_encoder(spread_checkpoint, device="cpu", backend="torch")
 
 
 def run_python(body: str, cache: Path) -> dict:
@@ -138,8 +140,8 @@ def test_export_is_verified_and_complete(onnx_encoder, onnx_cache):
     assert onnx_encoder.logit_scale == pytest.approx(1 / 0.07, rel=1e-4)
 
 
-def test_cached_export_is_reused_without_torch(first_export, random_checkpoint, onnx_cache):
-    identity = weights_identity(random_checkpoint, onnx_cache)
+def test_cached_export_is_reused_without_torch(first_export, spread_checkpoint, onnx_cache):
+    identity = weights_identity(spread_checkpoint, onnx_cache)
     meta_file = export_dir(identity, onnx_cache) / META_FILE
     before = meta_file.stat()
     report = run_python(
@@ -148,7 +150,7 @@ def test_cached_export_is_reused_without_torch(first_export, random_checkpoint, 
         import numpy as np
         from indexer.model.encoders import load_encoder
         encoder = load_encoder(
-            Path({str(random_checkpoint)!r}), backend="onnx", cache_dir=Path({str(onnx_cache)!r})
+            Path({str(spread_checkpoint)!r}), backend="onnx", cache_dir=Path({str(onnx_cache)!r})
         )
         images = encoder.encode_images(np.full((2, 3, 256, 256), 0.5, np.float32))
         texts = encoder.encode_texts(["a cat", "two dogs"])
@@ -173,14 +175,14 @@ def test_incomplete_export_folder_is_not_trusted(onnx_encoder, onnx_cache, tmp_p
     assert read_export(source, onnx_encoder.identity) is not None
 
 
-def test_checkpoint_hash_is_remembered_across_processes(random_checkpoint, tmp_path, monkeypatch):
+def test_checkpoint_hash_is_remembered_across_processes(spread_checkpoint, tmp_path, monkeypatch):
     import indexer.model.onnx_encoder as module
 
-    first = weights_identity(random_checkpoint, tmp_path)
+    first = weights_identity(spread_checkpoint, tmp_path)
     monkeypatch.setattr(module, "_sha256_file", lambda path: pytest.fail("hashed twice"))
-    assert weights_identity(random_checkpoint, tmp_path) == first
+    assert weights_identity(spread_checkpoint, tmp_path) == first
     copy = tmp_path / "copy.pt"
-    copy.write_bytes(random_checkpoint.read_bytes())
+    copy.write_bytes(spread_checkpoint.read_bytes())
     monkeypatch.setattr(module, "_sha256_file", lambda path: "0" * 64)
     assert weights_identity(copy, tmp_path).weights == "sha256:" + "0" * 64  # new file: hashed
 
