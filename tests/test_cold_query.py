@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,15 @@ def _garble_graph(target: Path) -> None:
     )
 
 
+def test_graphs_of_other_onnxruntime_versions_are_dropped(export_folder):
+    _features(export_folder)
+    old = optimised_dir(export_folder, "0.0.1")
+    shutil.copytree(_target(export_folder), old)
+    shutil.rmtree(_target(export_folder))
+    _features(export_folder)  # made again for this version; the other one goes
+    assert _target(export_folder).is_dir() and not old.exists()
+
+
 def _foreign_stamp(target: Path) -> None:
     stamp = json.loads((target / OPTIMISED_STAMP).read_text())
     (target / OPTIMISED_STAMP).write_text(json.dumps({**stamp, "onnxruntime": "0.0.1"}))
@@ -110,8 +120,6 @@ def test_damaged_or_foreign_optimised_graph_is_made_again(export_folder, damage)
 
 
 def test_read_only_cache_still_answers(export_folder, monkeypatch):
-    import shutil
-
     expected = _reference(export_folder)
     shutil.rmtree(_target(export_folder))
 

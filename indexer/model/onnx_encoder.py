@@ -362,6 +362,16 @@ def _stamp_and_place(staging: Path, target: Path, version: str) -> None:
         os.rename(staging, target)
     except OSError as exc:  # e.g. another process placed it first: theirs is as good
         log.debug("optimised text graph not saved to %s: %s", target, exc)
+        return
+    _drop_other_optimised(target)
+
+
+def _drop_other_optimised(target: Path) -> None:
+    """Delete the optimised graphs other ONNX Runtime versions left (~250 MB each)."""
+    prefix = target.name.rsplit("-ort", 1)[0] + "-ort"
+    for other in target.parent.glob(prefix + "*"):
+        if other.is_dir() and other != target:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _fsync_file(path: Path) -> None:
