@@ -148,6 +148,21 @@ def test_shipped_vocab_is_openais(reference):
     assert gzip.decompress(upstream.read_bytes()) == gzip.decompress(shipped.read_bytes())
 
 
+def test_merges_are_pairs_and_make_distinct_tokens():
+    """What the tokenizer's id arithmetic rests on: a merge's token has id 512 + its rank."""
+    from indexer.model.tokenizer import _MERGE_COUNT, _SPECIALS, _byte_alphabet
+
+    shipped = ROOT / "indexer" / "model" / "assets" / VOCAB_FILE
+    lines = gzip.decompress(shipped.read_bytes()).decode("utf-8").split("\n")
+    merges = lines[1 : _MERGE_COUNT + 1]
+    assert len(merges) == _MERGE_COUNT
+    assert all(len(line.split(" ")) == 2 and all(line.split(" ")) for line in merges)
+    merged = {line.replace(" ", "") for line in merges}
+    chars = _byte_alphabet().values()
+    assert len(merged) == _MERGE_COUNT
+    assert not merged & {*chars, *(c + "</w>" for c in chars), *_SPECIALS}
+
+
 def test_import_does_not_pull_torch():
     """The cold search path imports this module; torch/open_clip would cost ~8 s."""
     code = (

@@ -83,23 +83,32 @@ def _merge_pair(word: list[str], first: str, second: str) -> list[str]:
 class Tokenizer:
     """CLIP byte-level BPE tokenizer; ``encode`` matches open_clip's ``SimpleTokenizer``."""
 
-    def __init__(self, merges: Sequence[tuple[str, str]]) -> None:
-        """Build the vocabulary from ordered BPE merges (rank = position)."""
+    def __init__(self, merges: Sequence[str]) -> None:
+        """Build the vocabulary from ordered BPE merges, each ``"first second"`` (rank =
+        position).
+
+        Ids are open_clip's: the 256 byte symbols, the same with ``</w>``, one token per
+        merge (merged tokens are all distinct, so a merge's token has id 512 + its rank),
+        then the two specials. Only the 512 base ids are tabulated; a merged token's id
+        comes from the merge that made it, which keeps loading cheap (a cold query pays it).
+        """
         alphabet = _byte_alphabet()
         chars = list(alphabet.values())
-        vocab = [*chars, *(c + "</w>" for c in chars), *map("".join, merges), *_SPECIALS]
-        self._ids = {token: i for i, token in enumerate(vocab)}
-        self._ranks = {pair: rank for rank, pair in enumerate(merges)}
+        base = [*chars, *(c + "</w>" for c in chars)]
+        self._ids = {token: i for i, token in enumerate(base)}
+        self._ids.update((s, len(base) + len(merges) + i) for i, s in enumerate(_SPECIALS))
+        self._ranks = {merge: rank for rank, merge in enumerate(merges)}
+        self._first_merge_id = len(base)
         self._to_alphabet = str.maketrans(alphabet)
         self._cache: dict[str, tuple[int, ...]] = {}
         self.sot_id, self.eot_id = (self._ids[s] for s in _SPECIALS)
-        self.vocab_size = len(vocab)
+        self.vocab_size = len(base) + len(merges) + len(_SPECIALS)
 
     @classmethod
     def from_file(cls, path: Path) -> Tokenizer:
         """Read a gzipped CLIP merges file (header line, then one ``a b`` merge per line)."""
         lines = gzip.decompress(Path(path).read_bytes()).decode("utf-8").split("\n")
-        return cls([tuple(line.split()) for line in lines[1 : _MERGE_COUNT + 1]])
+        return cls(lines[1 : _MERGE_COUNT + 1])
 
     @classmethod
     @functools.cache
@@ -136,20 +145,25 @@ class Tokenizer:
         symbols = word.encode("utf-8").decode("latin-1").translate(self._to_alphabet)
         ids = self._cache.get(symbols)
         if ids is None:
-            ids = tuple(self._ids[piece] for piece in self._bpe(symbols))
+            ids = self._bpe(symbols)
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[symbols] = ids
         return ids
 
-    def _bpe(self, symbols: str) -> list[str]:
-        """Apply merges lowest rank first until none applies; specials pass through whole."""
+    def _bpe(self, symbols: str) -> tuple[int, ...]:
+        """Ids after applying merges lowest rank first until none applies; specials pass
+        through whole."""
         if symbols in _SPECIALS:
-            return [symbols]
+            return (self._ids[symbols],)
         word = [*symbols[:-1], symbols[-1] + "</w>"]
+        made: dict[str, int] = {}  # merged token -> its id (512 + the merge's rank)
         while len(word) > 1:
-            pair = min(itertools.pairwise(word), key=lambda p: self._ranks.get(p, math.inf))
-            if pair not in self._ranks:
+            rank, first, second = min(
+                (self._ranks.get(f"{a} {b}", math.inf), a, b) for a, b in itertools.pairwise(word)
+            )
+            if rank == math.inf:
                 break
-            word = _merge_pair(word, *pair)
-        return word
+            made[first + second] = self._first_merge_id + int(rank)
+            word = _merge_pair(word, first, second)
+        return tuple(made[piece] if piece in made else self._ids[piece] for piece in word)
