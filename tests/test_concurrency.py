@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,15 +39,15 @@ def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def setup(tmp_path, random_checkpoint):
+def setup(tmp_path, spread_checkpoint):
     """A library holding N_FIRST photos, and a folder of N_MORE more to index."""
-    warm_model(random_checkpoint)
+    warm_model(spread_checkpoint)
     library = tmp_path / "lib"
     make_photos(tmp_path / "first", N_FIRST, seed=1)
-    first = _run(_index_args(tmp_path / "first", library, random_checkpoint))
+    first = _run(_index_args(tmp_path / "first", library, spread_checkpoint))
     assert first.returncode == 0, first.stderr
     make_photos(tmp_path / "more", N_MORE, seed=2)
-    return library, tmp_path / "more", random_checkpoint
+    return library, tmp_path / "more", spread_checkpoint
 
 
 @pytest.mark.slow
@@ -61,15 +62,16 @@ def test_searches_during_indexing_see_whole_checkpoints(setup):
         stderr=subprocess.PIPE,
     )
     answers: list[tuple[str, list[dict]]] = []
-    while writer.poll() is None:
-        kind = "text" if len(answers) % 4 == 3 else "photo"
-        query = ["search", query_text] if kind == "text" else ["similar", "1"]
-        args = clipdex(*query, "-k", "1000", "--library", str(library), "--json")
-        if kind == "text":
-            args += ["--weights", str(weights)]
-        done = _run(args, timeout=120)
-        assert done.returncode == 0, f"a search failed during indexing: {done.stderr}"
-        answers.append((kind, json.loads(done.stdout)["results"]))
+    try:
+        while writer.poll() is None:
+            kind = "text" if len(answers) % 4 == 3 else "photo"
+            query = ["search", query_text] if kind == "text" else ["similar", "1"]
+            args = clipdex(*query, "-k", "1000", "--library", str(library), "--json")
+            if kind == "text":
+                args += ["--weights", str(weights)]
+            answers.append((kind, _search_racing(args, writer, library)))
+    finally:
+        writer.send_signal(signal.SIGCONT)
     assert writer.wait() == 0, writer.stderr.read().decode()
     writer.stdout.close()
     writer.stderr.close()
@@ -81,6 +83,43 @@ def test_searches_during_indexing_see_whole_checkpoints(setup):
         _assert_one_checkpoint(results, ids, vectors, query)
     assert len(sizes) >= 3, f"the searches saw too few checkpoints to tell: {sorted(sizes)}"
     print(f"\n{len(answers)} searches during indexing saw {len(sizes)} different checkpoints")
+
+
+def _search_racing(args: list[str], writer: subprocess.Popen, library: Path) -> list[dict]:
+    """One search run while the writer writes; the writer then held until the next search.
+
+    The writer goes on (SIGCONT) as the search starts and is stopped (SIGSTOP) once it has
+    written one more checkpoint; if the search ended first, the writer goes on until it has.
+    So every search overlaps writing and consecutive searches see the library one or two
+    checkpoints apart, however fast this machine runs either process (a free-running writer
+    could finish before three searches had started).
+    """
+    start = generation(library)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # pipes fill up
+        search = subprocess.Popen(args, env=cli_env(), stdout=out, stderr=err)
+        writer.send_signal(signal.SIGCONT)
+        _pace_writer(writer, library, start, search)
+        out.seek(0), err.seek(0)
+        assert search.wait() == 0, f"a search failed during indexing: {err.read().decode()}"
+        return json.loads(out.read())["results"]
+
+
+def _pace_writer(writer, library: Path, start: int, search: subprocess.Popen) -> None:
+    """Stop the writer once it is past checkpoint ``start``: during the search, or after."""
+    deadline = time.monotonic() + 300
+    while search.poll() is None:
+        if generation(library) > start:
+            writer.send_signal(signal.SIGSTOP)
+        _tick(deadline)
+    writer.send_signal(signal.SIGCONT)
+    while generation(library) <= start and writer.poll() is None:
+        _tick(deadline)
+    writer.send_signal(signal.SIGSTOP)
+
+
+def _tick(deadline: float) -> None:
+    assert time.monotonic() < deadline, "no progress in 300 s"
+    time.sleep(0.02)
 
 
 def _embed_text(text: str, weights: Path) -> np.ndarray:
@@ -144,6 +183,7 @@ def _repair_args(library: Path) -> list[str]:
 
 
 WRITER = """
+import os
 import sys
 import numpy as np
 from indexer.store.catalog import ImageRecord
@@ -153,6 +193,8 @@ from indexer.model.identity import l2_normalise
 rng = np.random.default_rng(0)
 with Library.open(sys.argv[1], create=True) as lib, lib.writing():
     for step in range(int(sys.argv[2])):
+        if os.path.exists(sys.argv[3]):  # the readers have seen enough
+            break
         vectors = l2_normalise(rng.standard_normal((2, 512)))
         records = [
             ImageRecord(f"/p/{step}-{i}.jpg", 1, 1, f"{step}-{i}", vectors[i], 8, 8)
@@ -166,13 +208,20 @@ with Library.open(sys.argv[1], create=True) as lib, lib.writing():
 
 def test_readers_racing_a_fast_writer_always_open_a_whole_checkpoint(tmp_path):
     """Checkpoints every few milliseconds, each deleting the file before it: a reader that
-    picked a file just deleted looks again, and never sees a mix or an error."""
+    picked a file just deleted looks again, and never sees a mix or an error.
+
+    The writer goes on until the readers have opened the library 40 times and seen 10
+    different checkpoints (it stops early only at 100,000 steps), so how many opens raced
+    it is counted, not left to the relative speed of two processes."""
     root = tmp_path / "lib"
     Library.open(root, create=True).close()
-    env = cli_env()
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), "400"], env=env)
-    opens = 0
-    while writer.poll() is None:
+    enough = tmp_path / "enough"
+    command = [sys.executable, "-c", WRITER, str(root), "100000", str(enough)]
+    writer = subprocess.Popen(command, env=cli_env())
+    opens, seen = 0, set()
+    deadline = time.monotonic() + 300
+    while writer.poll() is None and (opens < 40 or len(seen) < 10):
+        assert time.monotonic() < deadline, f"{opens} opens saw {len(seen)} checkpoints"
         for mmap in (True, False):
             with Library.open(root, mmap=mmap) as lib:
                 ids = sorted(int(i) for i in lib.index.ids())
@@ -180,5 +229,7 @@ def test_readers_racing_a_fast_writer_always_open_a_whole_checkpoint(tmp_path):
                 lib.refresh()
                 assert len(lib.index) >= len(ids)
             opens += 1
-    assert writer.returncode == 0
-    assert opens > 20, f"only {opens} opens raced the writer"
+            seen.add(len(ids))
+    enough.touch()
+    assert writer.wait(timeout=120) == 0
+    assert opens >= 40 and len(seen) >= 10, f"{opens} opens saw {len(seen)} checkpoints"

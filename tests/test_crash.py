@@ -50,7 +50,7 @@ def _assert_consistent(library: Path, expected: set[str] | None = None) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume(tmp_path, random_checkpoint):
+def test_sigkill_mid_run_then_resume(tmp_path, spread_checkpoint):
     photos = _make_photos(tmp_path / "photos")
     library = tmp_path / "lib"
     args = _clipdex(
@@ -59,7 +59,7 @@ def test_sigkill_mid_run_then_resume(tmp_path, random_checkpoint):
         "--library",
         str(library),
         "--weights",
-        str(random_checkpoint),
+        str(spread_checkpoint),
         "--batch-size",
         "4",
         "--checkpoint-every",

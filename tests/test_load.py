@@ -19,10 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_fifty_clients_for_twenty_seconds_without_an_error(random_checkpoint):
+def test_fifty_clients_for_twenty_seconds_without_an_error(spread_checkpoint):
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_load.py"), "--clients", "50",
-         "--seconds", "20", "--weights", str(random_checkpoint), "--json"],
+         "--seconds", "20", "--weights", str(spread_checkpoint), "--json"],
         capture_output=True, text=True, timeout=900, cwd=REPO,
     )
     assert done.stdout, done.stderr[-3000:]

@@ -26,11 +26,11 @@ SEED = 20240611
 
 
 @pytest.mark.slow
-def test_sigkill_soak(tmp_path, random_checkpoint):
+def test_sigkill_soak(tmp_path, spread_checkpoint):
     expected = make_photos(tmp_path / "photos", N_IMAGES)
     library = tmp_path / "lib"
-    args = _index_args(tmp_path / "photos", library, random_checkpoint)
-    warm_model(random_checkpoint)
+    args = _index_args(tmp_path / "photos", library, spread_checkpoint)
+    warm_model(spread_checkpoint)
     rng = random.Random(SEED)
     kept: set[str] = set()
     mid_write = 0
