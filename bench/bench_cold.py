@@ -80,8 +80,17 @@ def set_up(work: Path, weights: Path | None, images: int, env: dict) -> tuple[Pa
     library = work / "library"
     if not (library / "catalog.sqlite").exists():
         photos = make_photos(work / "photos", images)
-        command = [*clipdex_command(), "index", str(photos), "--library", str(library),
-                   "--weights", str(weights), "--backend", "onnx"]
+        command = [
+            *clipdex_command(),
+            "index",
+            str(photos),
+            "--library",
+            str(library),
+            "--weights",
+            str(weights),
+            "--backend",
+            "onnx",
+        ]
         run_checked(command, env)
     return weights, library, text_model(weights, Path(env["CLIPDEX_CACHE"]))
 
@@ -118,8 +127,12 @@ def rounds(commands: dict[str, list[str]], count: int, env: dict) -> dict[str, l
         order = names if number % 2 == 0 else names[::-1]
         for name in order:
             times[name].append(run_checked(commands[name], env))
-        print(f"  round {number + 1}/{count}: " + ", ".join(
-            f"{n} {times[n][-1]:.3f} s" for n in names), file=sys.stderr, flush=True)
+        print(
+            f"  round {number + 1}/{count}: "
+            + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in names),
+            file=sys.stderr,
+            flush=True,
+        )
     return times
 
 
@@ -130,9 +143,12 @@ def report(times: dict[str, list[float]], commands: dict[str, list[str]]) -> dic
         name: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
         for name, v in times.items()
     }
-    result["ratio"] = {"median": statistics.median(ratios), "min": min(ratios),
-                       "max": max(ratios), "of_medians":
-                       result["clipdex"]["median"] / result["floor"]["median"]}
+    result["ratio"] = {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "of_medians": result["clipdex"]["median"] / result["floor"]["median"],
+    }
     result["commands"] = {name: " ".join(c) for name, c in commands.items()}
     return result
 
@@ -140,13 +156,17 @@ def report(times: dict[str, list[float]], commands: dict[str, list[str]]) -> dic
 def print_report(result: dict) -> None:
     for name in ("floor", "clipdex"):
         stats = result[name]
-        print(f"{name:8s} median {stats['median']:.3f} s  "
-              f"[{stats['min']:.3f}-{stats['max']:.3f}]  {result['commands'][name]}")
+        print(
+            f"{name:8s} median {stats['median']:.3f} s  "
+            f"[{stats['min']:.3f}-{stats['max']:.3f}]  {result['commands'][name]}"
+        )
     ratio = result["ratio"]
     verdict = "OK" if ratio["median"] <= TARGET else "ABOVE TARGET"
-    print(f"ratio    median {ratio['median']:.2f}x  [{ratio['min']:.2f}-{ratio['max']:.2f}] "
-          f"per round; of medians {ratio['of_medians']:.2f}x  "
-          f"(target <= {TARGET}x: {verdict})")
+    print(
+        f"ratio    median {ratio['median']:.2f}x  [{ratio['min']:.2f}-{ratio['max']:.2f}] "
+        f"per round; of medians {ratio['of_medians']:.2f}x  "
+        f"(target <= {TARGET}x: {verdict})"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -168,8 +188,15 @@ def main(argv: list[str] | None = None) -> None:
         weights, library, model = set_up(work, args.weights, args.images, env)
         commands = {
             "floor": [sys.executable, str(FLOOR), str(model), args.query],
-            "clipdex": [*clipdex_command(), "search", args.query, "--library", str(library),
-                        "--weights", str(weights)],
+            "clipdex": [
+                *clipdex_command(),
+                "search",
+                args.query,
+                "--library",
+                str(library),
+                "--weights",
+                str(weights),
+            ],
         }
         print(f"load average before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
         result = report(rounds(commands, args.rounds, env), commands)
