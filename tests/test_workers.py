@@ -137,14 +137,16 @@ def test_unreadable_and_vanished_files_have_reasons(small_photos, tmp_path):
 
 
 def test_a_worker_killed_from_outside_is_replaced(small_photos):
-    files = [copy_as(small_photos[i], f"slow_{i:02d}.png") for i in range(8)]
+    # 24 files of 0.1 s each: the kill lands while files are left to hand out (the test
+    # would need a 2 s stall between the first answer and the kill to miss them all).
+    files = [copy_as(small_photos[i % 12], f"slow_{i:02d}.png") for i in range(24)]
     pool = DecodePool(1, decoder=HOSTILE)
     results = []
     for outcome in pool.map(found(p) for p in files):
         if not results:
             pool._workers[0].process.kill()  # as the OOM killer would
         results.append(outcome)
-    assert len(results) == 8
+    assert len(results) == 24
     errors = [o.error for o in results if o.error]
     assert len(errors) <= 1 and all("crashed" in e for e in errors)
     assert pool.restarts == 1
