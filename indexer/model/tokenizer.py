@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
 import html
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -34,6 +35,9 @@ _PATTERN = regex.compile(
     regex.IGNORECASE,
 )
 _CACHE_LIMIT = 100_000  # words; keeps a long-running server's memo bounded
+# Words longer than this (in byte symbols) take the heap BPE (O(n log n), same result as
+# the plain loop, which is O(n^2)) and are not memoised (a key could be megabytes).
+_LONG_WORD = 64
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -78,6 +82,65 @@ def _merge_pair(word: list[str], first: str, second: str) -> list[str]:
             merged.append(word[i])
             i += 1
     return merged
+
+
+def merge_by_rank(
+    symbols: Sequence[str], rank_of: Callable[[str, str], int | None]
+) -> list[tuple[str, int | None]]:
+    """BPE in O(n log n): the very result of the plain loop in :meth:`Tokenizer._bpe`.
+
+    Returns the pieces in order, each with the rank of the merge that made it (None for a
+    symbol left as it came).
+
+    The plain loop repeatedly takes the lowest-ranked adjacent pair and merges every
+    non-overlapping occurrence of it, left to right; each round scans the whole word, so a
+    20,000-letter word costs ~16 s. Here the symbols are a linked list (nodes keep their
+    original index, so index order is word order) and every adjacent pair with a rank sits
+    in a heap as ``(rank, left index, first, second)``. One round pops *all* entries of the
+    lowest rank, drops the stale ones (a node merged away or changed since: a node's text
+    only grows, so comparing the stored pair is exact), merges the rest in index order (the
+    left-to-right, non-overlapping pass: ranks name pairs uniquely, and a merge cannot make
+    another occurrence of its own pair) and only then pushes the pairs it made, as the
+    loop's next round would see them. Entries pushed are at most ``(n - 1) + 2 * merges``
+    and ``rank_of`` is asked once per entry, so the work is O(n log n) whatever the word.
+    """
+    text: list[str | None] = list(symbols)
+    made: list[int | None] = [None] * len(text)
+    size = len(text)
+    after = [*range(1, size), -1]
+    before = list(range(-1, size - 1))
+    heap: list[tuple[int, int, str, str]] = []
+
+    def push(left: int) -> None:
+        right = after[left]
+        if right != -1:
+            first, second = text[left], text[right]
+            rank = rank_of(first, second)  # type: ignore[arg-type]
+            if rank is not None:
+                heapq.heappush(heap, (rank, left, first, second))  # type: ignore[arg-type]
+
+    for left in range(size - 1):
+        push(left)
+    while heap:
+        rank = heap[0][0]
+        round_: list[tuple[int, int, str, str]] = []
+        while heap and heap[0][0] == rank:
+            round_.append(heapq.heappop(heap))
+        touched: list[int] = []
+        for _, left, first, second in sorted(round_, key=lambda entry: entry[1]):
+            right = after[left]
+            if text[left] != first or right == -1 or text[right] != second:
+                continue  # stale: merged away or changed since it was pushed
+            text[left], text[right], made[left] = first + second, None, rank
+            after[left] = after[right]
+            if after[right] != -1:
+                before[after[right]] = left
+            touched.append(left)
+        lefts = {before[node] for node in touched if before[node] != -1}
+        for left in sorted(lefts.union(touched)):
+            if text[left] is not None:
+                push(left)
+    return [(piece, made[node]) for node, piece in enumerate(text) if piece is not None]
 
 
 class Tokenizer:
@@ -146,6 +209,8 @@ class Tokenizer:
         ids = self._cache.get(symbols)
         if ids is None:
             ids = self._bpe(symbols)
+            if len(symbols) > _LONG_WORD:
+                return ids  # not memoised: the memo is bounded in words, not in bytes
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[symbols] = ids
@@ -157,6 +222,12 @@ class Tokenizer:
         if symbols in _SPECIALS:
             return (self._ids[symbols],)
         word = [*symbols[:-1], symbols[-1] + "</w>"]
+        if len(word) > _LONG_WORD:
+            pieces = merge_by_rank(word, self._rank)
+            return tuple(
+                self._ids[piece] if rank is None else self._first_merge_id + rank
+                for piece, rank in pieces
+            )
         made: dict[str, int] = {}  # merged token -> its id (512 + the merge's rank)
         while len(word) > 1:
             rank, first, second = min(
@@ -167,3 +238,7 @@ class Tokenizer:
             made[first + second] = self._first_merge_id + int(rank)
             word = _merge_pair(word, first, second)
         return tuple(made[piece] if piece in made else self._ids[piece] for piece in word)
+
+    def _rank(self, first: str, second: str) -> int | None:
+        """The rank of merging ``first second``, or None when no merge joins them."""
+        return self._ranks.get(f"{first} {second}")
