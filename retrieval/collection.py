@@ -179,6 +179,17 @@ class Collection:
             self._library = Library.open(self.root, create=create, read_only=self.read_only)
         return self._library
 
+    def _writable_library(self, create: bool = False) -> Library:
+        """The library, for a call that writes: refused at once on a read-only collection."""
+        if self.read_only:
+            from indexer.errors import ConfigError
+
+            raise ConfigError(
+                f"this collection of {self.root} was opened read-only (for queries): open it "
+                "without read_only=True to index, tag or change it"
+            )
+        return self._open_library(create=create)
+
     # -- indexing -----------------------------------------------------------------------
     def index(
         self,
@@ -191,7 +202,7 @@ class Collection:
         callable ``(done, total)``; files that fail are in the report's ``failures``."""
         from indexer.ingest.pipeline import index_paths
 
-        library = self._open_library(create=True)
+        library = self._writable_library(create=True)
         held = library.locked
         library.acquire_lock()  # a second writer is refused now, not after loading the model
         try:
@@ -271,16 +282,51 @@ class Collection:
         labels_file: str | os.PathLike | None = None,
         templates: Sequence[str] = (),
         top: int = 5,
+        progress: ProgressCallback | None = None,
+        label_vectors: np.ndarray | None = None,
     ) -> list[Prediction]:
         """Zero-shot labels of a photo (id, indexed path, image file, bytes or a vector),
         best first: softmax over ``labels`` ("cat,dog", a list or a LabelSet; default:
         ``labels_file``, else data/labels.txt) with prompt ``templates``. Label vectors
-        are cached in the library."""
+        are cached in the library; computing them calls ``progress(done, total)`` (prompts)
+        once per batch. ``label_vectors``: from :meth:`label_vectors`, when at hand."""
         from retrieval.search.classify import classify_vector
 
         labelset = _labelset(labels, labels_file, templates)
         vector, cache = self._photo_vector(photo)
-        return classify_vector(vector, self.encoder, labelset, top, cache)
+        return classify_vector(
+            vector, self.encoder, labelset, top, cache, progress, matrix=label_vectors
+        )
+
+    def label_vectors(
+        self,
+        labels: str | Sequence[str] | LabelSet | None = None,
+        *,
+        labels_file: str | os.PathLike | None = None,
+        templates: Sequence[str] = (),
+        progress: ProgressCallback | None = None,
+    ) -> np.ndarray:
+        """The (labels, dim) vectors :meth:`classify` and :meth:`tag` compare photos with
+        (default: the default label set), computed in batches (``progress(done, total)``
+        per batch) and cached in the library, or read from that cache (no progress)."""
+        from retrieval.search.classify import label_vectors
+
+        labelset = _labelset(labels, labels_file, templates)
+        return label_vectors(self.encoder, labelset, self._label_cache(), progress)
+
+    def labels_prepared(
+        self,
+        labels: str | Sequence[str] | LabelSet | None = None,
+        *,
+        labels_file: str | os.PathLike | None = None,
+        templates: Sequence[str] = (),
+    ) -> bool:
+        """Whether :meth:`label_vectors` would come from the cache (no model work)."""
+        from retrieval.search.classify import cached_label_vectors
+
+        labelset = _labelset(labels, labels_file, templates)
+        cached = cached_label_vectors(self.encoder.identity, labelset, self._label_cache())
+        return cached is not None
 
     def _photo_vector(self, photo: PhotoRef | bytes | np.ndarray) -> tuple[np.ndarray, Path | None]:
         """A photo's vector and the label-vector cache folder (None without a library)."""
@@ -314,13 +360,17 @@ class Collection:
         top: int = 3,
         min_probability: float = 0.1,
         force: bool = False,
+        progress: ProgressCallback | None = None,
     ) -> TagReport:
-        """Store every photo's top labels (for ``SearchOptions(tags=...)``); incremental."""
+        """Store every photo's top labels (for ``SearchOptions(tags=...)``); incremental.
+        ``progress(done, total)``: as for :meth:`label_vectors`."""
         from retrieval.search.classify import tag_library
 
         labelset = _labelset(labels, labels_file, templates)
-        library = self.library
-        return tag_library(library, self.encoder, labelset, top, min_probability, force)
+        library = self._writable_library()
+        return tag_library(
+            library, self.encoder, labelset, top, min_probability, force, progress=progress
+        )
 
     def duplicates(
         self, threshold: float = 0.95, folders: str | Sequence[str] = ()

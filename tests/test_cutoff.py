@@ -104,10 +104,12 @@ def test_flags_resolve_and_a_date_sort_implies_auto():
     assert resolve_cutoff(None, None, "date") == (True, None)
     assert resolve_cutoff(None, 0.2, "date") == (False, 0.2)  # a fixed one is enough
     assert resolve_cutoff("none", None, "date") == (False, None)  # explicit: no cut-off
-    with pytest.raises(QueryError, match="--cutoff"):
+    with pytest.raises(QueryError, match="cut-off 'sometimes' is not one of") as bad_rule:
         resolve_cutoff("sometimes", None)
-    with pytest.raises(QueryError, match="--min-score"):
+    assert bad_rule.value.setting == "cutoff"
+    with pytest.raises(QueryError, match="minimum score must be between -1 and 1") as bad_min:
         resolve_cutoff(None, 2.0)
+    assert bad_min.value.setting == "min_score"  # the CLI shows it as --min-score
 
 
 def test_background_sample_is_fixed_and_bounded():

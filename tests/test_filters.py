@@ -81,8 +81,9 @@ def test_dates_mean_their_first_instant():
     assert parse_date("2021-06") == dt.datetime(2021, 6, 1)
     assert parse_date("2021-06-30") == dt.datetime(2021, 6, 30)
     assert parse_date("2021-06-30T18:05") == dt.datetime(2021, 6, 30, 18, 5)
-    with pytest.raises(QueryError, match="--before 'last tuesday' is not a date"):
-        parse_date("last tuesday", "--before")
+    with pytest.raises(QueryError, match="before 'last tuesday' is not a date") as bad:
+        parse_date("last tuesday", "before")
+    assert bad.value.setting == "before"
     with pytest.raises(QueryError, match="not earlier than"):
         build_filter(FilterArgs(after="2022", before="2021-12"))
 
@@ -94,8 +95,9 @@ def test_sizes_formats_and_folders():
         parse_size("big")
     assert parse_formats(["jpg"]) == ("JPEG", "MPO")
     assert parse_formats(["png,heic", ".avif"]) == ("PNG", "HEIF", "AVIF")
-    with pytest.raises(QueryError, match="--format jpgg"):
+    with pytest.raises(QueryError, match="format jpgg is not an image format") as bad:
         parse_formats(["jpgg"])
+    assert bad.value.setting == "format"
     assert folder_pattern("trips/2019", cwd="/base") == "/base/trips/2019"
     assert folder_pattern("*/2019*/") == "*/2019*"
     assert folder_pattern("~/Pictures") == os.path.expanduser("~/Pictures")

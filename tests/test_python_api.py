@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 import indexer.model.encoders
+from indexer.errors import ConfigError
 from retrieval import Collection, SearchOptions
 from retrieval.cli import app
 from retrieval.search.errors import QueryError
@@ -73,6 +74,14 @@ def test_a_query_by_photo_id_never_loads_the_model(indexed, photo_folder):
         assert photos.info().images == 6
         assert photos.failures() == []
         assert photos.duplicates(0.999) == []
+
+
+def test_a_read_only_collection_refuses_writes_by_name(indexed, photo_folder, fake_encoder):
+    with Collection.open(indexed, encoder=fake_encoder, read_only=True) as photos:
+        for write in (lambda: photos.index(photo_folder), lambda: photos.tag("cat,dog")):
+            with pytest.raises(ConfigError, match="opened read-only"):
+                write()
+        assert photos.info().images == 6  # and the library is untouched
 
 
 def test_index_reports_progress_to_a_plain_callable(tmp_path, photo_folder, fake_encoder):

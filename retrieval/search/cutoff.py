@@ -103,9 +103,14 @@ def resolve_cutoff(
     """
     choice = (cutoff or "").strip().lower() or None
     if choice not in (None, *CUTOFF_CHOICES):
-        raise QueryError(f"--cutoff {cutoff!r} is not one of: {', '.join(CUTOFF_CHOICES)}")
+        raise QueryError(
+            f"cut-off {cutoff!r} is not one of: {', '.join(CUTOFF_CHOICES)}", setting="cutoff"
+        )
     if min_score is not None and not -1.0 <= min_score <= 1.0:
-        raise QueryError(f"--min-score must be between -1 and 1 (a cosine), got {min_score}")
+        raise QueryError(
+            f"the minimum score must be between -1 and 1 (a cosine), got {min_score}",
+            setting="min_score",
+        )
     auto = choice == "auto" or (choice is None and min_score is None and sort != "score")
     return auto, min_score
 

@@ -89,7 +89,9 @@ def find_duplicates(
 ) -> list[DuplicateGroup]:
     """Groups of near-duplicate photos (cosine >= ``threshold``), largest groups first."""
     if not 0.0 < threshold <= 1.0:
-        raise QueryError(f"--threshold must be in (0, 1], got {threshold}")
+        raise QueryError(
+            f"the duplicate threshold must be in (0, 1], got {threshold}", setting="threshold"
+        )
     library.refresh()
     allowed = allowed_ids(library.catalog, spec or ImageFilter())
     ids = library.index.ids() if allowed is None else np.intersect1d(allowed, library.index.ids())

@@ -128,7 +128,10 @@ class SearchEngine:
         plus ``--like``/``--unlike`` photos; also returns the parsed terms."""
         terms = (parse_query(text) if text is not None else []) + photo_terms(like, unlike)
         if not terms:
-            raise QueryError("nothing to search for: give a text query or --like PHOTO")
+            raise QueryError(
+                "nothing to search for: give a text query or a photo to search like",
+                setting="like",
+            )
         texts = list(dict.fromkeys(t.text for t in terms if t.kind == "text"))
         encoded = dict(zip(texts, self.encoder.encode_texts(texts))) if texts else {}
         vectors = [

@@ -101,11 +101,12 @@ class FilterArgs:
 
 def build_filter(args: FilterArgs, cwd: str | None = None) -> ImageFilter:
     """Validate flag values into an :class:`ImageFilter`; bad values raise QueryError."""
-    after = parse_date(args.after, "--after") if args.after else None
-    before = parse_date(args.before, "--before") if args.before else None
+    after = parse_date(args.after, "after") if args.after else None
+    before = parse_date(args.before, "before") if args.before else None
     if after and before and after >= before:
         raise QueryError(
-            f"--after {args.after} is not earlier than --before {args.before}: nothing can match"
+            f"after {args.after} is not earlier than before {args.before}: nothing can match",
+            setting="after",
         )
     long_side, short_side = parse_size(args.min_size) if args.min_size else (0, 0)
     camera = args.camera.strip() if args.camera and args.camera.strip() else None
@@ -121,8 +122,11 @@ def build_filter(args: FilterArgs, cwd: str | None = None) -> ImageFilter:
     )
 
 
-def parse_date(text: str, flag: str = "--after") -> dt.datetime:
-    """``2021`` / ``2021-06`` / ``2021-06-30`` / ISO datetime → its first instant (naive)."""
+def parse_date(text: str, setting: str = "after") -> dt.datetime:
+    """``2021`` / ``2021-06`` / ``2021-06-30`` / ISO datetime → its first instant (naive).
+
+    ``setting`` names the option the date came from (``after`` or ``before``) for the error.
+    """
     value = text.strip()
     partial = _PARTIAL_DATE.match(value)
     try:
@@ -133,7 +137,9 @@ def parse_date(text: str, flag: str = "--after") -> dt.datetime:
         parsed = None
     if parsed is None:
         raise QueryError(
-            f"{flag} {text!r} is not a date: use YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDTHH:MM"
+            f"{setting} {text!r} is not a date: use YYYY, YYYY-MM, YYYY-MM-DD or "
+            "YYYY-MM-DDTHH:MM",
+            setting=setting,
         )
     if parsed.tzinfo is not None:  # compare in local time, like EXIF times
         parsed = parsed.astimezone().replace(tzinfo=None)
@@ -144,7 +150,9 @@ def parse_size(text: str) -> tuple[int, int]:
     """``WxH`` → (long side, short side) minimums."""
     match = _SIZE.match(text)
     if not match:
-        raise QueryError(f"--min-size {text!r} is not WIDTHxHEIGHT, e.g. 1920x1080")
+        raise QueryError(
+            f"minimum size {text!r} is not WIDTHxHEIGHT, e.g. 1920x1080", setting="min_size"
+        )
     width, height = int(match.group(1)), int(match.group(2))
     return max(width, height), min(width, height)
 
@@ -163,8 +171,9 @@ def parse_formats(values: Iterable[str]) -> tuple[str, ...]:
             names = FORMAT_ALIASES.get(name, (name,))
             if names[0] not in known:
                 raise QueryError(
-                    f"--format {name.lower()} is not an image format clipdex reads: "
-                    "try jpeg, png, heic, avif, webp, tiff, gif or bmp"
+                    f"format {name.lower()} is not an image format clipdex reads: "
+                    "try jpeg, png, heic, avif, webp, tiff, gif or bmp",
+                    setting="format",
                 )
             out.extend(names)
     return tuple(dict.fromkeys(out))
@@ -184,7 +193,9 @@ def allowed_ids(catalog: Catalog | CatalogReader, spec: ImageFilter) -> np.ndarr
     if spec.is_empty():
         return None
     if spec.tags and not catalog.has_tags():
-        raise QueryError("no photo has tags yet: run `clipdex tag` before filtering with --tag")
+        raise QueryError(
+            "no photo has tags yet: run `clipdex tag` before filtering by tag", setting="tag"
+        )
     return catalog.ids_where(*filter_sql(spec))
 
 
