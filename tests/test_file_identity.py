@@ -3,7 +3,7 @@
 The catalog records each photo's (device, inode) when it is indexed (schema 4); the
 server opens a photo without following a final symlink, fstat()s the descriptor and
 serves it only when it is that very file (rows from before schema 4: same size and mtime).
-A symlink swapped in, or a file replaced since, is a 409 ``file_changed`` naming
+A symlink swapped in, or a file replaced since, is a 404 ``file_changed`` naming
 `clipdex index`, never the bytes; indexing again records the new identity.
 """
 
@@ -56,7 +56,7 @@ def forget_identities(library: Path) -> None:
 
 
 def assert_refused(response, secret: bytes = SECRET) -> None:
-    error = assert_error(response, 409, "file_changed")
+    error = assert_error(response, 404, "file_changed")
     assert "clipdex index" in error["message"]
     assert secret not in response.content
 
@@ -82,7 +82,7 @@ def test_a_schema_3_catalog_gains_the_columns_empty(tmp_path):
     conn.close()
     catalog = Catalog(path)
     try:
-        assert catalog.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
+        assert catalog.get_meta("schema_version") == str(SCHEMA_VERSION) == "5"
         (row,) = catalog.get_images([1]).values()
         assert row["device"] is None and row["inode"] is None
     finally:

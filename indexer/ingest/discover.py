@@ -31,6 +31,7 @@ class FoundFile:
     mtime_ns: int
     device: int | None = None  # the file's identity (indexer.fsutil.file_key), when known
     inode: int | None = None
+    real_path: str | None = None  # ``path`` with every symlink resolved (the server opens it)
 
 
 @dataclass
@@ -73,16 +74,17 @@ def discover(
     """
     found = Discovery()
     if root.is_file():
-        _add_file(found, str(root), str(root.parent), excludes, explicit=True)
+        real = os.path.realpath(root)
+        _add_file(found, str(root), real, str(root.parent), excludes, explicit=True)
         return found
     seen_dirs: set[tuple[int, int]] = set()
-    for path in _walk(str(root), seen_dirs, found, tuple(within)):
-        _add_file(found, path, str(root), excludes, explicit=False)
+    for path, real in _walk(str(root), seen_dirs, found, tuple(within)):
+        _add_file(found, path, real, str(root), excludes, explicit=False)
     return found
 
 
 def _add_file(
-    found: Discovery, path: str, root: str, excludes: Sequence[str], explicit: bool
+    found: Discovery, path: str, real: str, root: str, excludes: Sequence[str], explicit: bool
 ) -> None:
     if not _has_image_suffix(path) and not explicit:
         return
@@ -93,12 +95,14 @@ def _add_file(
     except OSError as exc:
         found.problems.append((path, f"cannot read file: {exc.strerror or exc}"))
         return
-    found.files.append(FoundFile(path, stat.st_size, stat.st_mtime_ns, *file_key(stat)))
+    found.files.append(FoundFile(path, stat.st_size, stat.st_mtime_ns, *file_key(stat), real))
 
 
 def _walk(
     folder: str, seen: set[tuple[int, int]], found: Discovery, within: tuple[str, ...] = ()
-) -> Iterator[str]:
+) -> Iterator[tuple[str, str]]:
+    """(path, real path) of every file under ``folder``; the real path has no symlink on
+    it: resolved once per folder (a linked file on its own), not once per file."""
     try:
         stat = os.stat(folder)
     except OSError as exc:
@@ -108,6 +112,7 @@ def _walk(
     if key in seen:  # symlink loop or a second link to a folder already walked
         return
     seen.add(key)
+    real_folder = os.path.realpath(folder)
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
@@ -129,7 +134,10 @@ def _walk(
         if is_dir:
             yield from _walk(entry.path, seen, found, within)
         elif is_file:
-            yield entry.path
+            if entry.is_symlink():  # a linked file: its own target
+                yield entry.path, os.path.realpath(entry.path)
+            else:
+                yield entry.path, os.path.join(real_folder, entry.name)
         elif entry.is_symlink() and _has_image_suffix(entry.name):
             found.problems.append((entry.path, "broken symlink: its target does not exist"))
 

@@ -94,16 +94,23 @@ class _Plan:
     vanished: list[str] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
     old_ids: dict[str, int] = field(default_factory=dict)  # path -> id it had before
-    keys_to_record: list[tuple[int, int, int]] = field(default_factory=list)  # id, dev, inode
+    # (id, device, inode, real path) of unchanged files whose row lacks or differs in these
+    keys_to_record: list[tuple[int, int | None, int | None, str | None]] = field(
+        default_factory=list
+    )
 
 
 def is_unchanged(state: FileState | None, item: FoundFile) -> bool:
     """Whether a catalogued file is still the one indexed: same size, mtime and identity.
 
     A file replaced by another with the same size and mtime (``cp -p``, a restore) has a
-    new inode: it is indexed again, which also records the identity the server checks.
+    new inode: it is indexed again, which also records the identity the server checks. A
+    photo the server queued for re-indexing (it found another file there) is read again
+    whatever its stat says.
     """
-    if state is None or (state.size, state.mtime_ns) != (item.size, item.mtime_ns):
+    if state is None or state.queued:
+        return False
+    if (state.size, state.mtime_ns) != (item.size, item.mtime_ns):
         return False
     return state.inode is None or (state.device, state.inode) == (item.device, item.inode)
 
@@ -127,8 +134,9 @@ def plan(
             state = states.get(item.path)
             if is_unchanged(state, item):
                 result.unchanged += 1
-                if state.inode is None and item.inode is not None:
-                    result.keys_to_record.append((state.id, item.device, item.inode))
+                if _identity_to_record(state, item):
+                    key = (state.id, item.device, item.inode, item.real_path)
+                    result.keys_to_record.append(key)
                 continue
             if state:
                 result.old_ids[item.path] = state.id
@@ -141,6 +149,14 @@ def plan(
             library.catalog.forget_failures_under(str(root), on_disk)
     library.catalog.record_file_keys(result.keys_to_record)
     return result
+
+
+def _identity_to_record(state: FileState, item: FoundFile) -> bool:
+    """An unchanged file whose row lacks its identity or real path (rows from before schema
+    4 or 5), or reaches it by another real path now (a user's link moved to the same files)."""
+    if state.inode is None and item.inode is not None:
+        return True
+    return item.real_path is not None and state.real_path != item.real_path
 
 
 class _HashMemo:
@@ -184,6 +200,7 @@ class _Writer:
                 **item.fields,
                 device=found.device,
                 inode=found.inode,
+                real_path=found.real_path,
             )
         )
 

@@ -54,7 +54,7 @@ from indexer.store.catalog_reader import (  # the checks both catalog kinds shar
     vector_is_sound,
 )
 
-SCHEMA_VERSION = 4  # == len(MIGRATIONS)
+SCHEMA_VERSION = 5  # == len(MIGRATIONS)
 metadata = MetaData()
 
 meta_table = Table(
@@ -86,6 +86,9 @@ images = Table(
     # that file. NULL in rows from before schema 4 (the server then compares size + mtime).
     Column("device", Integer),
     Column("inode", Integer),
+    # The file's resolved path when indexed (no symlink on it, through indexer.paths.to_db):
+    # the server opens only this, refusing a link on any component. NULL before schema 5.
+    Column("real_path", Text),
     sqlite_autoincrement=True,
 )
 
@@ -97,6 +100,19 @@ failures = Table(
     Column("mtime_ns", Integer),
     Column("error", Text, nullable=False),
     Column("failed_at", DateTime, nullable=False),
+)
+
+
+# Photos queued for re-indexing: the server found that the file at a row's path is no
+# longer the one indexed (another inode, size or mtime, or a link on its path). The next
+# `clipdex index` of the folder reads such a file again even if its stat looks unchanged;
+# storing it again replaces the row, and the mark goes with it (ON DELETE CASCADE).
+reindex = Table(
+    "reindex",
+    metadata,
+    Column("image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("queued_at", DateTime, nullable=False),
 )
 
 
@@ -148,8 +164,16 @@ def _migration_4(conn: Connection) -> None:
             conn.exec_driver_sql(f"ALTER TABLE images ADD COLUMN {column} INTEGER")
 
 
+def _migration_5(conn: Connection) -> None:
+    """Each image's resolved path (NULL until indexed again), and the re-index queue."""
+    present = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(images)")}
+    if "real_path" not in present:  # a catalog created at schema >= 5 has it already
+        conn.exec_driver_sql("ALTER TABLE images ADD COLUMN real_path TEXT")
+    metadata.create_all(conn, tables=[reindex])
+
+
 # Named, ordered migrations: index i brings the schema from version i to i + 1.
-MIGRATIONS = [_migration_1, _migration_2, _migration_3, _migration_4]
+MIGRATIONS = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5]
 
 IMAGE_FIELDS = (
     "width",
@@ -182,6 +206,7 @@ class ImageRecord:
     gps_lon: float | None = None
     device: int | None = None  # the file's identity (indexer.fsutil.file_key)
     inode: int | None = None
+    real_path: str | None = None  # the path with every symlink resolved, when indexed
 
 
 @dataclass(frozen=True)
@@ -193,6 +218,8 @@ class FileState:
     mtime_ns: int
     device: int | None = None  # None in rows from before schema 4
     inode: int | None = None
+    real_path: str | None = None  # None in rows from before schema 5
+    queued: bool = False  # queued for re-indexing (the server found another file there)
 
 
 def vector_to_blob(vector: np.ndarray) -> bytes:
@@ -203,7 +230,16 @@ def _real_path(mapping) -> dict:
     """A result row as a dict whose ``path`` is the real (OS) path again."""
     row = dict(mapping)
     row["path"] = from_db(row["path"])
+    if row.get("real_path") is not None:
+        row["real_path"] = from_db(row["real_path"])
     return row
+
+
+def _file_state(row) -> FileState:
+    real_path = from_db(row.real_path) if row.real_path is not None else None
+    return FileState(
+        row.id, row.size, row.mtime_ns, row.device, row.inode, real_path, bool(row.queued)
+    )
 
 
 def _now() -> dt.datetime:
@@ -385,14 +421,12 @@ class Catalog:
         """Every catalogued path inside the folder ``under`` (absolute, resolved)."""
         prefix = to_db(under.rstrip("/") + "/")
         c = images.c
-        query = select(c.path, c.id, c.size, c.mtime_ns, c.device, c.inode).where(
-            func.substr(c.path, 1, len(prefix)) == prefix
-        )
+        queued = exists().where(reindex.c.image_id == c.id).label("queued")
+        query = select(
+            c.path, c.id, c.size, c.mtime_ns, c.device, c.inode, c.real_path, queued
+        ).where(func.substr(c.path, 1, len(prefix)) == prefix)
         with self.engine.connect() as conn:
-            return {
-                from_db(row.path): FileState(row.id, row.size, row.mtime_ns, row.device, row.inode)
-                for row in conn.execute(query)
-            }
+            return {from_db(row.path): _file_state(row) for row in conn.execute(query)}
 
     def find_by_hash(self, sha256: str) -> tuple[dict, np.ndarray] | None:
         """Metadata and vector of any image with this content, for renamed or copied files."""
@@ -587,6 +621,7 @@ class Catalog:
                         indexed_at=_now(),
                         device=record.device,
                         inode=record.inode,
+                        real_path=to_db(record.real_path) if record.real_path else None,
                         **values,
                     )
                 )
@@ -651,10 +686,41 @@ class Catalog:
         with self.engine.begin() as conn:
             conn.execute(update(images).where(images.c.id == image_id).values(**values))
 
-    def record_file_keys(self, keys: Sequence[tuple[int, int, int]]) -> None:
-        """Store (id, device, inode) identities, e.g. of rows from before schema 4."""
+    def record_file_keys(self, keys: Sequence[tuple]) -> None:
+        """Store (id, device, inode[, real_path]) identities of unchanged files, e.g. of rows
+        from before schema 4 or 5, or of files a user's link now reaches by another path."""
         if not keys:
             return
-        rows = [{"row_id": i, "device": d, "inode": n} for i, d, n in keys]
+        rows = [
+            {"row_id": key[0], "device": key[1], "inode": key[2], "real_path": _maybe_db(key)}
+            for key in keys
+        ]
         with self.engine.begin() as conn:
             conn.execute(update(images).where(images.c.id == bindparam("row_id")), rows)
+
+    # -- the re-index queue -------------------------------------------------------------
+    def queue_reindex(self, image_id: int, reason: str) -> bool:
+        """Mark a photo for re-indexing (the server found another file at its path).
+
+        The next ``clipdex index`` of its folder reads the file again whatever its stat
+        says. One small transaction, no generation bump (no vector changes); marking a
+        photo twice keeps the first mark. True when the photo is (now) queued.
+        """
+        with self.engine.begin() as conn:
+            if conn.execute(select(images.c.id).where(images.c.id == image_id)).first() is None:
+                return False  # replaced or removed meanwhile: nothing to queue
+            conn.execute(
+                insert(reindex)
+                .prefix_with("OR IGNORE")
+                .values(image_id=image_id, reason=reason[:500], queued_at=_now())
+            )
+        return True
+
+    def reindex_count(self) -> int:
+        """How many photos are queued for re-indexing."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(reindex)).scalar_one()
+
+
+def _maybe_db(key: tuple) -> str | None:
+    return to_db(key[3]) if len(key) > 3 and key[3] else None

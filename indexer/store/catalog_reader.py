@@ -30,14 +30,14 @@ from indexer.paths import from_db, to_db
 
 # Schema versions whose tables this reader's SQL was checked against (the catalog's
 # SCHEMA_VERSION must be one of them: tests/test_catalog_reader.py says so).
-READABLE_SCHEMAS = frozenset({3, 4})
+READABLE_SCHEMAS = frozenset({3, 4, 5})
 SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 10, 11, 13, 26  # primary codes
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _CHUNK = 500  # ids per IN (...) list, as the catalog does
 # The catalog's writes: asked of a reader, they are a typed error, not an AttributeError.
 CATALOG_WRITES = frozenset({
     "set_meta", "bump_generation", "commit_batch", "delete_ids", "touch", "store_tags",
-    "forget_tagged", "forget_failures_under", "record_file_keys",
+    "forget_tagged", "forget_failures_under", "record_file_keys", "queue_reindex",
 })  # fmt: skip
 
 
@@ -257,6 +257,12 @@ class CatalogReader:
     def count(self) -> int:
         return int(self._rows("SELECT count(*) FROM images")[0][0])
 
+    def reindex_count(self) -> int:
+        """How many photos are queued for re-indexing (none before schema 5)."""
+        if not self._rows("SELECT name FROM sqlite_master WHERE type='table' AND name='reindex'"):
+            return 0
+        return self._rows("SELECT count(*) FROM reindex")[0][0]
+
     def failure_count(self) -> int:
         return int(self._rows("SELECT count(*) FROM failures")[0][0])
 
@@ -300,6 +306,8 @@ class CatalogReader:
                 if isinstance(record[name], str):
                     record[name] = dt.datetime.fromisoformat(record[name])
             record["path"] = from_db(record["path"])
+            if record.get("real_path") is not None:
+                record["real_path"] = from_db(record["real_path"])
             out[record["id"]] = record
         return out
 

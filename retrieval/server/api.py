@@ -180,17 +180,18 @@ def _jsonable(value):
     "/api/images/{image_id}/file",
     tags=["photos"],
     response_class=FileResponse,
-    responses={200: {"content": {"image/*": {}}}, **errors(404, 409, 422, 503)},
+    responses={200: {"content": {"image/*": {}}}, **errors(404, 422, 503)},
 )
 def image_file(state: State, image_id: ImageId) -> FileResponse:
     """The original file, with the content type of what was decoded when it was indexed.
 
-    Only the very file that was indexed is served (same device and inode, a final symlink
-    not followed): a file replaced or a link swapped in at its path since is answered 409
-    ``file_changed`` ("run clipdex index"), never with its bytes.
+    Only the very file that was indexed is served (no symlink on any component of its
+    path; the device, inode, size and mtime recorded): a file replaced or changed, or a
+    link swapped in on its path since, is answered 404 ``file_changed`` ("run clipdex
+    index"), never with its bytes, and the photo is queued for re-indexing.
     """
     row = state.image_row(image_id)
-    fd, stat = open_catalogued(row)
+    fd, stat = open_catalogued(row, state.queue_reindex)
     return CataloguedFileResponse(
         fd,
         stat,
@@ -213,7 +214,7 @@ def media_type(row: dict) -> str:
     "/api/images/{image_id}/thumbnail",
     tags=["photos"],
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}}}, 304: {}, **errors(404, 409, 422, 503)},
+    responses={200: {"content": {"image/jpeg": {}}}, 304: {}, **errors(404, 422, 503)},
 )
 def thumbnail(
     request: Request,
@@ -221,22 +222,18 @@ def thumbnail(
     image_id: ImageId,
     size: Annotated[ThumbnailSize, Query(description="Longest side in pixels.")] = 256,
 ) -> Response:
-    """A JPEG thumbnail (EXIF orientation applied), cached in the library, with an ETag."""
+    """A JPEG thumbnail (EXIF orientation applied), cached in the library, with an ETag.
+
+    Made only from the very file that was indexed (as ``/file``: else 404 ``file_changed``)
+    and cached by what was read, so it is never stale or another file's."""
     row = state.image_row(image_id)
-    cache = state.thumbnails
-    etag = cache.etag(row, int(size))
-    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
-    if etag_matches(request.headers.get("if-none-match", ""), etag):
+    rendered = state.thumbnails.get(row, int(size), request.headers.get("if-none-match", ""))
+    headers = {"ETag": rendered.etag, "Cache-Control": CACHE_CONTROL}
+    if rendered.not_modified:
         return Response(status_code=304, headers=headers)
-    rendered = cache.get(row, int(size))
     if rendered.path is not None:
         return FileResponse(rendered.path, media_type="image/jpeg", headers=headers)
     return Response(rendered.data, media_type="image/jpeg", headers=headers)
-
-
-def etag_matches(if_none_match: str, etag: str) -> bool:
-    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
-    return "*" in tags or etag in tags
 
 
 # -- indexing ---------------------------------------------------------------------------

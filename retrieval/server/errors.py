@@ -82,11 +82,15 @@ class FileUnavailable(NotFound):
     code = "file_unavailable"
 
 
-class FileChanged(ClipdexError):
-    """A catalogued photo's path now leads to another file (replaced, or a link swapped in)."""
+class FileChanged(NotFound):
+    """A catalogued photo's path now leads to another file (replaced, changed, or a link
+    swapped in on any component): 404, and the photo is queued for re-indexing."""
 
     code = "file_changed"
-    http_status = 409
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message  # short, for the re-index queue
 
 
 class BodyTooLarge(StarletteHTTPException):

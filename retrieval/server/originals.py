@@ -1,21 +1,24 @@
 """Open a catalogued photo's file safely: only the very file that was indexed is served.
 
 A catalog row names a path; between indexing and a request, that path may have been
-replaced by another file or by a symbolic link to anything the server can read
-(``/etc/passwd``, the token file). So the server never serves "whatever the path leads to
-now": it opens the path without following a final symlink (``O_NOFOLLOW``) and without
-blocking on a FIFO or taking a terminal (``O_NONBLOCK | O_NOCTTY``), ``fstat``\\s the open
-descriptor and compares it with what the catalog recorded when the file was indexed:
+replaced by another file, or it or any folder above it by a symbolic link to anything the
+server can read (``/etc/passwd``, the token file). So the server never serves "whatever the
+path leads to now":
 
-- rows with a file identity (schema 4 on): the same device and inode, which no swapped-in
-  file or link target can have. A photo that was catalogued through a link of the user's
-  own (``clipdex index`` follows links) is opened through it, and the identity decides;
-- older rows (no identity yet): the same size and mtime, and no link at the path.
+- **No link anywhere on the path.** The indexer records each photo's *real* path (every
+  symlink resolved, at indexing: the links a user indexed through on purpose are honoured
+  as they were then). The server walks that path from ``/`` one component at a time
+  (``openat`` with ``O_NOFOLLOW | O_DIRECTORY``, the photo itself with ``O_NOFOLLOW |
+  O_NONBLOCK | O_NOCTTY``), so a link met anywhere on it now was put there since: refused.
+  Rows from before the catalog kept real paths are walked on their catalogued path, just
+  as strictly (indexing again records their real path).
+- **The same file.** ``fstat`` of the open descriptor must show the device, inode, size and
+  mtime the catalog recorded (rows from before identities were kept: size and mtime).
 
-A mismatch is :class:`~retrieval.server.errors.FileChanged` (409, "run clipdex index"),
-never the bytes. Everything is checked on the descriptor that is then read, so there is no
-window between the check and the read. Directory components are followed (a user's
-album may be a link); the identity check covers a directory swapped for a link too.
+A mismatch is :class:`~retrieval.server.errors.FileChanged` (404 ``file_changed``, "run
+clipdex index"), never the bytes, and the photo is queued for re-indexing (the caller's
+``on_changed``). Everything is checked on the descriptor that is then read, so there is no
+window between the check and the read.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import errno
 import os
 import stat
 import weakref
+from collections.abc import Callable
 
 from starlette.responses import FileResponse
 from starlette.types import Receive, Scope, Send
@@ -31,68 +35,105 @@ from starlette.types import Receive, Scope, Send
 from indexer.fsutil import file_key
 from retrieval.server.errors import FileChanged, FileUnavailable
 
-OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | NOFOLLOW
+# Folders are only walked through: O_PATH needs no read permission on them (Linux).
+FOLDER_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC | NOFOLLOW
+# A component that is a link now (or no longer a folder): the path was changed under us.
+SWAPPED = (errno.ELOOP, errno.ENOTDIR, errno.EMLINK)
+LINK_ON_PATH = "a symbolic link (or another kind of file) is on its path now"
 REINDEX = "run `clipdex index` on its folder again"
 # Names of this process's open descriptors: opening one opens that very file (Linux; BSDs
 # and macOS have /dev/fd).
 FD_FOLDER = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
 
+OnChanged = Callable[[dict, str], None]  # (row, reason): queue the photo for re-indexing
 
-def open_catalogued(row: dict) -> tuple[int, os.stat_result]:
+
+def open_catalogued(row: dict, on_changed: OnChanged | None = None) -> tuple[int, os.stat_result]:
     """An open descriptor on the file the catalog row recorded, with its stat.
 
     Raises :class:`FileUnavailable` (404) when there is no readable regular file at the
-    path, :class:`FileChanged` (409) when the path leads to another file than the one
-    indexed. The caller closes the descriptor.
+    path, :class:`FileChanged` (404 ``file_changed``) when the path holds a link or leads
+    to another file than the one indexed; ``on_changed(row, reason)`` is called first.
+    The caller closes the descriptor.
     """
-    fd = _open_no_follow(row)
     try:
-        result = os.fstat(fd)
-        _check_is_catalogued(row, result)
-    except BaseException:
-        os.close(fd)
+        fd = _open_without_links(row)
+        try:
+            result = os.fstat(fd)
+            check_is_catalogued(row, result)
+        except BaseException:
+            os.close(fd)
+            raise
+    except FileChanged as exc:
+        if on_changed is not None:
+            on_changed(row, exc.reason)
         raise
     return fd, result
 
 
-def read_catalogued(row: dict) -> bytes:
-    """The bytes of the file the catalog row recorded (see :func:`open_catalogued`)."""
-    fd, _ = open_catalogued(row)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
+def serving_path(row: dict) -> str:
+    """The path the server opens: the real path recorded at indexing, else the row's path."""
+    return row.get("real_path") or row["path"]
 
 
-def _open_no_follow(row: dict) -> int:
-    path, image_id = row["path"], row["id"]
+def _open_without_links(row: dict) -> int:
+    """Open the row's file walking its path from ``/``, following no symlink at all."""
+    image_id = row["id"]
+    names = os.fsencode(serving_path(row)).split(b"/")
+    if names[0] or not names[-1] or {b".", b".."} & set(names):  # never in a catalogued path
+        raise _changed(image_id, "its catalogued path is not a plain absolute path")
+    names = [name for name in names if name]
     try:
-        return os.open(path, OPEN_FLAGS | os.O_NOFOLLOW)
+        folder = os.open("/", FOLDER_FLAGS)
     except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise _unreadable(image_id, exc) from exc
-        if row.get("inode") is None:  # a link, and no identity to check its target against
-            raise FileChanged(
-                f"the file of photo {image_id} is now a symbolic link, not the file that was "
-                f"indexed: {REINDEX}"
-            ) from exc
-    try:  # catalogued through a link of the user's: follow it, the identity decides
-        return os.open(path, OPEN_FLAGS)
-    except (OSError, ValueError) as exc:
         raise _unreadable(image_id, exc) from exc
+    try:
+        for name in names[:-1]:
+            folder = _step(folder, os.open(name, FOLDER_FLAGS, dir_fd=folder))
+        return os.open(names[-1], OPEN_FLAGS, dir_fd=folder)
+    except OSError as exc:
+        if exc.errno in SWAPPED:
+            raise _changed(image_id, LINK_ON_PATH) from exc
+        raise _unreadable(image_id, exc) from exc
+    except ValueError as exc:  # a NUL byte: never in a catalogued path
+        raise _unreadable(image_id, exc) from exc
+    finally:
+        os.close(folder)
 
 
-def _check_is_catalogued(row: dict, result: os.stat_result) -> None:
+def _step(folder: int, child: int) -> int:
+    os.close(folder)
+    return child
+
+
+def check_is_catalogued(row: dict, result: os.stat_result) -> None:
+    """FileChanged unless ``result`` (an fstat) is the file the row recorded: device, inode
+    (where recorded), size and mtime; FileUnavailable if it is not a regular file."""
     image_id = row["id"]
     if not stat.S_ISREG(result.st_mode):
         raise FileUnavailable(f"the file of photo {image_id} is no longer a regular file")
-    if row.get("inode") is not None:
-        same = file_key(result) == (row.get("device"), row["inode"])
-    else:  # a row from before the catalog kept identities
-        same = (result.st_size, result.st_mtime_ns) == (row["size"], row["mtime_ns"])
-    if not same:
-        raise FileChanged(
-            f"the file of photo {image_id} changed since it was indexed (another file is at "
-            f"its path now): {REINDEX}"
+    differs = [
+        name
+        for name, now, then in (
+            ("size", result.st_size, row["size"]),
+            ("mtime", result.st_mtime_ns, row["mtime_ns"]),
         )
+        if now != then
+    ]
+    if row.get("inode") is not None and file_key(result) != (row.get("device"), row["inode"]):
+        differs.insert(0, "device/inode")
+    if differs:
+        raise _changed(image_id, f"another file is at its path now ({', '.join(differs)} differ)")
+
+
+def _changed(image_id: int, reason: str) -> FileChanged:
+    return FileChanged(
+        f"the file of photo {image_id} changed since it was indexed: {reason}; {REINDEX} "
+        "(it is queued for re-indexing)",
+        reason=reason,
+    )
 
 
 def _unreadable(image_id: int, exc: BaseException) -> FileUnavailable:

@@ -134,6 +134,7 @@ class ServerState:
         self._decode_slots = threading.BoundedSemaphore(max(2, min(8, os.cpu_count() or 2)))
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache_lock = threading.Lock()
+        self._queued: set[int] = set()  # photos this run queued for re-indexing
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -152,7 +153,10 @@ class ServerState:
             if self.library is None:
                 self.library = Library.open(self.settings.library, create=True)
             self.thumbnails = ThumbnailCache(
-                self.library.thumbnail_dir, self.settings.max_megapixels, self._decode_slots
+                self.library.thumbnail_dir,
+                self.settings.max_megapixels,
+                self._decode_slots,
+                on_changed=self.queue_reindex,
             )
             self.collection = Collection(
                 self.library.root,
@@ -267,6 +271,24 @@ class ServerState:
             raise NotFound(f"no photo with id {image_id} in this library")
         return row
 
+    def queue_reindex(self, row: dict, reason: str) -> None:
+        """Queue a photo whose file changed (the server refused to serve it) for re-indexing.
+
+        One committed row in the catalog's ``reindex`` table, so the next ``clipdex index``
+        of its folder reads the file again; best effort: a read-only or busy catalog costs
+        the mark (logged), never the 404 answer. Each photo is marked once per server run.
+        """
+        image_id = int(row["id"])
+        if image_id in self._queued:
+            return
+        try:
+            self.require_library().catalog.queue_reindex(image_id, reason)
+        except Exception as exc:  # any storage failure: the answer stands
+            log.warning("photo %s not queued for re-indexing: %s", image_id, exc)
+            return
+        self._queued.add(image_id)
+        log.warning("photo %s queued for re-indexing: %s", image_id, reason)
+
     # -- embeddings ---------------------------------------------------------------------
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         for text in texts:
@@ -316,6 +338,7 @@ class ServerState:
             "library": str(self.settings.library),
             "images": None,
             "failed": None,
+            "reindex_queued": None,  # photos whose file changed, read again by the next index
             "model": None,
             "encoder": self.encoder.identity.name if self.encoder else None,
             "max_upload_mb": self.settings.max_upload_mb,
@@ -332,6 +355,7 @@ class ServerState:
                 library=str(self.library.root),
                 images=catalog.count(),
                 failed=catalog.failure_count(),
+                reindex_queued=catalog.reindex_count(),
                 model=identity.name if identity else None,
             )
         return document

@@ -1,15 +1,20 @@
 """JPEG thumbnails of catalogued photos, cached on disk inside the library.
 
-A thumbnail is keyed by the photo's content hash and size
-(``LIBRARY/thumbnails/<size>/<sha[:2]>/<sha>.jpg``), so a changed file (which gets a new
-catalog row) never shows a stale thumbnail, and copies share one. The ETag is derived from
-the same key, so a browser revalidates without the server touching the photo. A photo is
-read only through :func:`retrieval.server.originals.read_catalogued`: the file that was
-indexed (same device and inode), never a file or link swapped in at its path since.
+Every request opens the photo through :func:`retrieval.server.originals.open_catalogued`
+(no link on its path, the catalogued device, inode, size and mtime), so a file swapped in
+is refused even when its thumbnail is cached. A thumbnail is keyed by what is actually
+read: a digest of the catalogued hash and the *open descriptor's* device, inode, size,
+mtime and ctime (``LIBRARY/thumbnails/<size>/<key[:2]>/<key>.jpg``, a 40-hex name). Any
+write to the file moves its ctime, which no user can set back, so bytes changed in place
+(even with size and mtime restored) or a file swapped and then restored get a new key and
+a fresh render, never a stale or poisoned one; and the descriptor is fstat'ed again after
+the read, so bytes changed *during* the read are not cached under the earlier key. The ETag
+is derived from the same key (a 304 only for the file as it is now).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -22,8 +27,8 @@ from PIL import Image
 
 from indexer.errors import DecodeError
 from indexer.ingest.decode import MODEL_IMAGE_SIZE, open_rgb
-from retrieval.server.errors import FileUnavailable
-from retrieval.server.originals import read_catalogued
+from retrieval.server.errors import FileChanged, FileUnavailable
+from retrieval.server.originals import OnChanged, check_is_catalogued, open_catalogued
 
 log = logging.getLogger("clipdex.server")
 
@@ -33,11 +38,13 @@ CACHE_CONTROL = "private, max-age=86400"
 
 @dataclass(frozen=True)
 class Thumbnail:
-    """A rendered or cached thumbnail: bytes in memory or a cache file, and its ETag."""
+    """A rendered or cached thumbnail: bytes in memory or a cache file, and its ETag;
+    ``not_modified`` when the client's If-None-Match already names it (send a 304)."""
 
     etag: str
     path: Path | None = None
     data: bytes | None = None
+    not_modified: bool = False
 
 
 class ThumbnailCache:
@@ -49,30 +56,62 @@ class ThumbnailCache:
         max_megapixels: float,
         slots: threading.BoundedSemaphore | None = None,
         quality: int = 85,
+        on_changed: OnChanged | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.max_megapixels = max_megapixels
         self.slots = slots or threading.BoundedSemaphore(2)  # bounds decode memory
         self.quality = quality
+        self.on_changed = on_changed  # queues a photo whose file changed for re-indexing
 
     @staticmethod
-    def etag(row: dict, size: int) -> str:
-        return f'"{row["sha256"][:24]}-{size}"'
+    def key(row: dict, opened: os.stat_result) -> str:
+        """What a thumbnail is keyed by: the catalogued hash and the open file's stamp."""
+        stamp = (
+            f"{row['sha256']}:{opened.st_dev}:{opened.st_ino}:{opened.st_size}:"
+            f"{opened.st_mtime_ns}:{opened.st_ctime_ns}"
+        )
+        return hashlib.sha256(stamp.encode()).hexdigest()[:40]
 
-    def cache_path(self, row: dict, size: int) -> Path:
-        sha = row["sha256"]
-        return self.folder / str(size) / sha[:2] / f"{sha}.jpg"
+    def cache_path(self, key: str, size: int) -> Path:
+        return self.folder / str(size) / key[:2] / f"{key}.jpg"
 
-    def get(self, row: dict, size: int) -> Thumbnail:
-        """The thumbnail of a catalog row whose longer side is at most ``size`` pixels."""
-        etag = self.etag(row, size)
-        cached = self.cache_path(row, size)
-        if cached.is_file():
-            return Thumbnail(etag, path=cached)
-        with self.slots:
-            data = self.render(read_catalogued(row), size, row["id"])
+    def get(self, row: dict, size: int, if_none_match: str = "") -> Thumbnail:
+        """The thumbnail of a catalog row whose longer side is at most ``size`` pixels.
+
+        Raises what :func:`~retrieval.server.originals.open_catalogued` raises when the
+        file at the row's path is not the one indexed (then nothing is read or cached).
+        """
+        fd, opened = open_catalogued(row, self.on_changed)
+        with os.fdopen(fd, "rb") as handle:
+            key = self.key(row, opened)
+            etag = f'"{key[:24]}-{size}"'
+            if etag_matches(if_none_match, etag):
+                return Thumbnail(etag, not_modified=True)
+            cached = self.cache_path(key, size)
+            if cached.is_file():
+                return Thumbnail(etag, path=cached)
+            with self.slots:
+                source = handle.read()
+                self._check_unchanged(row, opened, os.fstat(handle.fileno()))
+                data = self.render(source, size, row["id"])
         self._store(cached, data)
         return Thumbnail(etag, data=data)
+
+    def _check_unchanged(self, row: dict, before: os.stat_result, after: os.stat_result) -> None:
+        """The file was written while it was read: its bytes are not the keyed ones."""
+        if self.key(row, before) == self.key(row, after):
+            return
+        try:
+            check_is_catalogued(row, after)
+        except FileChanged as exc:  # its size or mtime moved: queue it as any changed file
+            if self.on_changed is not None:
+                self.on_changed(row, exc.reason)
+            raise
+        raise FileUnavailable(
+            f"the file of photo {row['id']} was being written while its thumbnail was made: "
+            "retry shortly"
+        )
 
     def render(self, source: bytes, size: int, image_id: int) -> bytes:
         """Decode (oriented, RGB), shrink to fit ``size``, encode as a progressive JPEG."""
@@ -101,3 +140,9 @@ class ThumbnailCache:
             log.warning("thumbnail cache not written (%s): %s", target, exc)
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """Whether an If-None-Match header names ``etag`` (weak or strong) or is ``*``."""
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
