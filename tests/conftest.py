@@ -52,6 +52,9 @@ def isolated_env(tmp_path_factory, monkeypatch, model_cache):
     monkeypatch.setenv("CLIPDEX_LIBRARY", str(home / "library"))
     monkeypatch.delenv("CLIPDEX_WEIGHTS", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # `clipdex index` would then encode the default labels (a minute with real-size models);
+    # the tests of that step turn it back on.
+    monkeypatch.setenv("CLIPDEX_PREPARE_LABELS", "0")
     monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / "cache"))
 

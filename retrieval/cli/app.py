@@ -539,6 +539,30 @@ def serve(
             help="Open connections served at once; beyond it: 503.",
         ),
     ] = 256,
+    max_request_prompts: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar="CLIPDEX_MAX_REQUEST_PROMPTS",
+            help="Prompts (labels x templates) one /api/classify request may have encoded.",
+        ),
+    ] = 2048,
+    max_request_inputs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar="CLIPDEX_MAX_REQUEST_INPUTS",
+            help="Texts and images one /v1/embeddings request may send.",
+        ),
+    ] = 256,
+    max_request_megapixels: Annotated[
+        float,
+        typer.Option(
+            min=0.01,
+            envvar="CLIPDEX_MAX_REQUEST_MEGAPIXELS",
+            help="Megapixels decoded across all images of one request.",
+        ),
+    ] = 400.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
@@ -566,6 +590,9 @@ def serve(
         header_timeout=min(10.0, request_timeout),
         request_timeout=request_timeout,
         max_connections=max_connections,
+        max_request_prompts=max_request_prompts,
+        max_request_inputs=max_request_inputs,
+        max_request_megapixels=max_request_megapixels,
     )
     warning = exposure_warning(host, settings.token)
     if warning:  # a security warning is never silenced

@@ -1,4 +1,4 @@
-"""A rich progress bar for indexing (count, img/s, ETA) on stderr."""
+"""Rich progress bars on stderr: indexing (count, img/s, ETA) and label preparation."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from rich.progress import (
     Progress,
     TaskProgressColumn,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
@@ -55,3 +56,43 @@ class BarProgress(PipelineProgress):
     def advance(self, count: int = 1) -> None:
         if self._task is not None:
             self._bar.advance(self._task, count)
+
+
+class PromptProgress:
+    """A ``(done, total)`` callback for computing label vectors: on its first call it prints
+    ``note`` and starts a bar (prompts done, elapsed, ETA), which rich redraws several times
+    a second, so the screen never looks hung; silent when ``enabled`` is False. Use it as a
+    context manager so the bar is closed even when the work stops early."""
+
+    def __init__(self, console: Console, note: str, enabled: bool = True) -> None:
+        self.console, self.note, self.enabled = console, note, enabled
+        self.calls = 0
+        self._bar: Progress | None = None
+        self._task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        self.calls += 1
+        if not self.enabled:
+            return
+        if self._bar is None:
+            self.console.print(self.note.format(total=total), highlight=False, soft_wrap=True)
+            self._bar = Progress(
+                TextColumn("labels"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("prompts"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("labels", total=total)
+        self._bar.update(self._task, completed=done, total=total)
+
+    def __enter__(self) -> PromptProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

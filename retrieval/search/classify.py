@@ -25,7 +25,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +48,12 @@ DEFAULT_TEMPLATES = (
 # Shipped inside the package (wheels, Docker); data/labels.txt in a checkout points here.
 DEFAULT_LABELS_FILE = Path(__file__).with_name("labels.txt")
 MAX_LABELS = 5000
-TEXT_BATCH = 256
+# Prompts per model call while computing label vectors: small enough that progress moves
+# every second or two even on a slow, busy CPU (a 16-prompt call: ~0.3-3 s), large enough
+# that the per-call overhead stays negligible; and a server's queries wait for one batch at
+# most, not for the whole label set.
+LABEL_BATCH = 16
+ProgressCallback = Callable[[int, int], None]  # (done, total) prompts
 
 
 @dataclass(frozen=True)
@@ -126,30 +131,61 @@ def _checked_labels(parts: Iterable[str]) -> tuple[str, ...]:
 
 
 # -- vectors and probabilities ------------------------------------------------------------
+def label_cache_file(identity: ModelIdentity, labelset: LabelSet, cache_dir: Path) -> Path:
+    """Where the label vectors of ``labelset`` under model ``identity`` are cached."""
+    return Path(cache_dir) / f"{labelset.digest(identity)}.npy"
+
+
+def cached_label_vectors(
+    identity: ModelIdentity, labelset: LabelSet, cache_dir: Path | None
+) -> np.ndarray | None:
+    """The cached (labels, dim) vectors, or None when they still need computing."""
+    if cache_dir is None:
+        return None
+    try:
+        vectors = np.load(label_cache_file(identity, labelset, cache_dir))
+    except (OSError, ValueError):
+        return None  # absent, or damaged: rebuilt by label_vectors
+    if vectors.ndim != 2 or len(vectors) != len(labelset.labels):
+        return None
+    return vectors
+
+
+def prompt_count(labelset: LabelSet) -> int:
+    """How many prompts (text-tower passes) computing ``labelset``'s vectors costs."""
+    return len(labelset.labels) * len(labelset.templates)
+
+
 def label_vectors(
-    encoder: Encoder, labelset: LabelSet, cache_dir: Path | None = None
+    encoder: Encoder,
+    labelset: LabelSet,
+    cache_dir: Path | None = None,
+    progress: ProgressCallback | None = None,
+    batch: int = LABEL_BATCH,
 ) -> np.ndarray:
-    """(labels, dim) unit vectors: the re-normalised mean of each label's prompt vectors."""
-    cache = None
-    if cache_dir is not None:
-        cache = Path(cache_dir) / f"{labelset.digest(encoder.identity)}.npy"
-        if cache.is_file():
-            try:
-                return np.load(cache)
-            except (OSError, ValueError):
-                pass  # a damaged cache file is rebuilt below
+    """(labels, dim) unit vectors: the re-normalised mean of each label's prompt vectors.
+
+    Cached in ``cache_dir`` when given. When they must be computed, the prompts are encoded
+    ``batch`` at a time and ``progress(done, total)`` (in prompts) is called with 0 before
+    the first batch and after each one; an exception it raises stops the work there. When
+    the vectors come from the cache, ``progress`` is never called.
+    """
+    cached = cached_label_vectors(encoder.identity, labelset, cache_dir)
+    if cached is not None:
+        return cached
     # replace, not str.format: other braces in a template stay literal instead of failing.
     prompts = [t.replace("{}", label) for label in labelset.labels for t in labelset.templates]
-    encoded = np.vstack(
-        [
-            encoder.encode_texts(prompts[i : i + TEXT_BATCH])
-            for i in range(0, len(prompts), TEXT_BATCH)
-        ]
-    )
-    per_label = encoded.reshape(len(labelset.labels), len(labelset.templates), -1)
+    parts: list[np.ndarray] = []
+    if progress is not None:
+        progress(0, len(prompts))
+    for start in range(0, len(prompts), max(1, batch)):
+        parts.append(encoder.encode_texts(prompts[start : start + max(1, batch)]))
+        if progress is not None:
+            progress(min(start + max(1, batch), len(prompts)), len(prompts))
+    per_label = np.vstack(parts).reshape(len(labelset.labels), len(labelset.templates), -1)
     vectors = l2_normalise(l2_normalise(per_label).mean(axis=1))
-    if cache is not None:
-        _save_atomic(cache, vectors)
+    if cache_dir is not None:
+        _save_atomic(label_cache_file(encoder.identity, labelset, cache_dir), vectors)
     return vectors
 
 
@@ -177,11 +213,15 @@ def classify_vector(
     labelset: LabelSet,
     top: int = 5,
     cache_dir: Path | None = None,
+    progress: ProgressCallback | None = None,
+    matrix: np.ndarray | None = None,
 ) -> list[Prediction]:
-    """The ``top`` labels of one image vector with their probabilities, best first."""
+    """The ``top`` labels of one image vector with their probabilities, best first.
+    ``matrix``: the label set's vectors when already at hand (else cached or computed)."""
     if top < 1:
         raise QueryError(f"--top must be at least 1, got {top}")
-    matrix = label_vectors(encoder, labelset, cache_dir)
+    if matrix is None:
+        matrix = label_vectors(encoder, labelset, cache_dir, progress)
     row = probabilities(vector, matrix, encoder.logit_scale)[0]
     return top_predictions(row, labelset.labels, top)
 
@@ -215,17 +255,22 @@ def tag_library(
     min_probability: float = 0.1,
     force: bool = False,
     batch: int = 2000,
+    progress: ProgressCallback | None = None,
 ) -> TagReport:
     """Store the top labels of every image not yet tagged with this label set.
 
     Incremental and resumable: each batch is committed with the label set's digest, so a
     second run (or a run after a kill) only visits new images; a changed label set,
     template, model, ``top`` or ``min_probability`` re-tags everything. ``force`` too.
+    The label vectors are computed (``progress`` as for :func:`label_vectors`) before the
+    writer lock is taken: another writer is not kept waiting while the text tower runs.
     """
     if top < 1 or not 0.0 <= min_probability <= 1.0:
         raise QueryError("--top must be at least 1 and --min-probability between 0 and 1")
     started = time.monotonic()
     report = TagReport(labels=len(labelset.labels))
+    library.check_model(encoder.identity)
+    matrix = label_vectors(encoder, labelset, library.label_cache_dir, progress)
     with library.writing():
         library.check_model(encoder.identity)
         catalog = library.catalog
@@ -234,7 +279,6 @@ def tag_library(
             catalog.forget_tagged()
         total = catalog.count()
         if catalog.untagged(digest, limit=1):
-            matrix = label_vectors(encoder, labelset, library.label_cache_dir)
             report.tagged = _tag_pending(
                 catalog, digest, matrix, encoder.logit_scale, labelset, top, min_probability, batch
             )

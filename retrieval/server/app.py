@@ -16,6 +16,7 @@ from retrieval.server.security import BodyLimit, SecurityHeaders, TokenAuth
 from retrieval.server.serving import SlowClientGuard
 from retrieval.server.settings import Settings
 from retrieval.server.state import EncoderSource, ServerState, _version
+from retrieval.server.workload import CancelOnDisconnect
 
 DESCRIPTION = """Search a clipdex photo library by text or by image, browse its photos, start
 indexing jobs, and embed texts and images with MobileCLIP-S2 through an OpenAI-compatible
@@ -57,6 +58,8 @@ def create_app(
     app.include_router(openai_compat.router, dependencies=guard)
     web.mount(app)
     docs.mount(app)
+    # Innermost: a request's model and decode work stops when its client disconnects.
+    app.add_middleware(CancelOnDisconnect, max_megapixels=settings.max_request_megapixels)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     app.add_middleware(TokenAuth, token=settings.token)
     app.add_middleware(SecurityHeaders)

@@ -25,6 +25,7 @@ from retrieval.search.errors import QueryError
 from retrieval.server.api import State, errors
 from retrieval.server.schemas import EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList
 from retrieval.server.state import ServerState
+from retrieval.server.workload import over_cap
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -64,7 +65,7 @@ def create_embeddings(state: State, body: EmbeddingRequest) -> dict:
     check_model(body.model)
     if body.dimensions is not None and body.dimensions != EMBED_DIM:
         raise QueryError(f"dimensions must be {EMBED_DIM} (MobileCLIP-S2 does not truncate)")
-    items = parse_inputs(body.input)
+    items = parse_inputs(body.input, state.settings.max_request_inputs)
     vectors = embed_items(state, items)
     data = [
         {"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
@@ -79,13 +80,16 @@ def create_embeddings(state: State, body: EmbeddingRequest) -> dict:
     }
 
 
-def parse_inputs(raw: str | list) -> list[str | bytes]:
-    """Texts stay str; data: URL images become their decoded bytes."""
+def parse_inputs(raw: str | list, limit: int = MAX_INPUTS) -> list[str | bytes]:
+    """Texts stay str; data: URL images become their decoded bytes; at most ``limit``
+    (the server's --max-request-inputs; OpenAI's own limit is 2048)."""
     items = [raw] if isinstance(raw, str) else list(raw)
     if not items:
         raise QueryError("input is empty: send a text or a list of texts")
     if len(items) > MAX_INPUTS:
         raise QueryError(f"at most {MAX_INPUTS} inputs per request, got {len(items)}")
+    if len(items) > limit:
+        raise over_cap("inputs", len(items), limit, "max_request_inputs", "max-request-inputs")
     if not all(isinstance(item, str) for item in items):
         raise QueryError("token arrays are not supported: send the texts themselves")
     return [parse_item(index, item) for index, item in enumerate(items)]

@@ -18,6 +18,7 @@ from retrieval.search.errors import QueryError
 from retrieval.server.api import State, errors, urls
 from retrieval.server.refine import checked_folders
 from retrieval.server.schemas import TagScore
+from retrieval.server.workload import check_prompts
 
 router = APIRouter(tags=["search"])
 
@@ -89,6 +90,9 @@ def classify(
     if (image_id is None) == (file is None):
         raise QueryError("send exactly one of the form fields id (a photo id) or file (an image)")
     labelset = make_labelset(labels, None, [t for t in template or () if t is not None])
+    if labels is not None or template:  # the default set is the server's own, made once
+        cap = state.settings.max_request_prompts
+        check_prompts(len(labelset.labels), len(labelset.templates), cap)
     collection = state.require_collection()
     if image_id is not None:
         state.image_row(image_id)

@@ -32,6 +32,10 @@ class Settings:
     header_timeout: float = 10.0
     request_timeout: float = 60.0
     max_connections: int = 256  # open connections (or running requests); beyond: 503
+    # What one request may cost (see .workload); beyond: 413 naming the setting.
+    max_request_prompts: int = 2048  # classify: the request's labels x templates
+    max_request_inputs: int = 256  # /v1/embeddings: texts and images in one request
+    max_request_megapixels: float = 400.0  # decoded across all images of one request
 
     def __post_init__(self) -> None:
         if self.max_upload_mb <= 0:
@@ -41,6 +45,10 @@ class Settings:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_connections < 1:
             raise ConfigError(f"--max-connections must be at least 1, got {self.max_connections}")
+        for name in ("max_request_prompts", "max_request_inputs", "max_request_megapixels"):
+            if not getattr(self, name) > 0:  # NaN too
+                flag = name.replace("_", "-")
+                raise ConfigError(f"--{flag} must be positive, got {getattr(self, name)}")
         if self.token is not None and not self.token.strip():
             object.__setattr__(self, "token", None)
         roots = tuple(Path(os.path.abspath(os.path.expanduser(r))) for r in self.index_roots)

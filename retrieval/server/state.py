@@ -17,14 +17,12 @@ thread on a 2-core machine.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from importlib import metadata
 
 import numpy as np
@@ -39,69 +37,22 @@ from retrieval.collection import Collection, EncoderLoader
 from retrieval.search.engine import SearchPage
 from retrieval.search.errors import QueryError
 from retrieval.search.options import SearchOptions
-from retrieval.server.errors import NotReady, Overloaded
+from retrieval.server.errors import NotReady
 from retrieval.server.jobs import IndexJob, IndexJobs
 from retrieval.server.paths import confine
 from retrieval.server.settings import Settings
 from retrieval.server.thumbnails import ThumbnailCache
+from retrieval.server.workload import (
+    TRIM_AFTER_PIXELS,
+    RequestWork,
+    SerialEncoder,
+    current_work,
+    release_memory,
+)
 
 log = logging.getLogger("clipdex.server")
 
 EncoderSource = Encoder | Callable[[], Encoder]
-
-
-class SerialEncoder:
-    """An encoder whose calls all run, one at a time, on one dedicated thread.
-
-    One at a time because the model already uses every core; on one thread because OpenMP
-    (torch's intra-op pool) keeps a team of worker threads per calling thread: called from
-    FastAPI's rotating pool threads, the teams would pile up and spin against each other.
-    A call that waits over ``timeout`` seconds (queue + run) raises :class:`Overloaded`; if
-    it had not started, it is taken off the queue, so a backlog does not outlive its clients.
-    """
-
-    def __init__(self, inner: Encoder, timeout: float | None = None) -> None:
-        self.inner = inner
-        self.identity = inner.identity
-        self.timeout = timeout
-        self._thread = ThreadPoolExecutor(1, "clipdex-model")
-
-    @property
-    def logit_scale(self) -> float:
-        return self._call(lambda: self.inner.logit_scale)
-
-    def encode_images(self, batch: np.ndarray) -> np.ndarray:
-        return self._call(self.inner.encode_images, batch)
-
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        return self._call(self.inner.encode_texts, texts)
-
-    def without_timeout(self) -> SerialEncoder:
-        """The same model thread without the time limit, for index jobs: their batches may
-        wait behind queries for as long as it takes."""
-        view = copy.copy(self)
-        view.timeout = None
-        return view
-
-    def warm_up(self) -> None:
-        """First calls (weights paged in, kernels chosen) without a time limit."""
-        blank = np.zeros((1, 3, 256, 256), np.float32)
-        self._thread.submit(self.inner.encode_texts, ["a photo"]).result()
-        self._thread.submit(self.inner.encode_images, blank).result()
-
-    def _call(self, fn: Callable, *args):
-        future = self._thread.submit(fn, *args)
-        try:
-            return future.result(self.timeout)
-        except FutureTimeout:
-            future.cancel()  # a no-op once it runs; the answer is then dropped
-            raise Overloaded(
-                f"the model is busy: this query waited over {self.timeout:g} s for it "
-                "(the server's --request-timeout); retry shortly"
-            ) from None
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
 
 
 class ServerState:
@@ -230,12 +181,25 @@ class ServerState:
     def embed_upload(self, data: bytes) -> np.ndarray:
         """The unit vector of uploaded image bytes. Decoding holds a decode slot (memory);
         the model call waits outside it, so uploads decode while the model is busy."""
-        from indexer.ingest.decode import decode_for_model
-
         encoder = self.require_encoder()
-        with self._decode_slots:
-            pixels, _ = decode_for_model(data, max_megapixels=self.settings.max_megapixels)
-        return encoder.encode_images(pixels[None])[0]
+        return encoder.encode_images(self._decode_upload(data)[None])[0]
+
+    def _decode_upload(self, data: bytes) -> np.ndarray:
+        """Model input from uploaded bytes, decoded in a slot and charged to the request's
+        pixel budget (checked from the header, before decoding; see .workload). After a
+        large decode, freed memory goes back to the system, so a burst of bombs does not
+        leave the server at its peak size."""
+        work = current_work() or RequestWork()
+        decoded = 0.0
+        try:
+            with self._decode_slots:
+                work.check()  # its client may have left while it waited for a slot
+                pixels, info = work.decode(data, self.settings.max_megapixels)
+                decoded = info.width * info.height
+        finally:
+            if decoded == 0.0 or decoded >= TRIM_AFTER_PIXELS:  # large, or failed midway
+                release_memory()
+        return pixels
 
     def similar(self, image_id: int, options: SearchOptions) -> SearchPage:
         """Photos like an indexed photo; needs no model (its vector is in the catalog)."""
@@ -297,14 +261,8 @@ class ServerState:
         return self.require_encoder().encode_texts(texts)
 
     def embed_images(self, images: list[bytes]) -> np.ndarray:
-        from indexer.ingest.decode import decode_for_model
-
         encoder = self.require_encoder()
-        limit = self.settings.max_megapixels
-        pixels = []
-        for data in images:
-            with self._decode_slots:
-                pixels.append(decode_for_model(data, max_megapixels=limit)[0])
+        pixels = [self._decode_upload(data) for data in images]  # the request checked each
         return encoder.encode_images(np.stack(pixels))
 
     # -- indexing -----------------------------------------------------------------------
