@@ -33,7 +33,9 @@ from indexer.errors import ClipdexError, ConfigError
 from indexer.paths import DISPLAY_ERRORS, display
 
 if TYPE_CHECKING:
+    from retrieval.cli.progress import PromptProgress
     from retrieval.collection import Collection
+    from retrieval.search.classify import LabelSet
     from retrieval.search.engine import SearchPage
 
 app = typer.Typer(
@@ -180,6 +182,15 @@ def note(message: str | Text, quiet: bool) -> None:
         stderr.print(message, highlight=False, soft_wrap=True)
 
 
+def label_progress(labelset: LabelSet, default: bool, quiet: bool) -> PromptProgress:
+    """The note and bar shown while a label set's vectors are computed (not when cached)."""
+    from retrieval.cli.progress import PromptProgress
+
+    what = "the default labels" if default else f"{len(labelset.labels)} labels"
+    message = f"preparing {what} once for this model: {{total}} prompts"
+    return PromptProgress(stderr, message, enabled=not quiet)
+
+
 def path_cell(path: str) -> Text:
     """A path for a table cell: printable, and never read as rich markup ("[/]")."""
     return Text(display(path))
@@ -238,6 +249,15 @@ def index(
     library: LibraryOpt = None,
     weights: WeightsOpt = None,
     cache_dir: CacheOpt = None,
+    prepare_labels: Annotated[
+        bool,
+        typer.Option(
+            "--prepare-labels/--no-prepare-labels",
+            envvar="CLIPDEX_PREPARE_LABELS",
+            help="Afterwards, compute the default labels' vectors for classify/tag if missing "
+            "(once per model; after the report, Ctrl-C skips).",
+        ),
+    ] = True,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -255,8 +275,31 @@ def index(
         options.workers = workers
     bar = BarProgress(stderr, enabled=not (json_out or quiet))
     photos = open_collection(library, weights, device, backend, cache_dir, quiet=quiet)
-    with photos, bar:
-        report = photos.index(paths, options, bar)
+    with photos:
+        with bar:
+            report = photos.index(paths, options, bar)
+        print_index_report(report, json_out, quiet)
+        if prepare_labels and report.indexed:  # the writer lock is already released
+            prepare_default_labels(photos, quiet or json_out)
+
+
+def prepare_default_labels(photos: Collection, quiet: bool) -> None:
+    """Compute the default label vectors now, if missing, so a first classify is instant.
+    Ctrl-C stops it without harm: the index is committed and classify computes them."""
+    if photos.labels_prepared():
+        return
+    from retrieval.search.classify import make_labelset
+
+    bar = label_progress(make_labelset(), True, quiet)
+    try:
+        with bar:
+            photos.label_vectors(progress=bar)
+    except KeyboardInterrupt:
+        note("skipped preparing the labels: the first classify or tag will", quiet)
+
+
+def print_index_report(report, json_out: bool, quiet: bool) -> None:
+    """The index report: JSON, or failures on stderr and one summary line."""
     if json_out:
         emit_json(report.as_dict())
         return
@@ -628,8 +671,10 @@ def classify(
     from retrieval.search.classify import make_labelset
 
     labelset = make_labelset(labels, labels_file, template or ())
-    with open_collection(library, weights, device, backend, cache_dir, quiet=quiet) as photos:
-        predictions = photos.classify(photo, labelset, top=top)
+    bar = label_progress(labelset, labels is None and labels_file is None, quiet or json_out)
+    photos = open_collection(library, weights, device, backend, cache_dir, quiet=quiet)
+    with photos, bar:
+        predictions = photos.classify(photo, labelset, top=top, progress=bar)
     if json_out:
         emit_json(
             {
@@ -667,14 +712,14 @@ def tag(
     json_out: JsonOpt = False,
 ) -> None:
     """Tag every photo with its top labels, for `search --tag` (incremental: re-run freely)."""
-    with open_collection(library, weights, device, backend, cache_dir, quiet=quiet) as photos:
+    from retrieval.search.classify import make_labelset
+
+    labelset = make_labelset(labels, labels_file, template or ())
+    bar = label_progress(labelset, labels is None and labels_file is None, quiet or json_out)
+    photos = open_collection(library, weights, device, backend, cache_dir, quiet=quiet)
+    with photos, bar:
         report = photos.tag(
-            labels,
-            labels_file=labels_file,
-            templates=template or (),
-            top=top,
-            min_probability=min_probability,
-            force=force,
+            labelset, top=top, min_probability=min_probability, force=force, progress=bar
         )
     if json_out:
         emit_json(report.as_dict())

@@ -10,14 +10,17 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from retrieval.search.classify import make_labelset
 from retrieval.search.duplicates import DEFAULT_THRESHOLD
 from retrieval.search.errors import QueryError
 from retrieval.server.api import State, errors, urls
+from retrieval.server.errors import error_body
+from retrieval.server.labels import RETRY_AFTER_S, LabelJob, preparing_message
 from retrieval.server.refine import checked_folders
-from retrieval.server.schemas import TagScore
+from retrieval.server.schemas import ErrorDetail, TagScore
 from retrieval.server.workload import check_prompts
 
 router = APIRouter(tags=["search"])
@@ -33,6 +36,29 @@ class ClassifyResponse(BaseModel):
     labels: int = Field(description="How many labels were compared.")
     templates: list[str]
     predictions: list[Prediction]
+
+
+class LabelProgress(BaseModel):
+    done: int = Field(description="Prompts encoded so far.")
+    total: int = Field(description="Prompts the label set needs (labels times templates).")
+
+
+class PreparingDetail(ErrorDetail):
+    progress: LabelProgress | None = Field(
+        None, description="With code `preparing`: how far the label set's preparation got."
+    )
+
+
+class PreparingResponse(BaseModel):
+    error: PreparingDetail
+
+
+PREPARING_503 = {
+    "model": PreparingResponse,
+    "description": "Code `preparing`: the label set's vectors are being computed once for "
+    "this model by a background job (shared by concurrent requests); retry after the "
+    "`Retry-After` seconds. Also `not_ready` while the server starts.",
+}
 
 
 class TagCount(BaseModel):
@@ -69,9 +95,10 @@ class DuplicatesResponse(BaseModel):
 @router.post(
     "/api/classify",
     response_model=ClassifyResponse,
-    responses=errors(400, 404, 409, 413, 415, 422, 503),
+    responses={**errors(400, 404, 409, 413, 415, 422, 429), 503: PREPARING_503},
 )
 def classify(
+    request: Request,
     state: State,
     image_id: Annotated[
         int | None, Form(alias="id", ge=1, le=2**63 - 1, description="An indexed photo's id.")
@@ -86,7 +113,10 @@ def classify(
     ] = None,
     top: Annotated[int, Form(ge=1, le=1000, description="How many labels to return.")] = 5,
 ) -> dict:
-    """Zero-shot classification of one photo: probabilities over labels, best first."""
+    """Zero-shot classification of one photo: probabilities over labels, best first.
+
+    A large label set (such as the default one) is prepared once per model in the background:
+    until it is ready this answers 503 `preparing` with the progress and `Retry-After`."""
     if (image_id is None) == (file is None):
         raise QueryError("send exactly one of the form fields id (a photo id) or file (an image)")
     labelset = make_labelset(labels, None, [t for t in template or () if t is not None])
@@ -96,16 +126,24 @@ def classify(
     collection = state.require_collection()
     if image_id is not None:
         state.image_row(image_id)
-        photo = image_id
-    else:
-        photo = state.embed_upload(file.file.read())  # decodes in a bounded slot
-    predictions = collection.classify(photo, labelset, top=top)
+    matrix = state.label_vectors(labelset)  # before an upload costs model time
+    if isinstance(matrix, LabelJob):
+        return _preparing(request, matrix)
+    photo = image_id if image_id is not None else state.embed_upload(file.file.read())
+    predictions = collection.classify(photo, labelset, top=top, label_vectors=matrix)
     return {
         "id": image_id,
         "labels": len(labelset.labels),
         "templates": list(labelset.templates),
         "predictions": [p.as_dict() for p in predictions],
     }
+
+
+def _preparing(request: Request, job: LabelJob) -> JSONResponse:
+    """503 `preparing`: the label set's job is running; progress in prompts."""
+    body = error_body(request, 503, "preparing", preparing_message(job))
+    body["error"]["progress"] = job.progress()
+    return JSONResponse(body, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 @router.get("/api/tags", response_model=TagList, responses=errors(503))

@@ -39,6 +39,7 @@ from retrieval.search.errors import QueryError
 from retrieval.search.options import SearchOptions
 from retrieval.server.errors import NotReady
 from retrieval.server.jobs import IndexJob, IndexJobs
+from retrieval.server.labels import LabelJob, LabelPreparer
 from retrieval.server.paths import confine
 from retrieval.server.settings import Settings
 from retrieval.server.thumbnails import ThumbnailCache
@@ -77,6 +78,11 @@ class ServerState:
         self.model_error: str | None = None
         self.loaded = threading.Event()
         self.jobs = IndexJobs(self._run_index)
+        # Label sets for /api/classify, prepared once in the background (see .labels).
+        self.labels = LabelPreparer(
+            lambda: self.require_encoder().without_timeout(),
+            lambda: self.require_library().label_cache_dir,
+        )
         self._searcher = ThreadPoolExecutor(
             1, "clipdex-search", initializer=set_search_threads, initargs=(settings.search_threads,)
         )
@@ -141,6 +147,7 @@ class ServerState:
 
     def close(self, close_library: bool = True) -> None:
         """Stop jobs and the search thread; close the library unless the caller owns it."""
+        self.labels.shutdown()
         self.jobs.shutdown()
         self._searcher.shutdown()
         if self.encoder is not None:
@@ -282,7 +289,25 @@ class ServerState:
         options = IndexOptions(max_megapixels=self.settings.max_megapixels, within=roots)
         root = self.require_library().root
         with Collection.open(root, create=True, encoder=encoder) as collection:
-            return collection.index(paths, options, progress)
+            report = collection.index(paths, options, progress)
+        self._prepare_default_labels()
+        return report
+
+    def _prepare_default_labels(self) -> None:
+        """Start computing the default label set's vectors in the background, if missing,
+        so the first /api/classify after indexing answers at once. The index job's report
+        does not wait for it, and it takes no writer lock."""
+        from retrieval.search.classify import make_labelset
+
+        try:
+            self.labels.prepare(make_labelset())
+        except ClipdexError as exc:  # e.g. busy preparing others: classify will do it
+            log.info("not preparing the default labels now: %s", exc)
+
+    def label_vectors(self, labelset) -> np.ndarray | LabelJob | None:
+        """A label set's vectors for /api/classify, or the job still preparing them, or
+        None when the set is small enough to compute within the request (see .labels)."""
+        return self.labels.vectors(labelset)
 
     # -- facts --------------------------------------------------------------------------
     def info(self) -> dict:
