@@ -40,6 +40,7 @@ OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | NOFOLLOW
 # Folders are only walked through: O_PATH needs no read permission on them (Linux).
 FOLDER_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC | NOFOLLOW
 # A component that is a link now (or no longer a folder): the path was changed under us.
+# (ELOOP: a link met with O_NOFOLLOW; FreeBSD says EMLINK; ENOTDIR: with O_DIRECTORY.)
 SWAPPED = (errno.ELOOP, errno.ENOTDIR, errno.EMLINK)
 LINK_ON_PATH = "a symbolic link (or another kind of file) is on its path now"
 REINDEX = "run `clipdex index` on its folder again"
