@@ -1,10 +1,12 @@
 """Only the file that was catalogued is served: identities recorded, checked, refreshed.
 
-The catalog records each photo's (device, inode) when it is indexed (schema 4); the
-server opens a photo without following a final symlink, fstat()s the descriptor and
-serves it only when it is that very file (rows from before schema 4: same size and mtime).
-A symlink swapped in, or a file replaced since, is a 404 ``file_changed`` naming
-`clipdex index`, never the bytes; indexing again records the new identity.
+The catalog records each photo's (device, inode) when it is indexed (schema 4) and its
+real path (schema 5); the server opens that path without following a symlink on any
+component, fstat()s the descriptor and serves it only when it is that very file (same
+device, inode, size and mtime; rows from before schema 4: size and mtime). A symlink
+swapped in, or a file replaced since, is a 404 ``file_changed`` naming `clipdex index`,
+never the bytes; indexing again records the new identity. Swapped folders, thumbnails and
+the re-index queue: tests/test_hostile_files.py.
 """
 
 from __future__ import annotations
