@@ -35,6 +35,7 @@ from indexer.errors import ConfigError
 from indexer.model.identity import Encoder, ModelIdentity, l2_normalise
 from indexer.store.library import Library
 from retrieval.search.errors import QueryError
+from retrieval.search.text import check_text
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -114,6 +115,7 @@ def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
     """Templates must each hold exactly one ``{}`` where the label goes."""
     out = tuple(dict.fromkeys(t.strip() for t in templates if t.strip()))
     for template in out:
+        check_text(template, "a template")
         if template.count("{}") != 1:
             raise QueryError(f"the template {template!r} needs exactly one {{}} for the label")
     if not out:
@@ -123,6 +125,8 @@ def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
 
 def _checked_labels(parts: Iterable[str]) -> tuple[str, ...]:
     labels = tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
+    for label in labels:
+        check_text(label, "a label")
     if len(labels) < 2:
         raise QueryError("give at least two labels: probabilities compare labels with each other")
     if len(labels) > MAX_LABELS:

@@ -25,6 +25,7 @@ from retrieval.search.errors import QueryError
 from retrieval.search.options import MAX_K, SearchOptions
 from retrieval.search.query import Term, combine, parse_query, photo_terms
 from retrieval.search.ranking import rank
+from retrieval.search.text import check_text
 
 
 @dataclass
@@ -159,7 +160,7 @@ def embed_text(encoder: Encoder, text: str) -> np.ndarray:
     """Unit vector of a text query."""
     if not text or not text.strip():
         raise QueryError("the text query is empty: type what the photo shows")
-    return encoder.encode_texts([text])[0]
+    return encoder.encode_texts([check_text(text, "the text")])[0]
 
 
 def embed_image(

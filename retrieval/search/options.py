@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from retrieval.search.errors import QueryError
 from retrieval.search.filters import FilterArgs, ImageFilter, build_filter, folder_pattern
+from retrieval.search.text import check_path, check_text
 
 MAX_K = 10_000
 SORTS = ("score", "date", "date-asc")
@@ -65,10 +66,22 @@ class SearchOptions:
             raise QueryError(f"min_score must be between -1 and 1, got {self.min_score}")
         for name in ("folders", "formats", "tags"):
             object.__setattr__(self, name, _strings(name, getattr(self, name)))
+        self._check_text()
         # Relative folders mean the caller's current directory: fix them now, once.
         folders = tuple(folder_pattern(f) for f in self.folders if f.strip())
         object.__setattr__(self, "folders", folders)
         object.__setattr__(self, "filter", build_filter(self._filter_args()))
+
+    def _check_text(self) -> None:
+        """Filter values must be usable text, folders usable paths (see .text)."""
+        for name in ("after", "before", "camera", "min_size"):
+            if isinstance(getattr(self, name), str):
+                check_text(getattr(self, name), name)
+        for name in ("formats", "tags"):
+            for value in getattr(self, name):
+                check_text(value, name)
+        for folder in self.folders:
+            check_path(folder, "folders")
 
     def _filter_args(self) -> FilterArgs:
         size = self.min_size

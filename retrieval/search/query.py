@@ -5,7 +5,7 @@ Grammar (whitespace between tokens is free)::
     query    := [sign] term (sign term)*
     sign     := "+" | "-"
     term     := [weight ":"] phrase
-    weight   := a positive decimal number: 2, 0.5, 1.25, .5
+    weight   := a decimal number from 0.01 to 100: 2, 0.5, 1.25, .5, 1e2
     phrase   := '"' any text but '"' '"'        a quoted phrase, taken literally
               | bare words                        up to the next operator
 
@@ -22,9 +22,12 @@ Examples::
 
 Every term is encoded on its own (unit vector ``e_i``), photos given with ``--like`` /
 ``--unlike`` join with weight +1 / -1, and the query is ``normalise(sum w_i e_i)``. A
-single term of weight 1 is exactly the plain text query. Malformed queries raise
-:class:`QuerySyntaxError`, whose message marks the offending spot (``«»``) and whose
-``position`` is the 0-based character index.
+single term of weight 1 is exactly the plain text query. Only the ratios of the weights
+matter (the sum is normalised), so they are bounded to 0.01..100: a ratio of 10,000 is
+more than any query needs, and a weight beyond float32 would zero or erase every score.
+The query text must be usable text (:mod:`.text`: no lone surrogates or control
+characters). Malformed queries raise :class:`QuerySyntaxError`, whose message marks the
+offending spot (``«»``) and whose ``position`` is the 0-based character index.
 
 Note on mixing modalities: CLIP text and image vectors live in one space but image-image
 cosines (~0.5-1) run higher than text-image ones (~0.1-0.35), so a photo term pulls the
@@ -41,9 +44,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrieval.search.errors import QueryError
+from retrieval.search.text import check_text
 
 MAX_TERMS = 16
-_WEIGHT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*:")
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0
+_WEIGHT = re.compile(r"((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*:")  # 2, .5, 1e2
 
 
 class QuerySyntaxError(QueryError):
@@ -93,9 +98,14 @@ class _Scanner:
         match = _WEIGHT.match(self.query, self.pos)
         if not match:
             return 1.0
-        value = float(match.group(1))
+        value = float(match.group(1))  # digits only: finite or inf, never NaN
         if value <= 0:
             raise self.error("a weight must be greater than 0 (use - to subtract)")
+        if not MIN_WEIGHT <= value <= MAX_WEIGHT:
+            raise self.error(
+                f"a weight must be between {MIN_WEIGHT:g} and {MAX_WEIGHT:g} "
+                "(only the ratios between weights matter)"
+            )
         self.pos = match.end()
         self.skip_space()
         if self.at_end() or self.peek() in "+-":
@@ -132,6 +142,7 @@ def parse_query(query: str) -> list[Term]:
     """Parse a query into signed, weighted text terms (see the module docstring)."""
     if not query or not query.strip():
         raise QueryError("the text query is empty: type what the photo shows")
+    check_text(query, "the query")
     scan = _Scanner(query)
     terms: list[Term] = []
     while True:
@@ -176,13 +187,21 @@ def photo_terms(like: Sequence[str] = (), unlike: Sequence[str] = ()) -> list[Te
 
 
 def combine(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
-    """``normalise(sum w_i v_i)`` over unit vectors; refuses a query with nothing positive."""
-    weights = np.asarray(weights, dtype=np.float32)
+    """``normalise(sum w_i v_i)`` over unit vectors; refuses a query with nothing positive.
+
+    Only the ratios count, so the weights are scaled to a largest magnitude of 1 first:
+    any finite weights then give the direction they ask for (float32 sums would overflow
+    to inf and NaN past ~1e19). A weight that is not a finite number is refused.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if not np.isfinite(weights).all():
+        raise QueryError(f"every weight must be a finite number, got {weights.tolist()}")
     if not len(weights) or not (weights > 0).any():
         raise QueryError(
             "a query needs at least one positive term: add a phrase or --like PHOTO "
             "(subtracting alone finds nothing)"
         )
+    weights = (weights / np.abs(weights).max()).astype(np.float32)  # a lone 1 stays 1
     total = (np.asarray(vectors, dtype=np.float32) * weights[:, None]).sum(axis=0)
     norm = float(np.linalg.norm(total))
     if norm < 1e-6:

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from indexer.store.library import Library
 from retrieval.server import api, docs, errors, openai_compat, routes_search_plus, web
+from retrieval.server.inputs import Utf8QueryString
 from retrieval.server.responses import PathJSONResponse
 from retrieval.server.security import BodyLimit, SecurityHeaders, TokenAuth
 from retrieval.server.serving import SlowClientGuard
@@ -61,6 +62,7 @@ def create_app(
     # Innermost: a request's model and decode work stops when its client disconnects.
     app.add_middleware(CancelOnDisconnect, max_megapixels=settings.max_request_megapixels)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(Utf8QueryString)  # q=%FF is refused, not searched for as U+FFFD
     app.add_middleware(TokenAuth, token=settings.token)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(SlowClientGuard, timeout=settings.request_timeout)

@@ -22,6 +22,7 @@ from fastapi import Path as PathParam
 from indexer.errors import NotFound
 from indexer.model.identity import CONTEXT_LENGTH, EMBED_DIM
 from retrieval.search.errors import QueryError
+from retrieval.search.text import check_text
 from retrieval.server.api import State, errors
 from retrieval.server.schemas import EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList
 from retrieval.server.state import ServerState
@@ -102,7 +103,7 @@ def parse_item(index: int, item: str) -> str | bytes:
             raise QueryError(f"input[{index}] is empty")
         if len(item) > MAX_TEXT_CHARS:
             raise QueryError(f"input[{index}] is over {MAX_TEXT_CHARS} characters")
-        return item
+        return check_text(item, f"input[{index}]")
     try:
         return base64.b64decode(item[match.end() :], validate=True)
     except (binascii.Error, ValueError) as exc:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from retrieval.search.errors import QueryError
+from retrieval.search.text import check_path
 from retrieval.server.errors import Forbidden
 
 
@@ -29,8 +30,9 @@ def confine(requested: str, roots: tuple[Path, ...]) -> str:
             "this server indexes nothing over HTTP: start it with --index-root DIR "
             "(or CLIPDEX_INDEX_ROOTS) to allow folders under DIR"
         )
-    if not isinstance(requested, str) or not requested or "\x00" in requested:
-        raise QueryError("each path must be a non-empty string without NUL characters")
+    if not isinstance(requested, str) or not requested:
+        raise QueryError("each path must be a non-empty string")
+    check_path(requested, "paths")  # NUL, or a surrogate that maps to no byte: no file
     written = Path(os.path.normpath(os.path.join(roots[0], requested)))
     if not any(_inside(written, root) for root in roots):
         raise Forbidden(f"{requested} is outside the folders this server may index")

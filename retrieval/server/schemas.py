@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
+
+from retrieval.search.text import path_problem, text_problem
+
+
+def _usable(problem_of):
+    """A pydantic check: a 422 naming the field when ``problem_of(value)`` has a reason."""
+
+    def check(value: str) -> str:
+        problem = problem_of(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    return AfterValidator(check)
+
+
+# Request strings: usable text (no lone surrogates, no control characters), or a path the
+# file system can take (a name's undecodable bytes as \udcNN, as responses write them).
+Text = Annotated[str, _usable(text_problem)]
+PathText = Annotated[str, _usable(path_problem)]
 
 
 class ErrorDetail(BaseModel):
@@ -82,7 +102,7 @@ class ImageMeta(BaseModel):
 
 
 class IndexRequest(BaseModel):
-    paths: list[str] = Field(
+    paths: list[PathText] = Field(
         min_length=1,
         max_length=100,
         description="Folders or files on the server, inside one of its --index-root folders "
@@ -109,19 +129,19 @@ class JobList(BaseModel):
 
 
 class SessionRequest(BaseModel):
-    token: str = Field(max_length=4096)
+    token: Text = Field(max_length=4096)
 
 
 # -- OpenAI-compatible embeddings ---------------------------------------------------------
 class EmbeddingRequest(BaseModel):
-    model: str = Field(max_length=256, examples=["mobileclip-s2"])
+    model: Text = Field(max_length=256, examples=["mobileclip-s2"])
     input: str | list[str] | list[int] | list[list[int]] = Field(
         description="A text, a list of texts, or (clipdex's extension) data:image/...;base64, "
         "URLs of images. Token arrays are not supported."
     )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
-    user: str | None = Field(default=None, max_length=256)
+    user: Text | None = Field(default=None, max_length=256)
 
 
 class Embedding(BaseModel):
