@@ -9,7 +9,8 @@ tokenizer, SQLite) or quietly answering something else:
   without lone surrogates (U+D800..U+DFFF, what a JSON ``\\ud800`` escape or an undecodable
   command-line byte becomes) and without control characters other than tab and line
   breaks (NUL, escape, and the C1 range U+0080..U+009F that bytes which were not UTF-8
-  turn into when a form falls back to Latin-1);
+  turn into when a form falls back to Latin-1), and without U+FFFD, the replacement
+  character that undecodable bytes become when a decoder does not refuse them;
 - a **path** (a folder to index, an ``in=`` folder): anything the file system can take.
   A name's undecodable bytes are lone surrogates U+DC80..U+DCFF (``caf\\udce9``), the
   lossless form the CLI's ``--json`` and the API print (see :mod:`indexer.paths`), so they
@@ -26,8 +27,8 @@ import re
 
 from retrieval.search.errors import QueryError
 
-# Lone surrogates, and control characters but tab, LF, CR (C0, DEL, C1).
-_BAD_TEXT = re.compile("[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# Lone surrogates, control characters but tab, LF, CR (C0, DEL, C1), U+FFFD.
+_BAD_TEXT = re.compile("[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")
 _TEXT_HINT = "send valid UTF-8 text"
 _PATH_HINT = "a file name's undecodable byte NN is written \\udcNN, as --json prints it"
 
@@ -73,9 +74,10 @@ def check_path(path: str, field: str) -> str:
 
 def _describe(char: str, position: int, hint: str) -> str:
     code = ord(char)
-    where = f"U+{code:04X} at character {position + 1}"
     if 0xD800 <= code <= 0xDFFF:
         what = "a lone surrogate" if hint == _TEXT_HINT else "a lone surrogate that is no byte"
+    elif code == 0xFFFD:
+        what = "a replacement character (the mark of bytes that were not UTF-8)"
     else:
         what = "a NUL character" if code == 0 else "a control character"
-    return f"{what} ({where}) is not allowed: {hint}"
+    return f"{what}, U+{code:04X} at character {position + 1}, is not allowed: {hint}"
