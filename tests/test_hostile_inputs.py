@@ -271,3 +271,46 @@ def test_a_path_that_came_back_as_udcNN_escapes_still_indexes(hostile_server, tm
     started = client.post("/api/index", content=b'{"paths": ["caf\\udce9"]}', headers=JSON)
     assert started.status_code == 202, started.text
     assert json.loads(started.content)["paths"] == [os.fsdecode(folder)]
+
+
+HOSTILE_HEADERS = [
+    b"Range: bytes=0-99999999999999999999999999",
+    b"Range: bytes=99999999999999999999-",
+    b"Range: bytes=-0",
+    b"Range: bytes=\xff-\xfe",
+    b"Range: bytes=5-1",
+    b"Range: pages=1-2",
+    b"Range: bytes=0-1,2-3,4-5",
+    b"If-None-Match: \xff\xfe",
+    b"If-None-Match: " + b"x," * 4000,
+    b"If-Range: \xff",
+    b"If-Modified-Since: \xff",
+    b"Authorization: Bearer \xff\xfe",
+    b"Authorization: \xff",
+    b"Cookie: clipdex_session=\xff\xfe; x=\"",
+    b"Cookie: " + b"a=b;" * 2000,
+    b"Accept-Encoding: \xff",
+]
+
+
+@pytest.mark.parametrize("header", HOSTILE_HEADERS, ids=range(len(HOSTILE_HEADERS)))
+def test_hostile_headers_are_never_a_5xx_and_errors_are_json(hostile_server, header):
+    """Header bytes that are not ASCII arrive as Latin-1 text; nothing fails on them, and a
+    refused Range is the JSON error shape too (416 keeps its Content-Range)."""
+    live, client = hostile_server
+    photo_id = client.get("/api/search", params={"q": "x", "k": 1}).json()["results"][0]["id"]
+    for target in (f"/api/images/{photo_id}/file", f"/api/images/{photo_id}/thumbnail",
+                   "/api/search?q=dog"):
+        request = (
+            b"GET " + target.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Connection: close\r\n" + header + b"\r\n\r\n"
+        )
+        status, answer = raw_request(live.url, request)
+        assert 200 <= status < 500, (target, header[:40], answer[:300])
+        head, _, body = answer.partition(b"\r\n\r\n")
+        if status >= 400 and body != b"Invalid HTTP request received.":  # uvicorn's own
+            assert b"content-type: application/json" in head.lower(), (target, answer[:300])
+            assert json.loads(body)["error"]["code"], answer[:300]
+        if status == 416:
+            assert b"content-range: bytes */" in head.lower()
+    _healthy(client)

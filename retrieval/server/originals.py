@@ -29,11 +29,13 @@ import stat
 import weakref
 from collections.abc import Callable
 
-from starlette.responses import FileResponse
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
 from indexer.fsutil import file_key
-from retrieval.server.errors import FileChanged, FileUnavailable
+from retrieval.server.errors import FileChanged, FileUnavailable, error_response
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | NOFOLLOW
@@ -159,6 +161,31 @@ class CataloguedFileResponse(FileResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
+            refused = self._bad_range(scope)
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
             await super().__call__(scope, receive, send)
         finally:
             self._close()
+
+    def _bad_range(self, scope: Scope):
+        """A JSON error for a Range header Starlette would refuse in plain text, else None."""
+        headers = Headers(scope=scope)
+        http_range = headers.get("range")
+        if http_range is None or scope.get("method", "GET").upper() not in ("GET", "HEAD"):
+            return None
+        if_range = headers.get("if-range")
+        if if_range is not None and not self._should_use_range(if_range):
+            return None  # the whole file is sent
+        size = self.stat_result.st_size
+        try:
+            self._parse_range_header(http_range, size)
+        except MalformedRangeHeader as exc:
+            message = f"{exc.content or 'malformed Range header'}: use bytes=START-END"
+            return error_response(Request(scope), 400, "bad_request", message)
+        except RangeNotSatisfiable:
+            message = f"the Range is outside the file's {size} bytes"
+            headers = {"Content-Range": f"bytes */{size}"}
+            return error_response(Request(scope), 416, "range_not_satisfiable", message, headers)
+        return None
