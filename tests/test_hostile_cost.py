@@ -35,6 +35,7 @@ from retrieval.server.workload import INTERACTIVE_ITEMS, TEXT_CHUNK
 from tests.live_server import served
 from tests.test_server import assert_error
 
+SERVER_START = 605 * 2**20  # RSS of `clipdex serve` at start, measured in issue 14
 GENEROUS = 60.0  # seconds a well-behaved request may take on a loaded 2-core machine
 
 
@@ -242,14 +243,20 @@ def test_a_burst_of_png_bombs_is_refused_and_memory_comes_back(library, fake_enc
     """The issue's attack: 20 bombs of 88 MP per request, several requests at once. Each is
     refused at the default 400 MP per request (after 4 decodes), /readyz and a search answer
     meanwhile, and RSS returns near its starting level: without handing freed memory back
-    it stayed at ~5x (measured: 191 MB -> 932 MB after 6 bombs on 2 threads)."""
+    it stays near its peak (measured here: 283 MB -> 1,496 MB; with it: 184 -> 233 MB)."""
     bomb = png_bomb()
     assert len(bomb) < 40_000
     process = psutil.Process()
     with served(library, fake_encoder) as (_, client):
         search_answers(client)
-        one = client.post("/v1/embeddings", json=bomb_request(bomb, 1), timeout=GENEROUS)
-        assert one.status_code == 200  # one bomb alone is within both limits
+        with ThreadPoolExecutor(4) as pool:
+            # The same traffic, each request within both limits (one bomb): the threads,
+            # pools and buffers that any three concurrent uploads leave are in the baseline.
+            warm = [
+                pool.submit(client.post, "/v1/embeddings", json=bomb_request(bomb, 1))
+                for _ in range(3)
+            ]
+            assert [answer.result().status_code for answer in warm] == [200] * 3
         gc.collect()
         before = process.memory_info().rss
         with ThreadPoolExecutor(4) as pool:
@@ -265,4 +272,9 @@ def test_a_burst_of_png_bombs_is_refused_and_memory_comes_back(library, fake_enc
         search_answers(client)  # after
         gc.collect()
         after = process.memory_info().rss
-    assert after <= 1.3 * before, (before >> 20, after >> 20)
+    print(f"RSS before the burst {before >> 20} MB, after {after >> 20} MB")  # -s shows it
+    # "Within 1.3x of before" for a real server, which starts near SERVER_START (the model
+    # loaded); this process has no model (~180 MB), and the first burst's one-time ~40 MB
+    # (thread arenas, then stable over further bursts) would sit too near 1.3x of that.
+    allowed = 0.3 * max(before, SERVER_START)  # ~180 MB; without the trim it grew ~1,300 MB
+    assert after - before <= allowed, (before >> 20, after >> 20)
