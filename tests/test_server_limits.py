@@ -108,7 +108,7 @@ def poll_status(url: str, wanted: int, timeout: float = 60.0) -> tuple[int, byte
     """GET /healthz on fresh connections until it answers ``wanted`` (or time runs out)."""
     deadline = time.monotonic() + timeout
     while True:
-        status, answer = raw_request(url, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, answer = raw_request(url, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         if status == wanted or time.monotonic() > deadline:
             return status, answer
         time.sleep(0.05)
@@ -126,7 +126,7 @@ def jpeg(size=(64, 48)) -> bytes:
 
 def upload_request(body_length: int, boundary: bytes = b"xyz") -> bytes:
     return (
-        b"POST /api/search/image HTTP/1.1\r\nHost: x\r\n"
+        b"POST /api/search/image HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: multipart/form-data; boundary=" + boundary + b"\r\n"
         b"Content-Length: %d\r\n\r\n" % body_length
     )
@@ -153,7 +153,7 @@ def test_headers_dribbled_byte_by_byte_are_cut_off(library, fake_encoder, server
 
     The dribble would take over 50 s; the 1 s header deadline must cut it part way."""
     with served(library, fake_encoder, header_timeout=1.0) as (live, client):
-        headers = b"GET /api/info HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+        headers = b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 1000
         with connect(live.url) as sock:
             sent = dribble(sock, headers, pause=0.05)
         assert sent < len(headers), "the whole dribble went through"
@@ -168,7 +168,7 @@ def test_a_keep_alive_connection_must_send_its_next_headers_in_time(
     (by the header deadline, as the server's log says, not by some other timer)."""
     with served(library, fake_encoder, header_timeout=1.0) as (live, client):
         with connect(live.url) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")
             sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # ... and the rest never comes
             seconds_until_closed(sock)
@@ -192,7 +192,7 @@ def test_oversized_headers_are_refused(library, fake_encoder):
             answer = b""
             with connect(live.url) as sock:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + header)
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + header)
                 with contextlib.suppress(ConnectionResetError):
                     while chunk := sock.recv(65536):
                         answer += chunk
@@ -256,7 +256,7 @@ def test_a_client_that_stops_reading_is_dropped(tmp_path, fake_encoder, server_l
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         host, port = live.url.removeprefix("http://").rsplit(":", 1)
         sock.connect((host, int(port)))
-        sock.sendall(b"GET /api/images/1/file HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /api/images/1/file HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         # Read nothing until the server, its send stalled past the deadline, gives up.
         wait_for_log(server_log, SLOW_READER_CUT)
         received = 0

@@ -328,7 +328,7 @@ def test_raw_request_bodies_with_hostile_paths(server, scene):
     ]
     for body in bodies:
         request = (
-            b"POST /api/index HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"POST /api/index HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         )
         status, answer = raw_request(live.url, request)

@@ -606,6 +606,24 @@ def serve(
             help="Megapixels decoded across all images of one request.",
         ),
     ] = 400.0,
+    allowed_host: Annotated[
+        list[str] | None,
+        _opt(
+            "--allowed-host",
+            envvar="CLIPDEX_ALLOWED_HOSTS",
+            help="Host name the server answers besides IP addresses and localhost, e.g. a "
+            "reverse proxy's (repeatable or comma-separated; .example.com: its subdomains "
+            "too; * any: unsafe, no DNS-rebinding guard). Its pages may also POST here.",
+        ),
+    ] = None,
+    session_hours: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            envvar="CLIPDEX_SESSION_HOURS",
+            help="A web-page login (with --token) ends this many hours after it began.",
+        ),
+    ] = 12.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
@@ -636,6 +654,8 @@ def serve(
         max_request_prompts=max_request_prompts,
         max_request_inputs=max_request_inputs,
         max_request_megapixels=max_request_megapixels,
+        allowed_hosts=(*(allowed_host or ()), host),  # a listen address that is a name
+        session_hours=session_hours,
     )
     warning = exposure_warning(host, settings.token)
     if warning:  # a security warning is never silenced

@@ -19,7 +19,7 @@ from PIL import Image
 
 from indexer.paths import display
 from retrieval.search.engine import SearchPage, SearchResult
-from retrieval.server.errors import NotReady, Unauthorized
+from retrieval.server.errors import NotReady
 from retrieval.server.jobs import IndexJob
 from retrieval.server.originals import CataloguedFileResponse, open_catalogued
 from retrieval.server.refine import Options, page_fields
@@ -32,7 +32,7 @@ from retrieval.server.schemas import (
     SearchResponse,
     SessionRequest,
 )
-from retrieval.server.security import SESSION_COOKIE, session_value, token_matches
+from retrieval.server.security import Auth
 from retrieval.server.state import ServerState
 from retrieval.server.thumbnails import CACHE_CONTROL, THUMBNAIL_SIZES
 
@@ -274,24 +274,25 @@ def job_document(request: Request, job: IndexJob) -> dict:
 
 
 # -- web page session -------------------------------------------------------------------
-@router.post("/api/session", status_code=204, tags=["auth"], responses=errors(401, 422))
-def login(state: State, body: SessionRequest) -> Response:
-    """Trade the token for an HttpOnly cookie, so the page's <img> requests carry it."""
-    token = state.settings.token
+@router.post("/api/session", status_code=204, tags=["auth"], responses=errors(401, 422, 429))
+def login(request: Request, state: State, body: SessionRequest) -> Response:
+    """Trade the token for a session cookie (HttpOnly, SameSite=Strict), so the page's <img>
+    requests carry it. The session ends on logout, after the server's --session-hours, or
+    when the server stops. Wrong tokens are throttled per address: 429 with Retry-After."""
     response = Response(status_code=204)
-    if token is None:
+    auth: Auth = request.app.state.auth
+    if auth.token is None:
         return response
-    if not token_matches(body.token, token):
-        raise Unauthorized("wrong token")
-    response.set_cookie(
-        SESSION_COOKIE, session_value(token), httponly=True, samesite="strict", path="/"
-    )
+    refusal = auth.check(request.scope, body.token)
+    if refusal is not None:
+        return refusal
+    auth.session_cookie(response, request.scope)
     return response
 
 
 @router.delete("/api/session", status_code=204, tags=["auth"])
-def logout() -> Response:
+def logout(request: Request) -> Response:
+    """End the page's session: its id is revoked, not only its cookie deleted."""
     response = Response(status_code=204)
-    response.delete_cookie(SESSION_COOKIE, path="/")
+    request.app.state.auth.end_session(response, request.scope)
     return response
-

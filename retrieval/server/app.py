@@ -12,8 +12,9 @@ from starlette.concurrency import run_in_threadpool
 from indexer.store.library import Library
 from retrieval.server import api, docs, errors, openai_compat, routes_search_plus, web
 from retrieval.server.inputs import Utf8QueryString
+from retrieval.server.origin import HostOriginGuard
 from retrieval.server.responses import PathJSONResponse
-from retrieval.server.security import BodyLimit, SecurityHeaders, TokenAuth
+from retrieval.server.security import Auth, BodyLimit, SecurityHeaders, TokenAuth
 from retrieval.server.serving import SlowClientGuard
 from retrieval.server.settings import Settings
 from retrieval.server.state import EncoderSource, ServerState, _version
@@ -51,6 +52,12 @@ def create_app(
         default_response_class=PathJSONResponse,  # file paths lossless, as the CLI's --json
     )
     app.state.clipdex = state
+    app.state.auth = Auth(
+        settings.token,
+        settings.session_seconds,
+        settings.auth_free_failures,
+        settings.auth_backoff,
+    )
     errors.install(app)
     # Documents the bearer scheme in /openapi.json; TokenAuth below does the enforcing.
     guard = [Depends(HTTPBearer(auto_error=False))] if settings.token else []
@@ -63,7 +70,9 @@ def create_app(
     app.add_middleware(CancelOnDisconnect, max_megapixels=settings.max_request_megapixels)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     app.add_middleware(Utf8QueryString)  # q=%FF is refused, not searched for as U+FFFD
-    app.add_middleware(TokenAuth, token=settings.token)
+    app.add_middleware(TokenAuth, auth=app.state.auth)
+    # Outside the token check: a rebound or cross-site request learns nothing, token or not.
+    app.add_middleware(HostOriginGuard, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(SlowClientGuard, timeout=settings.request_timeout)
     return app

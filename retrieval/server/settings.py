@@ -8,6 +8,7 @@ from pathlib import Path
 
 from indexer.errors import ConfigError
 from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS
+from retrieval.server.origin import normalise_name, valid_allowed_host
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -32,6 +33,12 @@ class Settings:
     header_timeout: float = 10.0
     request_timeout: float = 60.0
     max_connections: int = 256  # open connections (or running requests); beyond: 503
+    # Host names answered beyond IP literals and localhost (see .origin): names, ".domain"
+    # for a domain and its subdomains, "*" for any (unsafe: no DNS-rebinding guard).
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
+    session_hours: float = 12.0  # a web-page session ends this long after the login
+    auth_free_failures: int = 5  # wrong tokens per client address before the back-off
+    auth_backoff: float = 1.0  # first wait after those, in seconds; doubles with each
     # What one request may cost (see .workload); beyond: 413 naming the setting.
     max_request_prompts: int = 2048  # classify: the request's labels x templates
     max_request_inputs: int = 256  # /v1/embeddings: texts and images in one request
@@ -51,12 +58,40 @@ class Settings:
                 raise ConfigError(f"--{flag} must be positive, got {getattr(self, name)}")
         if self.token is not None and not self.token.strip():
             object.__setattr__(self, "token", None)
+        if self.session_hours <= 0:
+            raise ConfigError(f"--session-hours must be positive, got {self.session_hours}")
+        if self.auth_free_failures < 0 or self.auth_backoff <= 0:
+            raise ConfigError("auth_free_failures must be >= 0 and auth_backoff positive")
+        object.__setattr__(self, "allowed_hosts", allowed_hosts(self.allowed_hosts))
         roots = tuple(Path(os.path.abspath(os.path.expanduser(r))) for r in self.index_roots)
         object.__setattr__(self, "index_roots", roots)
 
     @property
+    def session_seconds(self) -> float:
+        return self.session_hours * 3600.0
+
+    @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+def allowed_hosts(entries: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``--allowed-host`` values, each possibly a comma-separated list (as the environment
+    variable gives them), normalised; a malformed entry is a ConfigError naming it."""
+    hosts: list[str] = []
+    for entry in entries:
+        for part in str(entry).split(","):
+            name = normalise_name(part) if part.strip() != "*" else "*"
+            if not part.strip():
+                continue
+            if not valid_allowed_host(name):
+                raise ConfigError(
+                    f"--allowed-host takes a host name (photos.example.com, .example.com for "
+                    f"a domain and its subdomains, an IP address, or * for any), got {part!r}: "
+                    "no scheme, port or path"
+                )
+            hosts.append(name)
+    return tuple(dict.fromkeys(hosts))
 
 
 def exposure_warning(host: str, token: str | None) -> str | None:

@@ -60,7 +60,9 @@ function signIn() {
         dialog.close();
         resolve();
       } else {
-        $("login-error").textContent = "That token is not right.";
+        const body = await response.json().catch(() => null);
+        const waited = response.status === 429 && body && body.error;  // too many wrong tokens
+        $("login-error").textContent = waited ? body.error.message : "That token is not right.";
       }
     };
     dialog.addEventListener("cancel", (event) => event.preventDefault());
