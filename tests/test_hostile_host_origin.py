@@ -10,7 +10,9 @@ same as before, during the attack and after it.
 
 from __future__ import annotations
 
+import http.server
 import io
+import os
 import threading
 import time
 
@@ -339,3 +341,111 @@ def test_any_host_still_refuses_cross_site(library, encoder):
         hostile = {"Host": "127.0.0.1", "Origin": f"http://{EVIL}"}
         response = client.post("/api/index", json={"paths": ["/tmp"]}, headers=hostile)
         assert_refused(response, 403, "cross_site")
+
+
+# -- the same attacks from a real browser --------------------------------------------------
+EVIL_PAGE = """<!doctype html><html><body>
+<form id="f" method="POST" action="{url}/api/index"><input name="paths" value="/"></form>
+<img id="thumb" src="{url}/api/images/1/thumbnail?size=128">
+</body></html>"""
+
+
+SEARCH_BY_IMAGE = """async url => {
+  const canvas = document.createElement('canvas');
+  canvas.width = canvas.height = 32;
+  canvas.getContext('2d').fillRect(0, 0, 16, 16);
+  const form = new FormData();
+  form.append('file', await new Promise(done => canvas.toBlob(done, 'image/png')), 'q.png');
+  await fetch(url + '/api/search/image', {method: 'POST', mode: 'no-cors', body: form})
+    .catch(() => null);  // the answer is opaque (or blocked) for the page either way
+}"""
+
+
+class EvilSite(http.server.ThreadingHTTPServer):
+    url = ""
+
+
+def evil_site(page: bytes) -> EvilSite:
+    """Another site's page, served from http://evil.example:PORT (a loopback address, so
+    chromium's private-network rules do not stop its requests before clipdex sees them)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    site = EvilSite(("127.0.0.1", 0), Handler)
+    site.url = f"http://{EVIL}:{site.server_address[1]}/"
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    return site
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Headless chromium in which ``evil.example`` resolves to 127.0.0.1: the end state of
+    a DNS-rebinding attack, without a DNS server."""
+    from tests.test_web import ARGS, CHROMIUM
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no browser: {CHROMIUM} is absent (apt-get install chromium)")
+    rules = f"--host-resolver-rules=MAP {EVIL} 127.0.0.1"
+    with sync_api.sync_playwright() as playwright:
+        try:
+            launched = playwright.chromium.launch(executable_path=CHROMIUM, args=[*ARGS, rules])
+        except sync_api.Error as exc:
+            pytest.skip(f"{CHROMIUM} cannot be started here: {str(exc).splitlines()[0]}")
+        yield launched
+        launched.close()
+
+
+@pytest.mark.browser
+def test_a_browser_on_a_rebound_name_gets_nothing(chromium, server):
+    url, client = server
+    port = url.rsplit(":", 1)[1]
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        for path in ("/", "/api/info", "/api/images/1/file"):
+            answer = page.goto(f"http://{EVIL}:{port}{path}")
+            assert answer is not None and answer.status == 421
+            assert answer.json()["error"]["code"] == "bad_host"
+    finally:
+        context.close()
+    baseline(client)
+
+
+@pytest.mark.browser
+def test_a_browser_on_another_site_cannot_post_or_embed(chromium, server, encoder):
+    """A page on another site embeds a thumbnail, uploads an image to search by (no-cors) and
+    submits a form to /api/index: chromium's own Origin and Sec-Fetch-* headers get each
+    one refused (no image, no model call, no job; the form's answer is 403 cross_site)."""
+    url, client = server
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        evil = evil_site(EVIL_PAGE.format(url=url).encode())
+        texts = encoder.texts_encoded
+        page.goto(evil.url)
+        # The refusal is JSON, which chromium's ORB then keeps from the page: no image.
+        page.wait_for_function("() => document.getElementById('thumb').complete")
+        assert page.evaluate("document.getElementById('thumb').naturalWidth") == 0
+        images = encoder.images_encoded
+        page.evaluate(SEARCH_BY_IMAGE, url)  # a "simple" request: no preflight to stop it
+        assert (encoder.texts_encoded, encoder.images_encoded) == (texts, images)
+        with page.expect_response(lambda r: r.url.startswith(f"{url}/api/index")) as posted:
+            page.evaluate("document.getElementById('f').submit()")
+        assert posted.value.status == 403
+        assert posted.value.json()["error"]["code"] == "cross_site"
+        assert (encoder.texts_encoded, encoder.images_encoded) == (texts, images)
+    finally:
+        context.close()
+        evil.shutdown()
+    assert client.get("/api/index").json()["jobs"] == []  # no job was started
+    baseline(client)
