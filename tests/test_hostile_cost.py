@@ -31,7 +31,7 @@ from PIL import Image
 
 from indexer.ingest.pipeline import index_paths
 from indexer.store.library import Library
-from retrieval.server.workload import INTERACTIVE_ITEMS, TEXT_CHUNK
+from retrieval.server.workload import HEAVY_AT_ONCE, INTERACTIVE_ITEMS, TEXT_CHUNK
 from tests.live_server import served
 from tests.test_server import assert_error
 
@@ -156,6 +156,29 @@ def test_a_search_is_answered_while_a_big_batch_is_held(library, fake_encoder):
             gated.go.release()
         assert batch.result(GENEROUS * 4).status_code == 200
         assert gated.big_calls == 8
+
+
+def test_a_search_gets_through_forty_held_batches(library, fake_encoder):
+    """Forty big batches at once, as many as the threads that run sync routes: at most
+    HEAVY_AT_ONCE of them take a thread (the rest wait in the event loop), so a search still
+    gets a thread, then the model's fast lane, while the batches are held at the gate."""
+    gated = GatedTexts(fake_encoder)
+    with served(library, gated) as (live, client), ThreadPoolExecutor(41) as pool:
+        lanes = live.app.state.clipdex.encoder._thread._lanes
+        gated.armed = True
+        body = {"model": "mobileclip-s2", "input": BATCH[:64]}  # two chunks each
+        url = f"{live.url}/v1/embeddings"
+        batches = [pool.submit(httpx.post, url, json=body, timeout=600) for _ in range(40)]
+        assert gated.entered.acquire(timeout=GENEROUS)  # one chunk on the model
+        poll(lambda: len(lanes[1]) == HEAVY_AT_ONCE - 1)  # the others admitted wait for it
+        search = pool.submit(search_answers, client, "a photo of a dog")
+        poll(lambda: len(lanes[0]) == 1)  # the search got a thread and waits for the model
+        gated.go.release()
+        search.result(GENEROUS)
+        assert len(lanes[1]) <= HEAVY_AT_ONCE  # still at most one chunk per admitted batch
+        for _ in range(2 * 40 - 1):
+            gated.go.release()
+        assert [b.result(600).status_code for b in batches] == [200] * 40
 
 
 def poll(condition, timeout: float = GENEROUS) -> None:

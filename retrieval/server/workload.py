@@ -50,6 +50,18 @@ TEXT_CHUNK = 32  # texts per model call: a waiting search waits for one chunk at
 IMAGE_CHUNK = 8
 INTERACTIVE_ITEMS = 4  # calls this small (a search, one upload) take the fast lane
 TRIM_AFTER_PIXELS = 16_000_000  # a decode this large hands freed memory back afterwards
+# Routes that decode uploads or run many model calls. At most HEAVY_AT_ONCE of them run at
+# once; the others wait in the event loop, holding no thread, so of the 40 threads that run
+# sync routes most stay free for cheap requests (a text search, /readyz, a thumbnail).
+HEAVY_ROUTES = frozenset(
+    {
+        ("POST", "/api/search/image"),
+        ("POST", "/api/classify"),
+        ("POST", "/v1/embeddings"),
+        ("POST", "/api/index"),
+    }
+)
+HEAVY_AT_ONCE = 16
 
 
 class Cancelled(ClipdexError):
@@ -162,11 +174,18 @@ class CancelOnDisconnect:
     order (errors raised by an outer ``receive``, such as a body over the limit, reach the
     app as before); the pump sees ``http.disconnect`` even while the route runs in a thread
     and never reads again, which is when its work is cancelled.
+
+    A request to one of :data:`HEAVY_ROUTES` first waits for one of :data:`HEAVY_AT_ONCE`
+    places (first come, first served); one whose client left while it waited never runs.
     """
 
-    def __init__(self, app: ASGIApp, max_megapixels: float | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, max_megapixels: float | None = None, heavy_at_once: int = HEAVY_AT_ONCE
+    ) -> None:
         self.app = app
         self.max_megapixels = max_megapixels
+        self.heavy_at_once = heavy_at_once
+        self._heavy: asyncio.Semaphore | None = None  # made in the server's event loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -193,12 +212,27 @@ class CancelOnDisconnect:
 
         token = _current.set(work)
         try:
-            await self.app(scope, relayed_receive, noting_send)
+            if _route(scope) in HEAVY_ROUTES:
+                if self._heavy is None:
+                    self._heavy = asyncio.Semaphore(self.heavy_at_once)
+                async with self._heavy:
+                    if not work.cancelled:  # else nobody is left to answer
+                        await self.app(scope, relayed_receive, noting_send)
+            else:
+                await self.app(scope, relayed_receive, noting_send)
         finally:
             _current.reset(token)
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
+
+
+def _route(scope: Scope) -> tuple[str, str]:
+    """(method, path below the app's root path) of an HTTP request."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return scope.get("method", ""), path
 
 
 async def _pump(receive: Receive, inbox: asyncio.Queue, work: RequestWork, what: str) -> None:
