@@ -88,7 +88,10 @@ class ServerState:
         )
         # Decoding an upload or a photo for a thumbnail can take ~3 bytes per pixel of
         # memory (89 MP: ~270 MB); at most this many run at once, whatever the load.
-        self._decode_slots = threading.BoundedSemaphore(max(2, min(8, os.cpu_count() or 2)))
+        slots = max(2, min(8, os.cpu_count() or 2))
+        self._decode_slots = threading.BoundedSemaphore(slots)
+        # Uploads take all but one of them: a thumbnail never waits behind a burst of bombs.
+        self._upload_slots = threading.BoundedSemaphore(slots - 1)
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache_lock = threading.Lock()
         self._queued: set[int] = set()  # photos this run queued for re-indexing
@@ -199,7 +202,7 @@ class ServerState:
         work = current_work() or RequestWork()
         decoded = 0.0
         try:
-            with self._decode_slots:
+            with self._upload_slots, self._decode_slots:
                 work.check()  # its client may have left while it waited for a slot
                 pixels, info = work.decode(data, self.settings.max_megapixels)
                 decoded = info.width * info.height
