@@ -20,6 +20,7 @@ from retrieval.cli import app
 from retrieval.search.classify import (
     DEFAULT_LABELS_FILE,
     DEFAULT_TEMPLATES,
+    ENSEMBLE_TEMPLATES,
     LabelSet,
     check_templates,
     classify_vector,
@@ -134,7 +135,7 @@ def test_probabilities_are_a_softmax_scaled_by_the_logit_scale():
 
 
 def test_ensemble_averages_prompt_noise_away(encoder):
-    ensemble = label_vectors(encoder, LabelSet(CONCEPTS, DEFAULT_TEMPLATES))
+    ensemble = label_vectors(encoder, LabelSet(CONCEPTS, ENSEMBLE_TEMPLATES))
     single = label_vectors(encoder, LabelSet(CONCEPTS, ("a photo of a {}.",)))
     for row, concept in enumerate(CONCEPTS):
         meaning = concept_vector(concept)

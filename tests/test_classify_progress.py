@@ -24,9 +24,13 @@ from indexer.ingest.pipeline import index_paths
 from indexer.store.library import Library
 from retrieval import Collection
 from retrieval.cli.app import app
+from retrieval.search import classify
 from retrieval.search.classify import (
+    BATCH_SECONDS,
     DEFAULT_TEMPLATES,
+    FIRST_BATCH,
     LABEL_BATCH,
+    MAX_BATCH,
     LabelSet,
     cached_label_vectors,
     label_vectors,
@@ -42,7 +46,9 @@ DEFAULT_PROMPTS = len(make_labelset().labels) * len(DEFAULT_TEMPLATES)
 def test_label_vectors_report_progress_once_per_batch(fake_encoder, tmp_path):
     labelset = LabelSet(tuple(f"thing {i}" for i in range(40)), ("a {}.", "the {}."))
     calls: list[tuple[int, int]] = []
-    vectors = label_vectors(fake_encoder, labelset, tmp_path, lambda d, t: calls.append((d, t)))
+    vectors = label_vectors(
+        fake_encoder, labelset, tmp_path, lambda d, t: calls.append((d, t)), batch=LABEL_BATCH
+    )
     batches = -(-80 // LABEL_BATCH)
     assert len(calls) == batches + 1  # 0 first, then one per batch
     assert calls[0] == (0, 80) and calls[-1] == (80, 80)
@@ -63,9 +69,44 @@ def test_a_progress_hook_that_raises_stops_between_batches(fake_encoder, tmp_pat
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        label_vectors(fake_encoder, labelset, tmp_path, stop_after_two)
+        label_vectors(fake_encoder, labelset, tmp_path, stop_after_two, batch=LABEL_BATCH)
     assert fake_encoder.texts_encoded == 2 * LABEL_BATCH
     assert cached_label_vectors(fake_encoder.identity, labelset, tmp_path) is None
+
+
+class ClockedEncoder:
+    """Each prompt "takes" ``seconds`` on a fake clock; records its batch sizes."""
+
+    def __init__(self, inner, seconds: float) -> None:
+        self.inner, self.seconds, self.identity = inner, seconds, inner.identity
+        self.now, self.sizes = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def encode_texts(self, texts: list[str]):
+        self.sizes.append(len(texts))
+        self.now += self.seconds * len(texts)
+        return self.inner.encode_texts(texts)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [
+        (0.25, [FIRST_BATCH] + [int(BATCH_SECONDS / 0.25)] * 98),  # slow: short calls
+        (0.0001, [FIRST_BATCH, MAX_BATCH, 200 - FIRST_BATCH - MAX_BATCH]),  # fast: large
+    ],
+)
+def test_batches_are_sized_to_keep_progress_moving(fake_encoder, monkeypatch, seconds, expected):
+    """Without ``batch``, each call after the first is sized from the last one's time per
+    prompt (a fake clock here) to take about BATCH_SECONDS."""
+    clocked = ClockedEncoder(fake_encoder, seconds)
+    monkeypatch.setattr(classify, "time", clocked)
+    labelset = LabelSet(tuple(f"thing {i}" for i in range(200)), ("a {}.",))
+    calls: list[int] = []
+    label_vectors(clocked, labelset, None, lambda d, t: calls.append(d))
+    assert clocked.sizes == expected
+    assert len(calls) == len(expected) + 1 and calls[-1] == 200
 
 
 @pytest.fixture
@@ -82,7 +123,8 @@ def test_collection_classify_and_tag_take_a_progress_callback(library, fake_enco
     with Collection.open(library, encoder=fake_encoder) as photos:
         assert not photos.labels_prepared(labels)
         photos.classify(1, labels, progress=lambda d, t: seen.append(d))
-        assert len(seen) == -(-50 * len(DEFAULT_TEMPLATES) // LABEL_BATCH) + 1
+        assert seen[0] == 0 and seen[-1] == 50 * len(DEFAULT_TEMPLATES) and len(seen) >= 2
+        assert seen == sorted(set(seen))  # one call per batch, each a step forward
         assert photos.labels_prepared(labels)
         seen.clear()
         photos.tag(labels, progress=lambda d, t: seen.append(d))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -132,8 +133,20 @@ def test_classify_by_id_and_upload(client, photo_folder):
     ).json()
     assert upload["id"] is None and len(upload["predictions"]) == 1
     assert upload["templates"] == ["a photo of a {}.", "art of {}"]
-    default = client.post("/api/classify", data={"id": target["id"]}).json()
+    default = classify_when_prepared(client, {"id": target["id"]})
     assert default["labels"] >= 300  # data/labels.txt
+
+
+def classify_when_prepared(client, data: dict, deadline_s: float = 30.0) -> dict:
+    """POST /api/classify, asking again while the label set is being prepared (503)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        answer = client.post("/api/classify", data=data)
+        preparing = answer.status_code == 503 and answer.json()["error"]["code"] == "preparing"
+        if not preparing or time.monotonic() > deadline:
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+        time.sleep(0.05)
 
 
 def test_classify_errors(client, photo_folder):

@@ -8,10 +8,9 @@ with the model's own learned logit scale (~100 for CLIP models), which is what t
 trained to calibrate; they sum to 1 over the label set, so they only compare labels *of that
 set* ("cat" vs "dog"), and do not say that a photo shows either.
 
-``DEFAULT_TEMPLATES`` is small on purpose (every template multiplies the text-tower work by
-the number of labels): the neutral "a photo of a/the {}." plus five of the seven templates
-CLIP's authors selected for ImageNet by validation accuracy (the two that target art and
-games are left out). Override with ``--template`` (repeatable, each with one ``{}``).
+``DEFAULT_TEMPLATES`` is one prompt on purpose (every template multiplies the text-tower
+work by the number of labels; see the measurement beside it); ``ENSEMBLE_TEMPLATES`` is the
+seven-prompt ensemble. Override with ``--template`` (repeatable, each with one ``{}``).
 
 Label vectors cost one text-tower pass per (label, template); they are cached in the
 library folder (``label_vectors/<digest>.npy``, keyed by labels, templates and model), so a
@@ -37,7 +36,10 @@ from indexer.store.library import Library
 from retrieval.search.errors import QueryError
 from retrieval.search.text import check_text
 
-DEFAULT_TEMPLATES = (
+#: The seven-prompt ensemble that was the default until issue 14 (five of the templates
+#: CLIP's authors selected for ImageNet plus the neutral "a photo of a/the {}."); pass
+#: them as ``templates`` (``--template``, repeatable) for the ensemble.
+ENSEMBLE_TEMPLATES = (
     "a photo of a {}.",
     "a photo of the {}.",
     "itap of a {}.",
@@ -46,14 +48,30 @@ DEFAULT_TEMPLATES = (
     "a photo of the small {}.",
     "a close-up photo of a {}.",
 )
+#: One template: a first classify over the 335 shipped labels encodes 335 prompts, not
+#: 2,345 (7x less text-tower work; bench/bench_classify.py times it). CLIP's own default
+#: prompt; its paper reports that ensembling many prompts adds a few points of ImageNet
+#: top-1. Measured with bench/classify_templates.py on the shared corpus's 38 photos with
+#: the spread test weights (tests/spread.py): against the 7-template ensemble's labels,
+#: this template's top-1 is the ensemble's top-1 for 61% of the photos and within its
+#: top-5 for 84%, the top-5 lists share 55% (chance: 1.5%); the best pair ("a photo of a
+#: {}." + "a bad photo of the {}.") reaches 82%, 100% and 85% at twice the cost. What that
+#: cannot show: those weights are untrained; their text tower is dominated by the template
+#: words (a label's seven prompts: cosine 0.48; two labels under one template: 0.64) and
+#: their probabilities are nearly flat (top-1 ~0.01), so any change of prompt reorders
+#: near-ties; with trained weights a label's prompts are near-synonyms and the ranking
+#: moves less. Rerun the script with ``--weights`` (the real checkpoint) to measure that.
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
 # Shipped inside the package (wheels, Docker); data/labels.txt in a checkout points here.
 DEFAULT_LABELS_FILE = Path(__file__).with_name("labels.txt")
 MAX_LABELS = 5000
-# Prompts per model call while computing label vectors: small enough that progress moves
-# every second or two even on a slow, busy CPU (a 16-prompt call: ~0.3-3 s), large enough
-# that the per-call overhead stays negligible; and a server's queries wait for one batch at
-# most, not for the whole label set.
-LABEL_BATCH = 16
+# Prompts per model call while computing label vectors: the first call takes FIRST_BATCH,
+# then each call is sized from the last one's time per prompt to take about BATCH_SECONDS
+# (1 to MAX_BATCH prompts): progress moves at least every second or so even on a slow,
+# busy CPU (a fixed 16-prompt call took up to 6 s on the 2-core VM under load), a fast
+# machine still makes large calls, and a server's queries wait for one short call at most.
+FIRST_BATCH, MAX_BATCH, BATCH_SECONDS = 4, 128, 0.5
+LABEL_BATCH = 16  # the server's threshold unit (see retrieval/server/labels.py)
 ProgressCallback = Callable[[int, int], None]  # (done, total) prompts
 
 
@@ -165,14 +183,15 @@ def label_vectors(
     labelset: LabelSet,
     cache_dir: Path | None = None,
     progress: ProgressCallback | None = None,
-    batch: int = LABEL_BATCH,
+    batch: int | None = None,
 ) -> np.ndarray:
     """(labels, dim) unit vectors: the re-normalised mean of each label's prompt vectors.
 
     Cached in ``cache_dir`` when given. When they must be computed, the prompts are encoded
-    ``batch`` at a time and ``progress(done, total)`` (in prompts) is called with 0 before
-    the first batch and after each one; an exception it raises stops the work there. When
-    the vectors come from the cache, ``progress`` is never called.
+    ``batch`` at a time (None: sized to take about BATCH_SECONDS a call) and
+    ``progress(done, total)`` (in prompts) is called with 0 before the first batch and after
+    each one; an exception it raises stops the work there. When the vectors come from the
+    cache, ``progress`` is never called.
     """
     cached = cached_label_vectors(encoder.identity, labelset, cache_dir)
     if cached is not None:
@@ -182,10 +201,17 @@ def label_vectors(
     parts: list[np.ndarray] = []
     if progress is not None:
         progress(0, len(prompts))
-    for start in range(0, len(prompts), max(1, batch)):
-        parts.append(encoder.encode_texts(prompts[start : start + max(1, batch)]))
+    size, done = max(1, batch or FIRST_BATCH), 0
+    while done < len(prompts):
+        chunk = prompts[done : done + size]
+        started = time.monotonic()
+        parts.append(encoder.encode_texts(chunk))
+        done += len(chunk)
         if progress is not None:
-            progress(min(start + max(1, batch), len(prompts)), len(prompts))
+            progress(done, len(prompts))
+        if batch is None:
+            per_prompt = max((time.monotonic() - started) / len(chunk), 1e-6)
+            size = int(min(MAX_BATCH, max(1, BATCH_SECONDS / per_prompt)))
     per_label = np.vstack(parts).reshape(len(labelset.labels), len(labelset.templates), -1)
     vectors = l2_normalise(l2_normalise(per_label).mean(axis=1))
     if cache_dir is not None:

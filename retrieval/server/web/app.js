@@ -554,13 +554,25 @@ async function viewerClassify() {
   $("viewer-classify").disabled = true;
   const form = new FormData();
   form.append("id", result.id);
-  try {
-    const answer = await api("/api/classify", { method: "POST", body: form });
-    const text = answer.predictions
-      .map((p) => `${p.label} ${(p.probability * 100).toFixed(0)}%`).join(", ");
-    $("viewer-meta").append(el("dt", { text: "Looks like" }), el("dd", { class: "classified", text }));
-  } catch (error) {
-    $("viewer-meta").append(el("dt", { text: "Looks like" }), el("dd", { class: "error", text: error.message }));
+  const note = el("dd", { class: "pending", text: "…" });
+  $("viewer-meta").append(el("dt", { text: "Looks like" }), note);
+  for (;;) {
+    try {
+      const answer = await api("/api/classify", { method: "POST", body: form });
+      note.textContent = answer.predictions
+        .map((p) => `${p.label} ${(p.probability * 100).toFixed(0)}%`).join(", ");
+      note.className = "classified";
+      return;
+    } catch (error) {
+      // The first use of the labels with this model prepares them once (503 preparing):
+      // show how far it got and ask again.
+      note.textContent = error.message;
+      if (error.code !== "preparing") {
+        note.className = "error";
+        return;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 2000));
+    }
   }
 }
 
