@@ -78,7 +78,8 @@ def test_no_server_errors_and_errors_are_json(api_schema, mode):
 # attacker or a careless client sends that no type rules out: lone surrogates (JSON escapes
 # in a body, invalid UTF-8 bytes in a query string or a form), NUL and control characters,
 # U+FFFD, undecodable file-name bytes, NaN / Infinity / 1e999 and huge integers as raw JSON,
-# very long strings. Each is sent, field by field, to every operation of /openapi.json.
+# very long strings, and any byte a header may carry. Each is sent, field by field (headers
+# included), to every operation of /openapi.json.
 HOSTILE_TEXT = st.one_of(
     st.sampled_from(
         ["\ud800", "\udfff", "a\udbff\udfffb", "caf\udce9", "\x00", "a\x00b", "\x1b[2J", "\x85",
@@ -92,6 +93,8 @@ HOSTILE_NUMBER = st.sampled_from(
      "99999999999999999999999999", str(2**63), str(-(2**63) - 1), "0", "-1", "0.5", "1"]
 )
 FIELDS_PER_REQUEST = 3
+# Headers every route may read (the token, the page's cookie, caching and ranges).
+HOSTILE_HEADERS = ("Authorization", "Cookie", "If-None-Match", "If-Range", "Range")
 
 
 def _kind(schema: dict, components: dict) -> str:
@@ -125,6 +128,7 @@ def _fields(spec: dict) -> list[tuple[str, str, str, dict[str, str]]]:
                 ref = content[body_type]["schema"]["$ref"].rsplit("/", 1)[1]
                 for name, schema in components[ref]["properties"].items():
                     fields[f"body:{name}"] = _kind(schema, components)
+            fields.update({f"header:{name}": "header" for name in HOSTILE_HEADERS})
             out.append((method.upper(), path, body_type, fields))
     return out
 
@@ -148,10 +152,13 @@ def _request(url, method, path, body_type, values: dict[str, tuple[str, str]], p
 
     target = path
     query = []
-    json_fields, form, files = {}, [], {}
+    json_fields, form, files, headers = {}, [], {}, {}
     for field, (kind, value) in values.items():
         where, name = field.split(":", 1)
-        if where == "path":
+        if where == "header":  # any byte a header may carry (no CR, LF or NUL): Latin-1
+            raw = _raw_text(value)
+            headers[name] = bytes(b for b in raw if b == 9 or 32 <= b != 127).strip(b" \t")
+        elif where == "path":
             target = target.replace("{" + name + "}", quote_from_bytes(_raw_text(value), ""))
         elif where == "query":
             query.append(f"{name}={quote_from_bytes(_raw_text(value), '')}")
@@ -166,14 +173,14 @@ def _request(url, method, path, body_type, values: dict[str, tuple[str, str]], p
     full = f"{url}{target}" + (f"?{'&'.join(query)}" if query else "")
     if body_type == "application/json":
         body = "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in json_fields.items()) + "}"
-        headers = {"Content-Type": body_type}
+        headers["Content-Type"] = body_type
         return httpx.Request(method, full, content=body.encode(), headers=headers)
     if body_type:
-        return _multipart(method, full, form, files)
-    return httpx.Request(method, full)
+        return _multipart(method, full, form, files, headers)
+    return httpx.Request(method, full, headers=headers)
 
 
-def _multipart(method, url, form, files) -> httpx.Request:
+def _multipart(method, url, form, files, headers) -> httpx.Request:
     """multipart/form-data written by hand, so text fields carry their raw bytes."""
     boundary = b"hostile-boundary-7f3a"
     parts = []
@@ -187,8 +194,8 @@ def _multipart(method, url, form, files) -> httpx.Request:
         parts.append(header + b"Content-Type: %s\r\n\r\n%s" % (content_type.encode(), data))
     body = b"".join(b"--" + boundary + b"\r\n" + part + b"\r\n" for part in parts)
     body += b"--" + boundary + b"--\r\n"
-    content_type = "multipart/form-data; boundary=" + boundary.decode()
-    return httpx.Request(method, url, content=body, headers={"Content-Type": content_type})
+    headers["Content-Type"] = "multipart/form-data; boundary=" + boundary.decode()
+    return httpx.Request(method, url, content=body, headers=headers)
 
 
 @pytest.fixture
@@ -209,7 +216,7 @@ def test_hostile_values_in_every_field_are_4xx_never_5xx(hostile_target):
 
     @given(data=st.data())
     @settings(
-        max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None
+        max_examples=500, deadline=None, suppress_health_check=list(HealthCheck), database=None
     )
     def run(data):
         method, path, body_type, fields = data.draw(st.sampled_from(operations))
@@ -222,6 +229,9 @@ def test_hostile_values_in_every_field_are_4xx_never_5xx(hostile_target):
         for field in chosen:
             kind = fields[field]
             value = data.draw(HOSTILE_NUMBER if kind == "number" else HOSTILE_TEXT)
+            if kind == "header" and data.draw(st.booleans()):
+                value = data.draw(HOSTILE_NUMBER)  # Range: bytes=0-NaN and the like
+                value = f"bytes={value}-" if field == "header:Range" else value
             values[field] = (kind, value)
         response = client.send(_request(url, method, path, body_type, values, photo))
         where = f"{method} {path} {values!r}"[:400]

@@ -48,7 +48,7 @@ def path_problem(path: str) -> str | None:
     if not isinstance(path, str):
         return f"expected a path as text, got {type(path).__name__}"
     if "\x00" in path:
-        return _describe("\x00", path.index("\x00"), _PATH_HINT)
+        return _describe("\x00", path.index("\x00"), "no file name holds one")
     try:
         os.fsencode(path)
     except UnicodeEncodeError as exc:

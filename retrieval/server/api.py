@@ -21,7 +21,11 @@ from indexer.paths import display
 from retrieval.search.engine import SearchPage, SearchResult
 from retrieval.server.errors import NotReady
 from retrieval.server.jobs import IndexJob
-from retrieval.server.originals import CataloguedFileResponse, open_catalogued
+from retrieval.server.originals import (
+    CataloguedFileResponse,
+    RangeCheckedFileResponse,
+    open_catalogued,
+)
 from retrieval.server.refine import Options, page_fields
 from retrieval.server.schemas import (
     ErrorResponse,
@@ -232,7 +236,7 @@ def thumbnail(
     if rendered.not_modified:
         return Response(status_code=304, headers=headers)
     if rendered.path is not None:
-        return FileResponse(rendered.path, media_type="image/jpeg", headers=headers)
+        return RangeCheckedFileResponse(rendered.path, media_type="image/jpeg", headers=headers)
     return Response(rendered.data, media_type="image/jpeg", headers=headers)
 
 

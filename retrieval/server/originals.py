@@ -146,35 +146,29 @@ def _unreadable(image_id: int, exc: BaseException) -> FileUnavailable:
     )
 
 
-class CataloguedFileResponse(FileResponse):
-    """Starlette's FileResponse (ranges, ETag, HEAD) over a checked descriptor.
-
-    The stock response opens its path when it sends, which would undo the check; this one
-    is given the descriptor's own name (``/proc/self/fd/N``), which opens the very file
-    :func:`open_catalogued` checked whatever now lies at the catalogued path, and closes the
-    descriptor when the response is done (or dropped unsent).
-    """
-
-    def __init__(self, fd: int, stat_result: os.stat_result, **kwargs) -> None:
-        super().__init__(f"{FD_FOLDER}/{fd}", stat_result=stat_result, **kwargs)
-        self._close = weakref.finalize(self, os.close, fd)
+class RangeCheckedFileResponse(FileResponse):
+    """FileResponse whose refusal of a Range header is the JSON error shape (Starlette
+    answers it in plain text): 400 ``bad_request``, or 416 with ``Content-Range``."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            refused = self._bad_range(scope)
-            if refused is not None:
-                await refused(scope, receive, send)
-                return
-            await super().__call__(scope, receive, send)
-        finally:
-            self._close()
+        refused = self._bad_range(scope)
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
     def _bad_range(self, scope: Scope):
-        """A JSON error for a Range header Starlette would refuse in plain text, else None."""
+        """A JSON error for a Range header Starlette would refuse, else None."""
         headers = Headers(scope=scope)
         http_range = headers.get("range")
         if http_range is None or scope.get("method", "GET").upper() not in ("GET", "HEAD"):
             return None
+        if self.stat_result is None:  # a plain path: stat it now, as Starlette would
+            try:
+                self.stat_result = os.stat(self.path)
+            except OSError:
+                return None  # Starlette's own answer
+            self.set_stat_headers(self.stat_result)  # If-Range compares with these
         if_range = headers.get("if-range")
         if if_range is not None and not self._should_use_range(if_range):
             return None  # the whole file is sent
@@ -189,3 +183,23 @@ class CataloguedFileResponse(FileResponse):
             headers = {"Content-Range": f"bytes */{size}"}
             return error_response(Request(scope), 416, "range_not_satisfiable", message, headers)
         return None
+
+
+class CataloguedFileResponse(RangeCheckedFileResponse):
+    """Starlette's FileResponse (ranges, ETag, HEAD) over a checked descriptor.
+
+    The stock response opens its path when it sends, which would undo the check; this one
+    is given the descriptor's own name (``/proc/self/fd/N``), which opens the very file
+    :func:`open_catalogued` checked whatever now lies at the catalogued path, and closes the
+    descriptor when the response is done (or dropped unsent).
+    """
+
+    def __init__(self, fd: int, stat_result: os.stat_result, **kwargs) -> None:
+        super().__init__(f"{FD_FOLDER}/{fd}", stat_result=stat_result, **kwargs)
+        self._close = weakref.finalize(self, os.close, fd)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._close()

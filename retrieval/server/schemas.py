@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from retrieval.search.text import path_problem, text_problem
+from retrieval.search.text import text_problem
 
 
 def _usable(problem_of):
@@ -21,10 +21,9 @@ def _usable(problem_of):
     return AfterValidator(check)
 
 
-# Request strings: usable text (no lone surrogates, no control characters), or a path the
-# file system can take (a name's undecodable bytes as \udcNN, as responses write them).
+# Request strings: usable text (no lone surrogates, no control characters). Paths to index
+# are checked where they meet the file system (.paths.confine: 400, as ever).
 Text = Annotated[str, _usable(text_problem)]
-PathText = Annotated[str, _usable(path_problem)]
 
 
 class ErrorDetail(BaseModel):
@@ -102,7 +101,7 @@ class ImageMeta(BaseModel):
 
 
 class IndexRequest(BaseModel):
-    paths: list[PathText] = Field(
+    paths: list[str] = Field(
         min_length=1,
         max_length=100,
         description="Folders or files on the server, inside one of its --index-root folders "
