@@ -281,6 +281,7 @@ def test_hostile_requests_leave_health_and_search_answering(scene, fake_encoder)
     photo.unlink()
     photo.symlink_to(scene["secret"])
     stop, statuses = threading.Event(), []
+    going = {"file": threading.Event(), "thumbnail": threading.Event()}
     with served(scene["library"], fake_encoder) as (server, client):
 
         def hammer(route: str) -> None:
@@ -289,11 +290,14 @@ def test_hostile_requests_leave_health_and_search_answering(scene, fake_encoder)
             with httpx.Client(base_url=server.url, timeout=DEADLINE) as own:
                 while not stop.is_set():
                     statuses.append(own.get(f"/api/images/{target}/{route}").status_code)
+                    going[route].set()
 
-        threads = [threading.Thread(target=hammer, args=(r,)) for r in ("file", "thumbnail")]
+        threads = [threading.Thread(target=hammer, args=(r,)) for r in going]
         for thread in threads:
             thread.start()
         try:
+            for event in going.values():  # both loops have been answered: the load is on
+                assert event.wait(DEADLINE)
             for _ in range(5):
                 assert_healthy(client)
         finally:
