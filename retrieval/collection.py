@@ -66,6 +66,7 @@ class CollectionInfo:
     images: int
     failed: int
     bytes_on_disk: int
+    reindex_queued: int = 0  # photos the server found changed: the next index reads them
 
     def as_dict(self) -> dict:
         """The ``clipdex info --json`` document."""
@@ -75,6 +76,7 @@ class CollectionInfo:
             "images": self.images,
             "failed": self.failed,
             "bytes_on_disk": self.bytes_on_disk,
+            "reindex_queued": self.reindex_queued,
         }
 
 
@@ -388,6 +390,7 @@ class Collection:
             images=library.catalog.count(),
             failed=library.catalog.failure_count(),
             bytes_on_disk=library.bytes_on_disk(),
+            reindex_queued=library.catalog.reindex_count(),
         )
 
     def embed_text(self, text: str) -> np.ndarray:

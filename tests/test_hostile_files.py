@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from indexer.ingest.pipeline import index_paths
 from indexer.store.catalog import Catalog
 from indexer.store.catalog_reader import CatalogReader
 from indexer.store.library import Library
 from retrieval import Collection
+from retrieval.cli import app
 from tests.live_server import served
 from tests.test_server import assert_error
 
@@ -265,6 +267,10 @@ def test_a_queued_photo_whose_stat_looks_unchanged_is_read_again(scene, fake_enc
     scene["album"].unlink()
     (scene["photos"] / "album.moved").rename(scene["album"])
     assert queued(scene["library"]) == 1
+    with Collection.open(scene["library"], read_only=True) as photos:  # `clipdex info`
+        assert photos.info().as_dict()["reindex_queued"] == 1
+    shown = CliRunner().invoke(app, ["info", "--library", str(scene["library"])])
+    assert shown.exit_code == 0 and "to re-index" in shown.stdout
     with Collection.open(scene["library"], encoder=fake_encoder) as photos:
         report = photos.index([scene["photos"]])
     assert report.unchanged == 3 and report.reused == 1  # same bytes: the vector is reused

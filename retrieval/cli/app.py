@@ -463,6 +463,9 @@ def info(library: LibraryOpt = None, json_out: JsonOpt = False) -> None:
     table.add_row("model", facts.model_name or "(none yet)")
     table.add_row("images", str(facts.images))
     table.add_row("failed", str(facts.failed))
+    if facts.reindex_queued:  # the server refused their files: `clipdex index` reads them
+        note = "run `clipdex index` on their folders"
+        table.add_row("to re-index", f"{facts.reindex_queued} ({note})")
     table.add_row("on disk", f"{facts.bytes_on_disk / 1e6:.1f} MB")
     stdout.print(table)
 
