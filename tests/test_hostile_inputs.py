@@ -43,8 +43,14 @@ def test_ordinary_text_is_usable(text):
 
 @pytest.mark.parametrize(
     "text, what",
-    [("\ud800", "U+D800"), ("caf\udce9", "U+DCE9"), ("a\x00b", "U+0000"), ("\x1b[2J", "U+001B"),
-     ("\xc3\xa9 mojibake \x85", "U+0085"), ("\ufffd", "replacement character")],
+    [
+        ("\ud800", "U+D800"),
+        ("caf\udce9", "U+DCE9"),
+        ("a\x00b", "U+0000"),
+        ("\x1b[2J", "U+001B"),
+        ("\xc3\xa9 mojibake \x85", "U+0085"),
+        ("\ufffd", "replacement character"),
+    ],
 )
 def test_unusable_text_is_named(text, what):
     problem = text_problem(text)
@@ -143,26 +149,71 @@ def _hostile_requests(photo_id: int) -> list[tuple[str, str, dict, set[int], str
     """(method, url, httpx kwargs, allowed statuses, a word the message must hold)."""
     big = "1" + "0" * 39
     return [
-        ("POST", "/api/index", {"content": b'{"paths": ["\\ud800"]}', "headers": JSON},
-         {400}, "paths: a lone surrogate"),
-        ("POST", "/api/index", {"content": b'{"paths": ["photos/\\udfff\\udbff"]}',
-                                "headers": JSON}, {400}, "U+DFFF"),
-        ("POST", "/api/index", {"content": b'{"paths": ["photos\\u0000"]}', "headers": JSON},
-         {400}, "NUL"),
-        ("POST", "/api/session", {"content": b'{"token": "\\udc80"}', "headers": JSON},
-         {422}, "token"),
-        ("POST", "/v1/embeddings",
-         {"content": b'{"model": "mobileclip-s2", "input": ["ok", "\\ud800"]}', "headers": JSON},
-         {400}, "input[1]"),
-        ("POST", "/v1/embeddings",
-         {"content": b'{"model": "mobileclip-s2", "input": "x", "user": "\\udfff"}',
-          "headers": JSON}, {422}, "user"),
-        ("POST", "/v1/embeddings",
-         {"content": b'{"model": "mobileclip-s2", "input": "x", "dimensions": NaN}',
-          "headers": JSON}, {422}, "dimensions"),
-        ("POST", "/v1/embeddings",
-         {"content": b'{"model": "mobileclip-s2", "input": "x", "dimensions": 1e999}',
-          "headers": JSON}, {422}, "dimensions"),
+        (
+            "POST",
+            "/api/index",
+            {"content": b'{"paths": ["\\ud800"]}', "headers": JSON},
+            {400},
+            "paths: a lone surrogate",
+        ),
+        (
+            "POST",
+            "/api/index",
+            {"content": b'{"paths": ["photos/\\udfff\\udbff"]}', "headers": JSON},
+            {400},
+            "U+DFFF",
+        ),
+        (
+            "POST",
+            "/api/index",
+            {"content": b'{"paths": ["photos\\u0000"]}', "headers": JSON},
+            {400},
+            "NUL",
+        ),
+        (
+            "POST",
+            "/api/session",
+            {"content": b'{"token": "\\udc80"}', "headers": JSON},
+            {422},
+            "token",
+        ),
+        (
+            "POST",
+            "/v1/embeddings",
+            {"content": b'{"model": "mobileclip-s2", "input": ["ok", "\\ud800"]}', "headers": JSON},
+            {400},
+            "input[1]",
+        ),
+        (
+            "POST",
+            "/v1/embeddings",
+            {
+                "content": b'{"model": "mobileclip-s2", "input": "x", "user": "\\udfff"}',
+                "headers": JSON,
+            },
+            {422},
+            "user",
+        ),
+        (
+            "POST",
+            "/v1/embeddings",
+            {
+                "content": b'{"model": "mobileclip-s2", "input": "x", "dimensions": NaN}',
+                "headers": JSON,
+            },
+            {422},
+            "dimensions",
+        ),
+        (
+            "POST",
+            "/v1/embeddings",
+            {
+                "content": b'{"model": "mobileclip-s2", "input": "x", "dimensions": 1e999}',
+                "headers": JSON,
+            },
+            {422},
+            "dimensions",
+        ),
         ("GET", f"/api/search?q={big}:dog", {}, {400}, "weight"),
         ("GET", "/api/search?q=1e20:dog%20%2B%20cat", {}, {400}, "weight"),
         ("GET", "/api/search?q=%ED%A0%80", {}, {400}, "'q'"),
@@ -172,15 +223,30 @@ def _hostile_requests(photo_id: int) -> list[tuple[str, str, dict, set[int], str
         ("GET", "/api/search?q=dog&min_score=NaN", {}, {422}, "min_score"),
         ("GET", "/api/duplicates?threshold=Infinity", {}, {422}, "threshold"),
         ("GET", f"/api/images/{photo_id}/similar?k=99999999999999999999999", {}, {422}, "k"),
-        ("POST", "/api/classify", {"data": {"id": str(photo_id), "labels": "cat,d\x00og"}},
-         {400}, "label"),
-        ("POST", "/api/classify",
-         {"data": {"id": str(photo_id), "labels": "cat,dog", "template": "a \x1b{}"}},
-         {400}, "template"),
-        ("POST", "/api/classify",  # a url-encoded form decodes %FF to U+FFFD: refused
-         {"content": f"id={photo_id}&labels=cat,%FF".encode(),
-          "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
-         {400}, "label"),
+        (
+            "POST",
+            "/api/classify",
+            {"data": {"id": str(photo_id), "labels": "cat,d\x00og"}},
+            {400},
+            "label",
+        ),
+        (
+            "POST",
+            "/api/classify",
+            {"data": {"id": str(photo_id), "labels": "cat,dog", "template": "a \x1b{}"}},
+            {400},
+            "template",
+        ),
+        (
+            "POST",
+            "/api/classify",  # a url-encoded form decodes %FF to U+FFFD: refused
+            {
+                "content": f"id={photo_id}&labels=cat,%FF".encode(),
+                "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+            },
+            {400},
+            "label",
+        ),
     ]
 
 
@@ -287,7 +353,7 @@ HOSTILE_HEADERS = [
     b"If-Modified-Since: \xff",
     b"Authorization: Bearer \xff\xfe",
     b"Authorization: \xff",
-    b"Cookie: clipdex_session=\xff\xfe; x=\"",
+    b'Cookie: clipdex_session=\xff\xfe; x="',
     b"Cookie: " + b"a=b;" * 2000,
     b"Accept-Encoding: \xff",
 ]
@@ -299,8 +365,11 @@ def test_hostile_headers_are_never_a_5xx_and_errors_are_json(hostile_server, hea
     refused Range is the JSON error shape too (416 keeps its Content-Range)."""
     live, client = hostile_server
     photo_id = client.get("/api/search", params={"q": "x", "k": 1}).json()["results"][0]["id"]
-    for target in (f"/api/images/{photo_id}/file", f"/api/images/{photo_id}/thumbnail",
-                   "/api/search?q=dog"):
+    for target in (
+        f"/api/images/{photo_id}/file",
+        f"/api/images/{photo_id}/thumbnail",
+        "/api/search?q=dog",
+    ):
         request = (
             b"GET " + target.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Connection: close\r\n" + header + b"\r\n\r\n"

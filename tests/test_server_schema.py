@@ -82,15 +82,49 @@ def test_no_server_errors_and_errors_are_json(api_schema, mode):
 # included), to every operation of /openapi.json.
 HOSTILE_TEXT = st.one_of(
     st.sampled_from(
-        ["\ud800", "\udfff", "a\udbff\udfffb", "caf\udce9", "\x00", "a\x00b", "\x1b[2J", "\x85",
-         "\ufffd", "\ufeff\uffff", "..", "../../etc/passwd", "{}", "%00", "1e39:dog",
-         "100000000000000000000:dog + cat", "-", "\"", "x" * 5000, "é" * 3000]
+        [
+            "\ud800",
+            "\udfff",
+            "a\udbff\udfffb",
+            "caf\udce9",
+            "\x00",
+            "a\x00b",
+            "\x1b[2J",
+            "\x85",
+            "\ufffd",
+            "\ufeff\uffff",
+            "..",
+            "../../etc/passwd",
+            "{}",
+            "%00",
+            "1e39:dog",
+            "100000000000000000000:dog + cat",
+            "-",
+            '"',
+            "x" * 5000,
+            "é" * 3000,
+        ]
     ),
     st.text(st.characters(codec=None, exclude_categories=()), max_size=40),  # surrogates too
 )
 HOSTILE_NUMBER = st.sampled_from(
-    ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1e308", "4e-400", "-0",
-     "99999999999999999999999999", str(2**63), str(-(2**63) - 1), "0", "-1", "0.5", "1"]
+    [
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "1e999",
+        "-1e999",
+        "1e308",
+        "4e-400",
+        "-0",
+        "99999999999999999999999999",
+        str(2**63),
+        str(-(2**63) - 1),
+        "0",
+        "-1",
+        "0.5",
+        "1",
+    ]
 )
 FIELDS_PER_REQUEST = 3
 # Headers every route may read (the token, the page's cookie, caching and ranges).
