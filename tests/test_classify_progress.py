@@ -287,6 +287,19 @@ def test_the_server_prepares_the_default_labels_after_an_index_job(
         assert answer.status_code == 200 and fake_encoder.texts_encoded == before
 
 
+def test_the_server_can_skip_preparing_labels_after_an_index_job(
+    tmp_path, photo_folder, fake_encoder
+):
+    settings = {"index_roots": (str(photo_folder),), "prepare_labels": False}
+    with served(tmp_path / "library", fake_encoder, **settings) as (server, client):
+        state = server.app.state.clipdex
+        job = client.post("/api/index", json={"paths": [str(photo_folder)]}).json()
+        poll(lambda: client.get(f"/api/index/{job['id']}").json()["state"] == "done")
+        cache = state.require_library().label_cache_dir  # the job would have started by now
+        assert state.labels.running() == []
+        assert cached_label_vectors(fake_encoder.identity, make_labelset(), cache) is None
+
+
 def test_openapi_documents_the_preparing_answer(library, fake_encoder):
     with served(library, fake_encoder) as (_, client):
         spec = client.get("/openapi.json").json()

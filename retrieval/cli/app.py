@@ -627,6 +627,15 @@ def serve(
             help="A web-page login (with --token) ends this many hours after it began.",
         ),
     ] = 12.0,
+    prepare_labels: Annotated[
+        bool,
+        typer.Option(
+            "--prepare-labels/--no-prepare-labels",
+            envvar="CLIPDEX_PREPARE_LABELS",
+            help="After each index job, compute the default labels' vectors in the background "
+            "if missing, so a first classify answers at once.",
+        ),
+    ] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
@@ -657,6 +666,7 @@ def serve(
         max_request_prompts=max_request_prompts,
         max_request_inputs=max_request_inputs,
         max_request_megapixels=max_request_megapixels,
+        prepare_labels=prepare_labels,
         allowed_hosts=(*(allowed_host or ()), host),  # a listen address that is a name
         session_hours=session_hours,
     )

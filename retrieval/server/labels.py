@@ -107,6 +107,11 @@ class LabelPreparer:
         found = self._find_or_start(self._encoder(), labelset)
         return None if isinstance(found, np.ndarray) else found
 
+    def running(self) -> list[LabelJob]:
+        """The label sets being prepared now."""
+        with self._lock:
+            return list(self._jobs.values())
+
     def shutdown(self) -> None:
         """Stop running jobs at their next batch."""
         self._stopped.set()

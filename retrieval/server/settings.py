@@ -39,6 +39,7 @@ class Settings:
     session_hours: float = 12.0  # a web-page session ends this long after the login
     auth_free_failures: int = 5  # wrong tokens per client address before the back-off
     auth_backoff: float = 1.0  # first wait after those, in seconds; doubles with each
+    prepare_labels: bool = True  # after each index job, prepare the default label vectors
     # What one request may cost (see .workload); beyond: 413 naming the setting.
     max_request_prompts: int = 2048  # classify: the request's labels x templates
     max_request_inputs: int = 256  # /v1/embeddings: texts and images in one request

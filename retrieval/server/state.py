@@ -293,7 +293,8 @@ class ServerState:
         root = self.require_library().root
         with Collection.open(root, create=True, encoder=encoder) as collection:
             report = collection.index(paths, options, progress)
-        self._prepare_default_labels()
+        if self.settings.prepare_labels:
+            self._prepare_default_labels()
         return report
 
     def _prepare_default_labels(self) -> None:
