@@ -260,6 +260,9 @@ def test_api_classify_answers_preparing_then_the_labels(library, fake_encoder):
         found = client.get("/api/search", params={"q": "anything", "k": 3})
         assert found.status_code == 200 and len(found.json()["results"]) == 3
         assert client.post("/api/classify", data={"id": 1, "labels": "a,b"}).status_code == 200
+        # A request's own labels, however many, are computed within it (its own cost).
+        many = ",".join(f"thing {i}" for i in range(80))
+        assert client.post("/api/classify", data={"id": 1, "labels": many}).status_code == 200
 
         gate.set()
         done = poll(lambda: (r := classify()).status_code == 200 and r)

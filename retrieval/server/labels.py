@@ -2,8 +2,10 @@
 
 A label set's vectors cost one text-tower pass per (label, template) prompt: a few for
 ``labels=cat,dog``, hundreds for the default label set (a minute or more on a small CPU).
-Small sets (at most :data:`INLINE_PROMPTS` prompts) are computed inside the request, like
-a query. A larger set that is neither in memory nor in the library's label cache starts one
+The route asks here only for the default set, the server's own (a request's own labels are
+its own cost, capped and stopped with the request). Small sets (at most
+:data:`INLINE_PROMPTS` prompts) are computed inside the request, like a query. A larger set
+that is neither in memory nor in the library's label cache starts one
 background job (a daemon thread feeding the model :data:`LABEL_BATCH` prompts at a time, so
 queries interleave and wait for one batch at most); the request waits up to ``wait``
 seconds for it and otherwise gets ``503 preparing`` with the job's progress and a

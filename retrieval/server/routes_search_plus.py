@@ -55,9 +55,9 @@ class PreparingResponse(BaseModel):
 
 PREPARING_503 = {
     "model": PreparingResponse,
-    "description": "Code `preparing`: the label set's vectors are being computed once for "
-    "this model by a background job (shared by concurrent requests); retry after the "
-    "`Retry-After` seconds. Also `not_ready` while the server starts.",
+    "description": "Code `preparing`: the default label set's vectors are being computed "
+    "once for this model by a background job (shared by concurrent requests); retry after "
+    "the `Retry-After` seconds. Also `not_ready` while the server starts.",
 }
 
 
@@ -115,8 +115,8 @@ def classify(
 ) -> dict:
     """Zero-shot classification of one photo: probabilities over labels, best first.
 
-    A large label set (such as the default one) is prepared once per model in the background:
-    until it is ready this answers 503 `preparing` with the progress and `Retry-After`."""
+    The default label set is prepared once per model in the background: until it is ready
+    this answers 503 `preparing` with the progress and `Retry-After`."""
     if (image_id is None) == (file is None):
         raise QueryError("send exactly one of the form fields id (a photo id) or file (an image)")
     labelset = make_labelset(labels, None, [t for t in template or () if t is not None])
@@ -126,7 +126,11 @@ def classify(
     collection = state.require_collection()
     if image_id is not None:
         state.image_row(image_id)
-    matrix = state.label_vectors(labelset)  # before an upload costs model time
+    # The default label set is the server's own: prepared once by a shared background job
+    # (503 `preparing` meanwhile). A request's own labels are its own cost: computed here,
+    # capped above and stopped with the request like any model work.
+    default = labels is None and not template
+    matrix = state.label_vectors(labelset) if default else None  # before an upload's model call
     if isinstance(matrix, LabelJob):
         return _preparing(request, matrix)
     photo = image_id if image_id is not None else state.embed_upload(file.file.read())
