@@ -61,6 +61,17 @@ def test_label_vectors_report_progress_once_per_batch(fake_encoder, tmp_path):
     assert calls == [] and fake_encoder.texts_encoded == 80 and (again == vectors).all()
 
 
+def test_label_vectors_are_cached_once_per_model(tmp_path):
+    from tests.conftest import FakeEncoder
+
+    labelset = LabelSet(("cat", "dog", "car"), ("a {}.",))
+    first, other = FakeEncoder("model-a"), FakeEncoder("model-b")
+    for encoder in (first, other, first, other):
+        label_vectors(encoder, labelset, tmp_path)
+    assert (first.texts_encoded, other.texts_encoded) == (3, 3)  # once each, then cached
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+
+
 def test_a_progress_hook_that_raises_stops_between_batches(fake_encoder, tmp_path):
     labelset = LabelSet(tuple(f"thing {i}" for i in range(64)), ("a {}.",))
 
