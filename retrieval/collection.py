@@ -181,6 +181,17 @@ class Collection:
             self._library = Library.open(self.root, create=create, read_only=self.read_only)
         return self._library
 
+    def _writable_library(self, create: bool = False) -> Library:
+        """The library, for a call that writes: refused at once on a read-only collection."""
+        if self.read_only:
+            from indexer.errors import ConfigError
+
+            raise ConfigError(
+                f"this collection of {self.root} was opened read-only (for queries): open it "
+                "without read_only=True to index, tag or change it"
+            )
+        return self._open_library(create=create)
+
     # -- indexing -----------------------------------------------------------------------
     def index(
         self,
@@ -193,7 +204,7 @@ class Collection:
         callable ``(done, total)``; files that fail are in the report's ``failures``."""
         from indexer.ingest.pipeline import index_paths
 
-        library = self._open_library(create=True)
+        library = self._writable_library(create=True)
         held = library.locked
         library.acquire_lock()  # a second writer is refused now, not after loading the model
         try:
@@ -358,7 +369,7 @@ class Collection:
         from retrieval.search.classify import tag_library
 
         labelset = _labelset(labels, labels_file, templates)
-        library = self.library
+        library = self._writable_library()
         return tag_library(
             library, self.encoder, labelset, top, min_probability, force, progress=progress
         )

@@ -33,6 +33,10 @@ class Settings:
     header_timeout: float = 10.0
     request_timeout: float = 60.0
     max_connections: int = 256  # open connections (or running requests); beyond: 503
+    # What one request may cost (see .workload); beyond: 413 naming the setting.
+    max_request_prompts: int = 2048  # classify: the request's labels x templates
+    max_request_inputs: int = 256  # /v1/embeddings: texts and images in one request
+    max_request_megapixels: float = 400.0  # decoded across all images of one request
     # Host names answered beyond IP literals and localhost (see .origin): names, ".domain"
     # for a domain and its subdomains, "*" for any (unsafe: no DNS-rebinding guard).
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
@@ -40,10 +44,6 @@ class Settings:
     auth_free_failures: int = 5  # wrong tokens per client address before the back-off
     auth_backoff: float = 1.0  # first wait after those, in seconds; doubles with each
     prepare_labels: bool = True  # after each index job, prepare the default label vectors
-    # What one request may cost (see .workload); beyond: 413 naming the setting.
-    max_request_prompts: int = 2048  # classify: the request's labels x templates
-    max_request_inputs: int = 256  # /v1/embeddings: texts and images in one request
-    max_request_megapixels: float = 400.0  # decoded across all images of one request
 
     def __post_init__(self) -> None:
         if self.max_upload_mb <= 0:
