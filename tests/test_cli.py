@@ -108,3 +108,11 @@ def test_unknown_photo_id_is_exit_1(fake_model, photo_folder):
     run("index", str(photo_folder), "--json")
     result = run("similar", "999999")
     assert result.exit_code == 1 and "no photo with id 999999" in result.output
+
+
+def test_emoji_codes_in_file_names_print_as_written(fake_model, photo_folder):
+    (photo_folder / "party:smile:.jpg").write_bytes(b"not a jpeg at all")
+    result = runner.invoke(app, ["index", str(photo_folder)])
+    assert result.exit_code == 0
+    assert "party:smile:.jpg" in result.output  # the failure line names the very file
+    assert "\N{SMILING FACE WITH OPEN MOUTH AND SMILING EYES}" not in result.output

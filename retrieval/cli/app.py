@@ -46,8 +46,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-stdout = Console()
-stderr = Console(stderr=True)
+stdout = Console(emoji=False)  # ":smile:" in a file name stays as it is
+stderr = Console(stderr=True, emoji=False)
 
 
 def _opt(*names: str, help: str, **kwargs: Any) -> Any:
