@@ -28,7 +28,8 @@ from pathlib import Path
 from indexer.errors import LibraryDamaged, LibraryError
 from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress, index_paths
 from indexer.model.identity import Encoder
-from indexer.store.catalog import Catalog, sqlite_file_problem
+from indexer.store.catalog import Catalog
+from indexer.store.catalog_reader import sqlite_file_problem
 from indexer.store.library import Library, take_lock
 from indexer.store.salvage import salvage
 

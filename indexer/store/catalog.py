@@ -48,9 +48,9 @@ from indexer.paths import ESCAPE, from_db, to_db
 from indexer.store.catalog_reader import (  # the checks both catalog kinds share
     blob_to_vector,
     catalog_damage_message,
+    check_catalog_file,
     sound_stack,
     sqlite_error,
-    sqlite_file_problem,
     vector_is_sound,
 )
 
@@ -317,12 +317,7 @@ class Catalog:
 
     def _check_file(self) -> None:
         """Cheap checks on open: a SQLite header, and a file as long as it says it is."""
-        problem = sqlite_file_problem(self.path)
-        if problem is None:
-            return
-        if problem.startswith("shorter") and self.quick_check() == "ok":
-            return  # a concurrent WAL checkpoint was growing the file: not damage
-        raise LibraryDamaged(self.damage_message(problem), problem)
+        check_catalog_file(self.path, self.quick_check)
 
     def _probe(self) -> None:
         """Touch each table's first and last rows: a damaged root page shows on open.

@@ -19,7 +19,7 @@ import datetime as dt
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +80,20 @@ def nearly_full(folder: Path) -> bool:
     except OSError:
         return False
     return fs.f_bavail * fs.f_frsize < 2**20
+
+
+def check_catalog_file(path: Path, quick_check: Callable[[], str]) -> None:
+    """Cheap checks on open: a SQLite header, and a file as long as it says it is.
+
+    A file that looks short is damage only if ``quick_check`` (the opener's own) agrees: a
+    concurrent WAL checkpoint may be growing it. Raises :class:`LibraryDamaged`.
+    """
+    problem = sqlite_file_problem(path)
+    if problem is None:
+        return
+    if problem.startswith("shorter") and quick_check() == "ok":
+        return
+    raise LibraryDamaged(catalog_damage_message(path, problem), problem)
 
 
 def catalog_damage_message(path: Path, detail: str) -> str:
@@ -208,12 +222,7 @@ class CatalogReader:
     # -- checks on open (as the catalog's) --------------------------------------------------
     def _check_file(self) -> None:
         """A SQLite header, and a file as long as it says it is."""
-        problem = sqlite_file_problem(self.path)
-        if problem is None:
-            return
-        if problem.startswith("shorter") and self.quick_check() == "ok":
-            return  # a concurrent WAL checkpoint was growing the file: not damage
-        raise LibraryDamaged(self.damage_message(problem), problem)
+        check_catalog_file(self.path, self.quick_check)
 
     def _check_schema(self) -> None:
         """Only a schema this reader knows; anything else goes to the full catalog."""
