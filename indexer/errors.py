@@ -103,3 +103,10 @@ class ImageTooLarge(DecodeError):
 
     code = "image_too_large"
     http_status = 413
+
+
+class WatchUnavailable(ClipdexError):
+    """File-system events cannot be followed (a sync falls back to rescanning: ``poll``)."""
+
+    code = "watch_unavailable"
+    http_status = 503

@@ -2,7 +2,7 @@
 
 The Python API (the front door the CLI, the server and the tests use)::
 
-    from retrieval import Collection, IndexOptions, SearchOptions
+    from retrieval import Collection, IndexOptions, SearchOptions, SyncOptions
 
 Names load on first use (module ``__getattr__``), so ``import retrieval`` stays cheap.
 
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from indexer.ingest.pipeline import IndexOptions
+    from indexer.ingest.sync import SyncOptions
     from retrieval.collection import Collection, CollectionInfo
     from retrieval.search.engine import SearchPage, SearchResult
     from retrieval.search.options import SearchOptions
@@ -33,6 +34,7 @@ _EXPORTS = {
     "SearchOptions": "retrieval.search.options",
     "SearchPage": "retrieval.search.engine",
     "SearchResult": "retrieval.search.engine",
+    "SyncOptions": "indexer.ingest.sync",
 }
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "SearchOptions",
     "SearchPage",
     "SearchResult",
+    "SyncOptions",
 ]
 
 

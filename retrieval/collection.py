@@ -18,8 +18,11 @@ Configuration arrives as plain arguments: environment variables (``CLIPDEX_LIBRA
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
     from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress
     from indexer.ingest.repair import RepairReport
+    from indexer.ingest.sync import BatchRecord, Syncer, SyncOptions
     from indexer.model.identity import Encoder
     from indexer.store.library import Library
     from retrieval.search.classify import LabelSet, Prediction, TagReport
@@ -213,6 +217,53 @@ class Collection:
         finally:
             if not held:
                 library.release_lock()
+
+    def sync(
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        options: IndexOptions | None = None,
+        sync_options: SyncOptions | None = None,
+        *,
+        stop: threading.Event | None = None,
+        on_batch: Callable[[BatchRecord, IndexReport], None] | None = None,
+        on_note: Callable[[str], None] | None = None,
+    ) -> None:
+        """Keep the library in step with folders until ``stop`` is set (or Ctrl-C):
+        new, changed, moved and deleted photos are indexed in debounced batches (see
+        :mod:`indexer.ingest.sync`). Blocks; run it in a thread to do something else."""
+        self.syncer(paths, options, sync_options, on_batch=on_batch, on_note=on_note).run(stop)
+
+    def syncer(
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        options: IndexOptions | None = None,
+        sync_options: SyncOptions | None = None,
+        *,
+        on_batch: Callable[[BatchRecord, IndexReport], None] | None = None,
+        on_note: Callable[[str], None] | None = None,
+        guard: Callable[[], AbstractContextManager] | None = None,
+    ) -> Syncer:
+        """The :class:`~indexer.ingest.sync.Syncer` :meth:`sync` runs, to run it yourself
+        (``.run(stop)``) and read its ``.status()`` meanwhile. Each batch holds the
+        library's writer lock while it runs (and ``guard()``, when given, around it)."""
+        from indexer.ingest.pipeline import IndexOptions, index_changes
+        from indexer.ingest.sync import Syncer
+
+        options = options or IndexOptions()
+        library = self._writable_library(create=True)
+
+        def run_batch(changed: list[Path]) -> IndexReport:
+            with guard() if guard is not None else contextlib.nullcontext():
+                return index_changes(library, self.encoder, changed, options)
+
+        return Syncer(
+            _as_list(paths),
+            run_batch,
+            sync_options,
+            excludes=options.excludes,
+            on_batch=on_batch,
+            on_note=on_note,
+        )
 
     def repair(
         self,

@@ -20,7 +20,8 @@ is added to ``BASE`` below (or moved into a layer folder), and the test says so.
 Heavy or edge-specific third-party packages have one home each (``THIRD_PARTY``): torch,
 open_clip and timm only in the torch encoder and the ONNX exporter; onnx/onnxruntime only
 in the model layer; SQLAlchemy, sqlite3 and faiss only in the store layer; FastAPI,
-Starlette and uvicorn only in the server; typer and rich only in the CLI.
+Starlette and uvicorn only in the server; typer and rich only in the CLI; watchfiles only in
+the sync's event source (indexer/ingest/watch.py).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ THIRD_PARTY = {
     "uvicorn": ("retrieval/server/",),
     "typer": ("retrieval/cli/",),
     "rich": ("retrieval/cli/",),
+    "watchfiles": ("indexer/ingest/watch.py",),  # file-system events for `clipdex watch`
 }
 
 

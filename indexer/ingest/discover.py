@@ -158,3 +158,8 @@ def _entry_problem(exc: OSError) -> str:
     if exc.errno == errno.ELOOP:
         return "symlink loop: the link leads back to itself"
     return f"cannot read entry: {exc.strerror or exc}"
+
+
+def has_indexable_suffix(path: str) -> bool:
+    """Whether a file name ends in a suffix clipdex indexes (a watcher's event filter)."""
+    return _has_image_suffix(path)

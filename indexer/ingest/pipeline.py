@@ -25,7 +25,12 @@ import numpy as np
 
 from indexer.fsutil import file_key
 from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS
-from indexer.ingest.discover import FoundFile, discover, resolve_root
+from indexer.ingest.discover import (
+    FoundFile,
+    discover,
+    has_indexable_suffix,
+    resolve_root,
+)
 from indexer.ingest.workers import DEFAULT_DECODER, DecodeLimits, DecodePool, Outcome
 from indexer.model.identity import Encoder
 from indexer.store.catalog import FileState, ImageRecord
@@ -253,6 +258,95 @@ def index_paths(
     report.failed = len(report.failures)
     report.seconds = time.monotonic() - started
     return report
+
+
+def index_changes(
+    library: Library,
+    encoder: Encoder,
+    paths: Sequence[str | os.PathLike],
+    options: IndexOptions | None = None,
+    progress: Progress | None = None,
+) -> IndexReport:
+    """Bring exactly these changed paths up to date (a watcher's batch), incrementally.
+
+    A path may be a file (indexed if new or changed), a folder (walked as by
+    :func:`index_paths`) or a path that is gone (its rows, and every row under it when it
+    was a folder, leave the library). Unlike :func:`index_paths` nothing else is walked, so
+    a batch costs what changed, not the size of the folders around it. A moved photo keeps
+    its vector when its old and new paths are in the same batch (found by content hash
+    before the old row is removed, in the same checkpoint).
+    """
+    options = options or IndexOptions()
+    progress = progress or Progress()
+    started = time.monotonic()
+    report = IndexReport()
+    with library.writing():
+        library.bind_model(encoder.identity)
+        work, gone = plan_changes(library, [Path(p) for p in paths], options)
+        report.unchanged = work.unchanged
+        report.failures.extend(work.problems)
+        progress.start(len(work.todo))
+        writer = _Writer(library, work, options)
+        _run(work.todo, library, encoder, options, writer, report, progress)
+        # Gone paths also drop their failure rows (a failed file that was deleted).
+        writer.checkpoint(removed=list(dict.fromkeys(work.vanished + gone)))
+        report.removed = len(work.vanished)
+    report.failed = len(report.failures)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def plan_changes(
+    library: Library, paths: Sequence[Path], options: IndexOptions
+) -> tuple[_Plan, list[str]]:
+    """The plan for a set of changed paths, and the paths among them that are gone."""
+    result, gone, files = _Plan(), [], []
+    for path in paths:
+        if path.is_dir():
+            _merge_plan(result, plan(library, [path], options.excludes, options.within))
+        elif path.exists():
+            found = discover(path, options.excludes, options.within)
+            result.problems.extend(found.problems)
+            files.extend(found.files)
+        else:
+            gone.append(str(path))
+    states = library.catalog.file_states_at([f.path for f in files])
+    for item in files:
+        state = states.get(item.path)
+        if is_unchanged(state, item):
+            result.unchanged += 1
+            continue
+        if state:
+            result.old_ids[item.path] = state.id
+        result.todo.append(item)
+    _plan_gone(library, gone, result)
+    return result, gone
+
+
+def _plan_gone(library: Library, gone: list[str], result: _Plan) -> None:
+    """Rows of gone paths: the file itself, or everything under it when it was a folder."""
+    catalog = library.catalog
+    exact = catalog.file_states_at(gone)
+    for path in gone:
+        if path in exact:
+            states = {path: exact[path]}
+        elif has_indexable_suffix(path):
+            continue  # a file never indexed (perhaps failed: its row goes with ``gone``)
+        else:  # perhaps a folder: everything under it goes, failure rows too
+            states = catalog.file_states(path)
+            catalog.forget_failures_under(path, set())
+        for old, state in states.items():
+            if old not in result.old_ids:
+                result.vanished.append(old)
+                result.old_ids[old] = state.id
+
+
+def _merge_plan(into: _Plan, other: _Plan) -> None:
+    into.todo.extend(other.todo)
+    into.unchanged += other.unchanged
+    into.vanished.extend(other.vanished)
+    into.problems.extend(other.problems)
+    into.old_ids.update(other.old_ids)
 
 
 def _run(

@@ -423,6 +423,20 @@ class Catalog:
         with self.engine.connect() as conn:
             return {from_db(row.path): _file_state(row) for row in conn.execute(query)}
 
+    def file_states_at(self, paths: Sequence[str]) -> dict[str, FileState]:
+        """The catalogued files among exactly these paths (a watcher's changed files): one
+        indexed lookup per 500 paths, however large the folders holding them."""
+        c = images.c
+        queued = exists().where(reindex.c.image_id == c.id).label("queued")
+        columns = (c.path, c.id, c.size, c.mtime_ns, c.device, c.inode, c.real_path, queued)
+        states: dict[str, FileState] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(paths), 500):
+                chunk = [to_db(p) for p in paths[start : start + 500]]
+                rows = conn.execute(select(*columns).where(c.path.in_(chunk)))
+                states.update({from_db(row.path): _file_state(row) for row in rows})
+        return states
+
     def find_by_hash(self, sha256: str) -> tuple[dict, np.ndarray] | None:
         """Metadata and vector of any image with this content, for renamed or copied files."""
         query = select(images).where(images.c.sha256 == sha256).limit(1)

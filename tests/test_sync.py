@@ -1,0 +1,260 @@
+"""Keeping a library in sync: changed-path batches, the watch loop, polling, vanishing folders.
+
+The fake encoder stands in for the model (nothing here ranks). Every wait is a generous
+"within N seconds" poll on the sync's own counters; batch counts come from those counters.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.errors import ConfigError, WatchUnavailable
+from indexer.ingest import watch
+from indexer.ingest.pipeline import IndexOptions, index_changes, index_paths
+from indexer.ingest.sync import Syncer, SyncOptions
+from indexer.store.library import Library, take_lock
+from retrieval import Collection
+
+# Short timers so a test takes seconds; the defaults are seconds to a minute.
+FAST = dict(quiet_seconds=0.3, settle_seconds=0.3, tick_seconds=0.05, retry_seconds=0.2)
+INDEX = IndexOptions(workers=1)
+
+
+def write_photo(path: Path, seed: int, size: int = 64) -> Path:
+    """A small JPEG whose colours depend on ``seed`` (so each has its own content)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    return path
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; fail after a generous ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {seconds} s")
+        time.sleep(0.05)
+
+
+@contextmanager
+def syncing(syncer: Syncer) -> Iterator[Syncer]:
+    """Run ``syncer`` in a thread for the block, then stop it and surface its errors."""
+    stop, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            syncer.run(stop)
+        except BaseException as exc:  # shown by the test, not lost in the thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: syncer.status()["batches"] >= 1 or errors)  # the catch-up batch
+        yield syncer
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive(), "the sync did not stop"
+    assert not errors, errors
+    assert syncer.status()["state"] == "stopped"
+
+
+def totals(syncer: Syncer, name: str) -> int:
+    return syncer.status()[name]
+
+
+def catalog_paths(root: Path) -> set[str]:
+    with Library.open(root, read_only=True) as library:
+        return {row["path"] for row in library.catalog.get_images(library.catalog.ids()).values()}
+
+
+@pytest.fixture
+def photos(tmp_path, fake_encoder) -> Iterator[Collection]:
+    with Collection(tmp_path / "lib", fake_encoder) as collection:
+        yield collection
+
+
+# -- one batch of changed paths (the pipeline) -------------------------------------------
+def test_changed_paths_batch_adds_moves_and_removes(tmp_path, photo_folder, fake_encoder):
+    with Library.open(tmp_path / "lib", create=True) as library:
+        index_paths(library, fake_encoder, [photo_folder])
+        old_id = library.catalog.id_for_path(str(photo_folder / "photo_1.jpg"))
+        old_vector = library.index.reconstruct(old_id)
+        fake_encoder.images_encoded = 0
+        os.rename(photo_folder / "photo_1.jpg", photo_folder / "moved.jpg")
+        os.remove(photo_folder / "photo_2.jpg")
+        new = write_photo(photo_folder / "new.jpg", 7)
+        changed = [
+            photo_folder / "photo_1.jpg",
+            photo_folder / "moved.jpg",
+            photo_folder / "photo_2.jpg",
+            new,
+            photo_folder / "photo_3.jpg",
+        ]
+        report = index_changes(library, fake_encoder, changed, INDEX)
+        assert (report.indexed, report.reused, report.removed) == (1, 1, 2)
+        assert report.unchanged == 1 and fake_encoder.images_encoded == 1
+        moved_id = library.catalog.id_for_path(str(photo_folder / "moved.jpg"))
+        assert (library.index.reconstruct(moved_id) == old_vector).all()
+        assert library.catalog.id_for_path(str(photo_folder / "photo_2.jpg")) is None
+        assert library.catalog.count() == 6 == len(library.index)
+
+
+def test_changed_paths_batch_removes_a_deleted_folder_and_its_failures(
+    tmp_path, photo_folder, fake_encoder
+):
+    album = photo_folder / "album"
+    album.mkdir()
+    write_photo(album / "a.jpg", 1)
+    (album / "broken.jpg").write_bytes(b"not a jpeg")
+    with Library.open(tmp_path / "lib", create=True) as library:
+        index_paths(library, fake_encoder, [photo_folder], INDEX)
+        assert library.catalog.failure_count() == 1 and library.catalog.count() == 7
+        shutil.rmtree(album)
+        report = index_changes(library, fake_encoder, [album], INDEX)
+        assert report.removed == 1
+        assert library.catalog.count() == 6 == len(library.index)
+        assert library.catalog.failure_count() == 0
+
+
+# -- the watch loop over real file-system events ------------------------------------------
+def test_watch_picks_up_a_new_file_and_a_deleted_one_leaves(photos, photo_folder):
+    syncer = photos.syncer([photo_folder], INDEX, SyncOptions(**FAST))
+    with syncing(syncer):
+        assert syncer.status()["mode"] == "events"
+        assert totals(syncer, "indexed") == 6  # the catch-up of what was already there
+        write_photo(photo_folder / "new.jpg", 11)
+        wait_for(lambda: totals(syncer, "indexed") == 7, 20)
+        os.remove(photo_folder / "photo_0.jpg")
+        wait_for(lambda: totals(syncer, "removed") == 1, 20)
+        os.rename(photo_folder / "photo_1.jpg", photo_folder / "renamed.jpg")
+        wait_for(lambda: totals(syncer, "reused") == 1, 20)  # its vector, not the model
+    paths = catalog_paths(photos.root)
+    assert str(photo_folder / "new.jpg") in paths and str(photo_folder / "renamed.jpg") in paths
+    assert str(photo_folder / "photo_0.jpg") not in paths
+    assert str(photo_folder / "photo_1.jpg") not in paths
+    assert len(paths) == 6 and totals(syncer, "indexed") == 7
+
+
+def test_a_burst_of_500_files_is_indexed_in_few_batches(photos, tmp_path):
+    folder = tmp_path / "import"
+    folder.mkdir()
+    options = SyncOptions(**{**FAST, "quiet_seconds": 1.0})
+    syncer = photos.syncer([folder], INDEX, options)
+    with syncing(syncer):
+        before = totals(syncer, "batches")
+        for i in range(500):
+            write_photo(folder / f"IMG_{i:04d}.jpg", 1000 + i, size=16)
+        wait_for(lambda: totals(syncer, "indexed") + totals(syncer, "reused") == 500, 90)
+        batches = totals(syncer, "batches") - before
+    assert 1 <= batches <= 3, f"500 files took {batches} batches"
+    assert totals(syncer, "failed") == 0
+    assert len(catalog_paths(photos.root)) == 500
+
+
+def test_a_file_written_slowly_is_indexed_once_complete(photos, tmp_path):
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    source = write_photo(tmp_path / "source.jpg", 5, size=256)
+    data = source.read_bytes()
+    # Pauses longer than the quiet period, shorter than the settle time.
+    options = SyncOptions(**{**FAST, "quiet_seconds": 0.1, "settle_seconds": 1.5})
+    syncer = photos.syncer([folder], INDEX, options)
+    target = folder / "slow.jpg"
+    with syncing(syncer):
+        with open(target, "wb") as out:
+            for start in range(0, len(data), len(data) // 4 + 1):
+                out.write(data[start : start + len(data) // 4 + 1])
+                out.flush()
+                time.sleep(0.4)
+        wait_for(lambda: totals(syncer, "indexed") == 1, 20)
+        time.sleep(0.5)  # room for a second (wrong) batch to show up
+    assert totals(syncer, "failed") == 0 and totals(syncer, "indexed") == 1
+    assert photos.failures() == []
+    with Library.open(photos.root, read_only=True) as library:
+        row = library.catalog.get_images([library.catalog.id_for_path(str(target))])
+        assert next(iter(row.values()))["size"] == len(data)
+
+
+def test_the_folder_vanishing_and_coming_back(photos, photo_folder, tmp_path):
+    syncer = photos.syncer([photo_folder], INDEX, SyncOptions(**FAST))
+    away = tmp_path / "unmounted"
+    with syncing(syncer):
+        os.rename(photo_folder, away)
+        wait_for(lambda: syncer.status()["missing"] == [str(photo_folder)], 20)
+        write_photo(away / "while_away.jpg", 21)
+        time.sleep(0.5)
+        os.rename(away, photo_folder)
+        wait_for(lambda: totals(syncer, "indexed") == 7, 20)
+        assert syncer.status()["missing"] == []
+        write_photo(photo_folder / "after.jpg", 22)  # events follow the folder again
+        wait_for(lambda: totals(syncer, "indexed") == 8, 20)
+    assert totals(syncer, "removed") == 0  # photos of a vanished folder are kept
+    assert len(catalog_paths(photos.root)) == 8
+
+
+def test_polling_rescans_where_events_are_not_used(photos, photo_folder):
+    options = SyncOptions(**{**FAST, "poll_seconds": 0.3})
+    syncer = photos.syncer([photo_folder], INDEX, options)
+    with syncing(syncer):
+        assert syncer.status()["mode"] == "poll"
+        assert syncer.status()["poll_seconds"] == 0.3
+        write_photo(photo_folder / "new.jpg", 31)
+        os.remove(photo_folder / "photo_4.jpg")
+        wait_for(lambda: totals(syncer, "indexed") == 7 and totals(syncer, "removed") == 1, 20)
+    assert len(catalog_paths(photos.root)) == 6
+
+
+def test_a_watcher_that_cannot_start_falls_back_to_polling(photos, photo_folder, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise WatchUnavailable("file-system events are unavailable: inotify watch limit")
+
+    monkeypatch.setattr(watch, "WatchfilesEvents", refuse)
+    options = SyncOptions(**{**FAST, "fallback_poll_seconds": 0.3})
+    syncer = photos.syncer([photo_folder], INDEX, options)
+    with syncing(syncer):
+        status = syncer.status()
+        assert status["mode"] == "poll" and "inotify watch limit" in status["reason"]
+        write_photo(photo_folder / "new.jpg", 41)
+        wait_for(lambda: totals(syncer, "indexed") == 7, 20)
+
+
+def test_a_batch_waits_for_another_writer_and_then_runs(photos, photo_folder):
+    syncer = photos.syncer([photo_folder], INDEX, SyncOptions(**FAST))
+    with syncing(syncer):
+        other_writer = take_lock(photos.root)  # as `clipdex index` would hold it
+        try:
+            write_photo(photo_folder / "new.jpg", 51)
+            wait_for(lambda: syncer.status()["state"] == "waiting", 20)
+            assert totals(syncer, "indexed") == 6
+        finally:
+            other_writer.close()
+        wait_for(lambda: totals(syncer, "indexed") == 7, 20)
+
+
+def test_watch_refuses_what_is_not_a_folder(photos, photo_folder):
+    with pytest.raises(ConfigError, match="does not exist"):
+        photos.syncer([photo_folder / "nope"], INDEX)
+    with pytest.raises(ConfigError, match="is a file"):
+        photos.syncer([photo_folder / "photo_0.jpg"], INDEX)
+    with pytest.raises(ConfigError, match="--poll"):
+        SyncOptions(poll_seconds=0)
+
+
+def test_filesystem_type_reads_the_mount_table(tmp_path):
+    if not os.path.exists("/proc/self/mounts"):
+        pytest.skip("no /proc/self/mounts here")
+    assert watch.filesystem_type(tmp_path) not in (None, "")
+    assert watch._unescape_mount("/mnt/my\\040photos") == "/mnt/my photos"
