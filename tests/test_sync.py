@@ -258,3 +258,49 @@ def test_filesystem_type_reads_the_mount_table(tmp_path):
         pytest.skip("no /proc/self/mounts here")
     assert watch.filesystem_type(tmp_path) not in (None, "")
     assert watch._unescape_mount("/mnt/my\\040photos") == "/mnt/my photos"
+
+
+# -- `clipdex watch` ----------------------------------------------------------------------
+def test_cli_watch_indexes_changes_until_ctrl_c(photo_folder, tmp_path, monkeypatch):
+    import _thread
+    import json
+
+    from typer.testing import CliRunner
+
+    import indexer.model.encoders
+    from retrieval.cli import app
+    from tests.conftest import FakeEncoder
+
+    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: FakeEncoder())
+    library = tmp_path / "lib"
+    Library.open(library, create=True).close()  # so this test's reads never race its creation
+    failures: list[BaseException] = []
+
+    def count() -> int:
+        with Library.open(library, read_only=True) as lib:
+            return lib.catalog.count()
+
+    def user() -> None:  # adds a photo, deletes one, then presses Ctrl-C
+        try:
+            wait_for(lambda: count() == 6)
+            write_photo(photo_folder / "new.jpg", 61)
+            wait_for(lambda: count() == 7)
+            os.remove(photo_folder / "photo_5.jpg")
+            wait_for(lambda: count() == 6)
+            time.sleep(1.0)  # the batch is committed: let it print its line before Ctrl-C
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            _thread.interrupt_main()
+
+    threading.Thread(target=user, daemon=True).start()
+    args = ["watch", str(photo_folder), "--library", str(library), "--json", "--workers", "1"]
+    args += ["--debounce", "0.2", "--settle", "0.2"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert not failures, failures
+    assert result.exit_code == 0, result.output
+    batches = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sum(b["indexed"] for b in batches) == 7
+    assert sum(b["removed"] for b in batches) == 1
+    assert "stopped after" in result.stderr
+    assert count() == 6

@@ -15,11 +15,14 @@ command's ``--help`` and checks that each help text survives whole.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -281,6 +284,126 @@ def index(
         print_index_report(report, json_out, quiet)
         if prepare_labels and report.indexed:  # the writer lock is already released
             prepare_default_labels(photos, quiet or json_out)
+
+
+@cli_command
+def watch(
+    paths: Annotated[list[Path], typer.Argument(help="Folders to keep the library in step with.")],
+    poll: Annotated[
+        float | None,
+        _opt(
+            "--poll",
+            min=0.1,
+            help="Rescan every SECONDS instead of following file-system events (network "
+            "mounts; chosen by itself where events are unavailable).",
+        ),
+    ] = None,
+    debounce: Annotated[
+        float,
+        typer.Option(min=0.0, help="A batch starts once no change arrived for this many seconds."),
+    ] = 2.0,
+    max_wait: Annotated[
+        float,
+        typer.Option(min=0.0, help="...or once the oldest waiting change waited this long."),
+    ] = 60.0,
+    settle: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="A file is read once its size and mtime held still this many seconds "
+            "(files still being copied wait).",
+        ),
+    ] = 2.0,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", help="Glob of paths to skip (repeatable), e.g. '*/raw/*'."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        _opt("--workers", min=1, max=64, help="Decode worker processes (default: cores, max 4)."),
+    ] = None,
+    max_megapixels: Annotated[
+        float,
+        typer.Option(min=0.01, help="Refuse images larger than this (decompression bombs)."),
+    ] = 89.0,
+    device: DeviceOpt = "auto",
+    backend: BackendOpt = "auto",
+    library: LibraryOpt = None,
+    weights: WeightsOpt = None,
+    cache_dir: CacheOpt = None,
+    quiet: QuietOpt = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON line per batch on stdout.")
+    ] = False,
+) -> None:
+    """Keep the library in sync with folders: index new, changed, moved and deleted photos
+    as they happen, until Ctrl-C."""
+    from indexer.ingest.pipeline import IndexOptions
+    from indexer.ingest.sync import SyncOptions
+
+    options = IndexOptions(excludes=exclude or (), max_megapixels=max_megapixels)
+    if workers:
+        options.workers = workers
+    sync_options = SyncOptions(
+        quiet_seconds=debounce, max_wait_seconds=max_wait, settle_seconds=settle, poll_seconds=poll
+    )
+    photos = open_collection(library, weights, device, backend, cache_dir, quiet=quiet)
+    with photos:
+        syncer = photos.syncer(
+            paths,
+            options,
+            sync_options,
+            on_batch=lambda record, report: print_batch(record, report, json_out, quiet),
+            on_note=lambda message: note(Text(message), quiet),
+        )
+        what = ", ".join(display(str(root)) for root in syncer.roots)
+        note(Text(f"watching {what} (library {photos.root}); Ctrl-C stops"), quiet)
+        # Ctrl-C is how a watch ends (and `kill` stops it after the current step): the
+        # library keeps its last checkpoint either way.
+        with contextlib.suppress(KeyboardInterrupt), stop_on_sigterm() as stop:
+            syncer.run(stop)
+    status = syncer.status()
+    note(
+        Text(
+            f"stopped after {status['batches']} batches: indexed {status['indexed']}, "
+            f"reused {status['reused']}, removed {status['removed']}, failed {status['failed']}"
+        ),
+        quiet,
+    )
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[threading.Event]:
+    """An event SIGTERM sets for the block (in the main thread; elsewhere it stays unset)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def print_batch(record, report, json_out: bool, quiet: bool) -> None:
+    """One finished sync batch: a JSON line, or failures on stderr and one summary line."""
+    import datetime as dt
+
+    if json_out:
+        emit_json(record.as_dict())
+        sys.stdout.flush()
+        return
+    for path, reason in report.failures[:20]:
+        note(f"[yellow]failed:[/] {escape(display(path))}: {escape(reason)}", quiet)
+    if len(report.failures) > 20:
+        note(f"... and {len(report.failures) - 20} more: see `clipdex failures`", quiet)
+    at = dt.datetime.fromtimestamp(record.finished_at).strftime("%H:%M:%S")
+    stdout.print(
+        f"{at} batch {record.number}: indexed {record.indexed}, reused {record.reused}, "
+        f"removed {record.removed}, failed {record.failed} in {record.seconds:.1f}s",
+        highlight=False,
+    )
 
 
 def prepare_default_labels(photos: Collection, quiet: bool) -> None:
