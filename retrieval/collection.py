@@ -242,10 +242,12 @@ class Collection:
         on_batch: Callable[[BatchRecord, IndexReport], None] | None = None,
         on_note: Callable[[str], None] | None = None,
         guard: Callable[[], AbstractContextManager] | None = None,
+        progress: Progress | None = None,
     ) -> Syncer:
         """The :class:`~indexer.ingest.sync.Syncer` :meth:`sync` runs, to run it yourself
         (``.run(stop)``) and read its ``.status()`` meanwhile. Each batch holds the
-        library's writer lock while it runs (and ``guard()``, when given, around it)."""
+        library's writer lock while it runs (and ``guard()``, when given, around it);
+        ``progress`` hears each batch's files (and may raise to cut a batch short)."""
         from indexer.ingest.pipeline import IndexOptions, index_changes
         from indexer.ingest.sync import Syncer
 
@@ -254,7 +256,7 @@ class Collection:
 
         def run_batch(changed: list[Path]) -> IndexReport:
             with guard() if guard is not None else contextlib.nullcontext():
-                return index_changes(library, self.encoder, changed, options)
+                return index_changes(library, self.encoder, changed, options, progress)
 
         return Syncer(
             _as_list(paths),

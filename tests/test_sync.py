@@ -304,3 +304,44 @@ def test_cli_watch_indexes_changes_until_ctrl_c(photo_folder, tmp_path, monkeypa
     assert sum(b["removed"] for b in batches) == 1
     assert "stopped after" in result.stderr
     assert count() == 6
+
+
+# -- `clipdex serve --watch` --------------------------------------------------------------
+def test_serve_watch_shows_the_sync_in_api_info(photo_folder, tmp_path, fake_encoder):
+    from tests.live_server import served
+
+    library = tmp_path / "lib"
+    timers = dict(watch_debounce=0.2, watch_settle=0.2)
+    with served(library, fake_encoder, watch_paths=(photo_folder,), **timers) as (_, http):
+
+        def sync() -> dict:
+            return http.get("/api/info").json()["sync"]
+
+        wait_for(lambda: sync()["batches"] >= 1)  # the catch-up of the six photos
+        info = http.get("/api/info").json()
+        assert info["sync"]["paths"] == [str(photo_folder)]
+        assert info["sync"]["state"] == "watching" and info["sync"]["mode"] == "events"
+        assert info["sync"]["indexed"] == 6 and info["images"] == 6
+        write_photo(photo_folder / "new.jpg", 71)
+        wait_for(lambda: sync()["indexed"] == 7)
+        last = sync()["last_batch"]
+        assert last["indexed"] == 1 and last["finished_at"] > 0 and sync()["pending"] == 0
+        hits = http.get("/api/search", params={"q": "anything", "k": 100}).json()["results"]
+        assert str(photo_folder / "new.jpg") in {hit["path"] for hit in hits}
+        os.remove(photo_folder / "photo_2.jpg")
+        wait_for(lambda: sync()["removed"] == 1)
+        wait_for(lambda: http.get("/api/info").json()["images"] == 6)
+
+
+def test_serve_without_watch_has_no_sync(tmp_path, fake_encoder):
+    from tests.live_server import served
+
+    with served(tmp_path / "lib", fake_encoder) as (_, http):
+        assert http.get("/api/info").json()["sync"] is None
+
+
+def test_serve_refuses_a_watch_folder_that_does_not_exist(tmp_path):
+    from retrieval.server import Settings
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        Settings(library=tmp_path / "lib", watch_paths=(tmp_path / "nope",))

@@ -274,3 +274,19 @@ def test_a_name_that_is_not_utf8_shows_its_bytes_as_escapes(browser, tmp_path, f
         name = tab.text_content("#results .card .name")
         assert name == "caf\\xe9.jpg", name
         context.close()
+
+
+def test_status_line_shows_the_sync_of_watched_folders(browser, photos, tmp_path, fake_encoder):
+    library = tmp_path / "watched-library"
+    timers = dict(watch_debounce=0.2, watch_settle=0.2)
+    with served(library, fake_encoder, watch_paths=(photos,), **timers) as (server, _):
+        context = browser.new_context()
+        tab = context.new_page()
+        tab.goto(server.url)
+        wait_text(tab, "#status", "watching 1 folder")
+        wait_text(tab, "#status", "25 photos")
+        image = Image.new("RGB", (160, 120), (250, 250, 10))
+        image.save(photos / "arrived.jpg", quality=90)
+        wait_text(tab, "#status", "26 photos")  # the page asks again every few seconds
+        assert "last batch" in tab.inner_text("#status")
+        context.close()

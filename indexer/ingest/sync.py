@@ -368,6 +368,7 @@ class Syncer:
             totals.failed += report.failed
             totals.last_batch = record
             totals.history = [*totals.history[-9:], record]
+            self._state = self._idle_state()  # with the counts: a reader never sees one alone
         log.info(
             "sync batch %d: %d paths, %d indexed, %d reused, %d removed, %d failed (%.1f s)",
             record.number,
@@ -425,7 +426,7 @@ def _folder(path: str | os.PathLike) -> Path:
     folder = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     if not folder.is_dir():
         what = "is a file" if folder.exists() else "does not exist"
-        raise ConfigError(f"{path} {what}: watch takes existing folders", setting="watch")
+        raise ConfigError(f"{path} {what}: give existing folders to watch")
     return folder
 
 

@@ -759,6 +759,24 @@ def serve(
             "if missing, so a first classify answers at once.",
         ),
     ] = True,
+    watch_folder: Annotated[
+        list[Path] | None,
+        _opt(
+            "--watch",
+            envvar="CLIPDEX_WATCH",
+            help="Folder to keep the library in sync with while serving, as `clipdex watch` "
+            "does (repeatable; its state is in /api/info and on the page).",
+        ),
+    ] = None,
+    poll: Annotated[
+        float | None,
+        _opt(
+            "--poll",
+            min=0.1,
+            envvar="CLIPDEX_POLL",
+            help="With --watch: rescan every SECONDS instead of following file-system events.",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
@@ -773,6 +791,8 @@ def serve(
     from retrieval.server.serving import run_server
     from retrieval.server.settings import exposure_warning
 
+    if poll is not None and not watch_folder:
+        fail("--poll applies to the --watch folders: add --watch FOLDER, or drop --poll")
     settings = Settings(
         library=library if library is not None else default_library_dir(),
         weights=weights,
@@ -792,6 +812,8 @@ def serve(
         prepare_labels=prepare_labels,
         allowed_hosts=(*(allowed_host or ()), host),  # a listen address that is a name
         session_hours=session_hours,
+        watch_paths=tuple(watch_folder or ()),
+        watch_poll=poll,
     )
     warning = exposure_warning(host, settings.token)
     if warning:  # a security warning is never silenced

@@ -44,6 +44,12 @@ class Settings:
     auth_free_failures: int = 5  # wrong tokens per client address before the back-off
     auth_backoff: float = 1.0  # first wait after those, in seconds; doubles with each
     prepare_labels: bool = True  # after each index job, prepare the default label vectors
+    # Folders the server keeps the library in sync with (`serve --watch`, indexer.ingest.sync):
+    # events, or a rescan every watch_poll seconds; the timers are SyncOptions'.
+    watch_paths: tuple[Path, ...] = field(default_factory=tuple)
+    watch_poll: float | None = None
+    watch_debounce: float = 2.0
+    watch_settle: float = 2.0
 
     def __post_init__(self) -> None:
         if self.max_upload_mb <= 0:
@@ -66,6 +72,9 @@ class Settings:
         object.__setattr__(self, "allowed_hosts", allowed_hosts(self.allowed_hosts))
         roots = tuple(Path(os.path.abspath(os.path.expanduser(r))) for r in self.index_roots)
         object.__setattr__(self, "index_roots", roots)
+        object.__setattr__(self, "watch_paths", watch_folders(self.watch_paths))
+        if self.watch_poll is not None and not self.watch_poll > 0:
+            raise ConfigError(f"--poll must be a positive number of seconds, got {self.watch_poll}")
 
     @property
     def session_seconds(self) -> float:
@@ -74,6 +83,18 @@ class Settings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+def watch_folders(paths: tuple[Path, ...] | list[Path]) -> tuple[Path, ...]:
+    """``--watch`` folders, absolute; a path that is not an existing folder is an error."""
+    folders = []
+    for path in paths:
+        folder = Path(os.path.abspath(os.path.expanduser(path)))
+        if not folder.is_dir():
+            what = "is a file" if folder.exists() else "does not exist"
+            raise ConfigError(f"--watch {path} {what}: give existing folders")
+        folders.append(folder)
+    return tuple(dict.fromkeys(folders))
 
 
 def allowed_hosts(entries: tuple[str, ...] | list[str]) -> tuple[str, ...]:

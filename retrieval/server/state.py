@@ -29,6 +29,7 @@ import numpy as np
 
 from indexer.errors import ClipdexError, NotFound
 from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress
+from indexer.ingest.sync import Syncer, SyncOptions
 from indexer.model.identity import Encoder
 from indexer.store.catalog import Catalog
 from indexer.store.library import Library
@@ -38,7 +39,7 @@ from retrieval.search.engine import SearchPage
 from retrieval.search.errors import QueryError
 from retrieval.search.options import SearchOptions
 from retrieval.server.errors import NotReady
-from retrieval.server.jobs import IndexJob, IndexJobs
+from retrieval.server.jobs import IndexJob, IndexJobs, JobCancelled
 from retrieval.server.labels import LabelJob, LabelPreparer
 from retrieval.server.paths import confine
 from retrieval.server.settings import Settings
@@ -95,11 +96,18 @@ class ServerState:
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache_lock = threading.Lock()
         self._queued: set[int] = set()  # photos this run queued for re-indexing
+        # One writer at a time within this process: index jobs and sync batches take turns
+        # (each also takes the library's writer lock, which keeps other processes out).
+        self._writer = threading.Lock()
+        self.sync = ServerSync(self) if settings.watch_paths else None
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        """Load library and model in the background (the server answers meanwhile)."""
+        """Load library and model in the background (the server answers meanwhile), then
+        start following the --watch folders, if any."""
         threading.Thread(target=self.load, name="clipdex-load", daemon=True).start()
+        if self.sync is not None:
+            self.sync.start()
 
     def load(self) -> None:
         try:
@@ -151,6 +159,8 @@ class ServerState:
     def close(self, close_library: bool = True) -> None:
         """Stop jobs and the search thread; close the library unless the caller owns it."""
         self.labels.shutdown()
+        if self.sync is not None:
+            self.sync.stop()
         self.jobs.shutdown()
         self._searcher.shutdown()
         if self.encoder is not None:
@@ -291,7 +301,7 @@ class ServerState:
         # Symlinks met while walking may not lead out of the roots either.
         options = IndexOptions(max_megapixels=self.settings.max_megapixels, within=roots)
         root = self.require_library().root
-        with Collection.open(root, create=True, encoder=encoder) as collection:
+        with self._writer, Collection.open(root, create=True, encoder=encoder) as collection:
             report = collection.index(paths, options, progress)
         if self.settings.prepare_labels:
             self._prepare_default_labels()
@@ -334,6 +344,7 @@ class ServerState:
             "index_roots": [str(root) for root in self.settings.index_roots],
             "auth": self.settings.token is not None,
             "jobs": [job.as_dict() for job in self.jobs.active()],
+            "sync": self.sync.status() if self.sync is not None else None,
         }
         if self.library_state == "ready" and self.library is not None:
             catalog: Catalog = self.library.catalog
@@ -346,6 +357,92 @@ class ServerState:
                 model=identity.name if identity else None,
             )
         return document
+
+
+class ServerSync:
+    """``serve --watch``: a :class:`~indexer.ingest.sync.Syncer` in a background thread.
+
+    It starts once the library and the model are loaded, on its own library handle (as an
+    index job does: the searching side picks its checkpoints up through
+    ``Library.refresh``), and its batches take turns with index jobs. Stopping the server
+    stops it at its next step, or inside a batch at the batch's next progress step.
+    """
+
+    def __init__(self, state: ServerState) -> None:
+        self._state = state
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._syncer: Syncer | None = None
+        self._error: str | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="clipdex-sync", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        state = self._state
+        state.loaded.wait()
+        if not state.ready:
+            self._error = "not started: " + (state.library_error or state.model_error or "?")
+            return
+        try:
+            self._follow()
+        except JobCancelled:
+            pass  # the server is stopping
+        except ClipdexError as exc:
+            self._error = str(exc)
+        except Exception as exc:  # say why on /api/info; the server goes on serving
+            log.exception("the sync of the --watch folders stopped")
+            self._error = f"internal error: {type(exc).__name__}: {exc}"
+
+    def _follow(self) -> None:
+        state, settings = self._state, self._state.settings
+        encoder = state.require_encoder().without_timeout()
+        options = IndexOptions(max_megapixels=settings.max_megapixels)
+        sync_options = SyncOptions(
+            quiet_seconds=settings.watch_debounce,
+            settle_seconds=settings.watch_settle,
+            poll_seconds=settings.watch_poll,
+        )
+        root = state.require_library().root
+        with Collection.open(root, create=True, encoder=encoder) as collection:
+            self._syncer = collection.syncer(
+                settings.watch_paths,
+                options,
+                sync_options,
+                guard=lambda: state._writer,
+                progress=_StopProgress(self._stop),
+            )
+            self._syncer.run(self._stop)
+
+    def status(self) -> dict:
+        """The sync's part of /api/info: folders, state, mode, counts, last batch, pending."""
+        if self._syncer is not None:
+            status = self._syncer.status()
+            if self._error:
+                status.update(state="failed", error=self._error)
+            return status
+        return {
+            "paths": [str(path) for path in self._state.settings.watch_paths],
+            "state": "failed" if self._error else "starting",
+            "error": self._error,
+        }
+
+
+class _StopProgress(Progress):
+    """Ends a sync batch at its next step once the server is stopping."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self._stop = stop
+
+    def advance(self, count: int = 1) -> None:
+        if self._stop.is_set():
+            raise JobCancelled
 
 
 def _version() -> str:

@@ -370,6 +370,7 @@ async function refreshStatus() {
     $("status").dataset.state = state;
     $("status-text").textContent = text;
     if (state === "busy") delay = 2000;
+    else if (info.sync) delay = 5000;  // the watched folders change the library by themselves
   } catch (error) {
     $("status").dataset.state = "error";
     $("status-text").textContent = `Server unreachable: ${error.message}`;
@@ -385,13 +386,41 @@ function statusText(info) {
   const photos = `${info.images.toLocaleString()} photos`;
   const model = info.model || info.encoder || "no model yet";
   const running = info.jobs.find((job) => job.state === "running");
+  const sync = syncText(info.sync);
   if (running) {
     const total = running.total == null ? "?" : running.total.toLocaleString();
     return ["busy", `${photos} · indexing ${running.done.toLocaleString()} / ${total}` +
-      ` (${running.img_per_s} img/s, ${running.failed} failed) · ${model}`];
+      ` (${running.img_per_s} img/s, ${running.failed} failed) · ${model}${sync}`];
   }
   const queued = info.jobs.length ? ` · ${info.jobs.length} index job(s) queued` : "";
-  return ["ready", `${photos} · ${model} · ready${queued}`];
+  const syncing = info.sync && info.sync.state === "indexing";
+  return [syncing ? "busy" : "ready", `${photos} · ${model} · ready${queued}${sync}`];
+}
+
+// `serve --watch`: what the sync of the watched folders is doing, and its last batch.
+function syncText(sync) {
+  if (!sync) return "";
+  if (sync.state === "failed") return ` · sync stopped: ${sync.error}`;
+  const count = sync.paths.length;
+  const folders = count === 1 ? "1 folder" : `${count} folders`;
+  const doing = {
+    starting: `starting to watch ${folders}`,
+    watching: `watching ${folders}`,
+    polling: `rescanning ${folders} every ${sync.poll_seconds} s`,
+    indexing: `syncing ${folders}…`,
+    waiting: "sync waiting for another writer",
+    "waiting for folders": `waiting for ${folders} to come back`,
+  }[sync.state] || `sync ${sync.state}`;
+  let text = ` · ${doing}`;
+  if (sync.missing && sync.missing.length) text += ` (${sync.missing.length} missing)`;
+  if (sync.pending) text += `, ${sync.pending.toLocaleString()} pending`;
+  const last = sync.last_batch;
+  if (last) {
+    const at = new Date(last.finished_at * 1000).toLocaleTimeString();
+    text += `, last batch ${at}: +${(last.indexed + last.reused).toLocaleString()}` +
+      ` −${last.removed.toLocaleString()}` + (last.failed ? `, ${last.failed} failed` : "");
+  }
+  return text;
 }
 
 // -- drag and drop, paste -------------------------------------------------------------------
