@@ -2,6 +2,8 @@
 
 Owns discovery (folder walks, incremental by size and mtime), decoding (photos, RAW, video
 frames, pixel limits), the decode worker processes, the indexing pipeline (batches, encode,
-checkpoint) and repair. It imports the base modules, the model and the store layers; never
+checkpoint), repair, and the sync that keeps a library in step with watched folders
+(``sync``: debounced batches of changed paths; ``watch``: its event sources, the only home of
+watchfiles). It imports the base modules, the model and the store layers; never
 ``retrieval``. The encoder and the library are handed in, so tests can pass fakes.
 """
