@@ -21,7 +21,8 @@ Heavy or edge-specific third-party packages have one home each (``THIRD_PARTY``)
 open_clip and timm only in the torch encoder and the ONNX exporter; onnx/onnxruntime only
 in the model layer; SQLAlchemy, sqlite3 and faiss only in the store layer; FastAPI,
 Starlette and uvicorn only in the server; typer and rich only in the CLI; watchfiles only in
-the sync's event source (indexer/ingest/watch.py).
+the sync's event source (indexer/ingest/watch.py); rawpy (LibRaw) only in ingest/raw.py and
+pillow_jxl only in ingest/jxl.py.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ THIRD_PARTY = {
     "typer": ("retrieval/cli/",),
     "rich": ("retrieval/cli/",),
     "watchfiles": ("indexer/ingest/watch.py",),  # file-system events for `clipdex watch`
+    "rawpy": ("indexer/ingest/raw.py",),  # camera RAW (LibRaw)
+    "pillow_jxl": ("indexer/ingest/jxl.py",),  # JPEG XL (libjxl) Pillow plugin
 }
 
 

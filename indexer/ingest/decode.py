@@ -6,6 +6,9 @@ caught at the public functions and re-raised as :class:`~indexer.errors.DecodeEr
 stops a run. The pixel limit is checked on header sizes, before any pixel is decoded, for
 the frame we decode and for the frames we skip.
 
+Camera RAW files are handed to :mod:`indexer.ingest.raw` (LibRaw), JPEG XL is registered
+with Pillow by :mod:`indexer.ingest.jxl`; both return what a photo decode returns.
+
 This module must stay importable without torch: the query path uses it to embed a query
 image. ``to_model_input`` reproduces open_clip's MobileCLIP-S2 eval transform with PIL and
 numpy only (tests compare the two to < 1e-6).
@@ -30,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
 
 from indexer.errors import ClipdexError, DecodeError, ImageTooLarge
+from indexer.ingest import jxl, raw
 
 DEFAULT_MAX_MEGAPIXELS: float = 89.0
 """Default pixel limit, about Pillow's own decompression-bomb threshold (89.5 MP)."""
@@ -46,17 +50,18 @@ _COMMON_SUFFIXES = {
     ".vst", ".ico", ".cur", ".icns", ".qoi", ".dds", ".blp", ".sgi", ".rgb", ".rgba", ".bw",
     ".pbm", ".pgm", ".ppm", ".pnm", ".pfm", ".pcx", ".dcx", ".fli", ".flc", ".fits", ".fit",
     ".ftc", ".ftu", ".gbr", ".im", ".im1", ".ras", ".msp", ".pxr", ".xbm", ".xpm", ".spider",
-    ".pcd",
+    ".pcd", ".jxl", ".fpx", ".mic",
 }
-# Formats a photographer has but Pillow cannot decode (camera RAW, HDR, layered, vector):
-# discovered anyway, so `clipdex failures` tells the user why they are missing.
+# Formats a photographer has but no decoder here reads (HDR, layered, vector): discovered
+# anyway, so `clipdex failures` tells the user why they are missing.
 _KNOWN_UNSUPPORTED_SUFFIXES = {
-    ".dng", ".iiq", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".orf",
-    ".raf", ".rw2", ".rwl", ".pef", ".srw", ".x3f", ".mrw", ".3fr", ".erf", ".kdc", ".dcr",
-    ".jxl", ".bpg", ".flif", ".psp", ".xcf", ".exr", ".hdr", ".dpx", ".miff", ".pgf", ".djvu",
-    ".eps", ".wmf", ".emf", ".wal", ".mic", ".gd", ".fpx",
+    ".bpg", ".flif", ".psp", ".xcf", ".exr", ".hdr", ".dpx", ".miff", ".pgf", ".djvu",
+    ".eps", ".wmf", ".emf", ".wal", ".gd",
 }
-IMAGE_SUFFIXES: frozenset[str] = frozenset(_COMMON_SUFFIXES | _KNOWN_UNSUPPORTED_SUFFIXES)
+# Camera RAW (indexer/ingest/raw.py, LibRaw) is read too.
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    _COMMON_SUFFIXES | raw.RAW_SUFFIXES | _KNOWN_UNSUPPORTED_SUFFIXES
+)
 # fmt: on
 """File suffixes (lower case) that discovery treats as images."""
 
@@ -115,23 +120,11 @@ _SUFFIX_LABELS = {
         "AVIF": ".avif",
         "JPEG 2000": ".jp2 .j2k .jpf",
         "MPO": ".mpo",
+        "JPEG XL": ".jxl",
     }.items()
     for suffix in suffixes.split()
 }
 _UNSUPPORTED_SUFFIXES = {
-    ".cr2": "camera RAW (Canon CR2)",
-    ".cr3": "camera RAW (Canon CR3)",
-    ".crw": "camera RAW (Canon CRW)",
-    ".nef": "camera RAW (Nikon NEF)",
-    ".arw": "camera RAW (Sony ARW)",
-    ".raf": "camera RAW (Fujifilm RAF)",
-    ".rw2": "camera RAW (Panasonic RW2)",
-    ".orf": "camera RAW (Olympus ORF)",
-    ".x3f": "camera RAW (Sigma X3F)",
-    ".mrw": "camera RAW (Minolta MRW)",
-    ".dng": "camera RAW (DNG)",
-    ".iiq": "camera RAW (Phase One IIQ)",
-    ".jxl": "JPEG XL",
     ".bpg": "BPG",
     ".flif": "FLIF",
     ".psp": "PaintShop Pro",
@@ -148,7 +141,6 @@ _UNSUPPORTED_SUFFIXES = {
     ".svg": "SVG",
     ".wmf": "Windows Metafile",
     ".emf": "Windows Metafile",
-    ".fpx": "FlashPix",
 }
 # TIFF compressions Pillow/libtiff decode everywhere; others (webp, zstd, jpeg2000...) may not.
 # fmt: off
@@ -179,7 +171,11 @@ class ImageInfo:
 
 
 def open_rgb(
-    source: Source, *, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, draft: bool = True
+    source: Source,
+    *,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    draft: bool = True,
+    name: str | None = None,
 ) -> tuple[Image.Image, ImageInfo]:
     """Decode the first frame of ``source`` (a path or the file's bytes) as an upright RGB image.
 
@@ -187,8 +183,12 @@ def open_rgb(
     and ``draft=True`` lets JPEG decode at a reduced DCT scale whose short side stays >=
     2 x ``MODEL_IMAGE_SIZE`` (pass ``draft=False`` when the full-size image is wanted).
     Header sizes of all frames are checked against ``max_megapixels`` (<= 0: no
-    limit) before pixels are decoded. Raises DecodeError / ImageTooLarge, nothing else.
+    limit) before pixels are decoded. ``name`` is the file's name when ``source`` is its
+    bytes: a camera RAW is recognised by it (see :mod:`indexer.ingest.raw`).
+    Raises DecodeError / ImageTooLarge, nothing else.
     """
+    if raw.is_raw(source, name):
+        return _open_raw(source, name, max_megapixels, draft)
     hint = _source_hint(source)
     try:
         return _open_rgb(source, _pixel_limit(max_megapixels), max_megapixels, draft)
@@ -196,6 +196,13 @@ def open_rgb(
         raise
     except Exception as exc:  # the boundary: every failure becomes a reason
         raise DecodeError(describe_failure(exc, hint)) from exc
+
+
+def preload_codecs() -> None:
+    """Load the lazily registered decoders (HEIF, JPEG XL, LibRaw) now, so a decode worker
+    pays their import before it caps its own memory, not inside the first file's budget."""
+    _readable_formats()
+    raw.preload()
 
 
 def to_model_input(img: Image.Image, size: int = MODEL_IMAGE_SIZE) -> np.ndarray:
@@ -219,10 +226,14 @@ def to_model_input(img: Image.Image, size: int = MODEL_IMAGE_SIZE) -> np.ndarray
 
 
 def decode_for_model(
-    source: Source, *, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, draft: bool = True
+    source: Source,
+    *,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    draft: bool = True,
+    name: str | None = None,
 ) -> tuple[np.ndarray, ImageInfo]:
     """Decode ``source`` straight to model input: :func:`open_rgb` then :func:`to_model_input`."""
-    img, info = open_rgb(source, max_megapixels=max_megapixels, draft=draft)
+    img, info = open_rgb(source, max_megapixels=max_megapixels, draft=draft, name=name)
     return to_model_input(img), info
 
 
@@ -300,6 +311,21 @@ def _open_rgb(
     return rgb, _image_info(width, height, im.format, exif)
 
 
+def _open_raw(
+    source: Source, name: str | None, max_megapixels: float, draft: bool
+) -> tuple[Image.Image, ImageInfo]:
+    """A camera RAW through LibRaw; a file LibRaw does not know may be a plain image."""
+    try:
+        return raw.open_raw(source, name=name, max_megapixels=max_megapixels, draft=draft)
+    except raw.UnknownToLibRaw as unknown:
+        try:
+            return _open_rgb(source, _pixel_limit(max_megapixels), max_megapixels, draft)
+        except ImageTooLarge:
+            raise
+        except Exception:  # neither reads it: LibRaw's reason is the one to show
+            raise unknown from None
+
+
 def _open_checked(
     fp: IO[bytes], hint: str | None, limit: float, max_mp: float
 ) -> tuple[Image.Image, int | None]:
@@ -307,6 +333,9 @@ def _open_checked(
 
     Pillow's own bomb check is off meanwhile: ours is the authoritative one, per call.
     """
+    jxl_size = jxl.declared_size(fp)  # libjxl decodes while Pillow identifies: check first
+    if jxl_size is not None:
+        _check_pixels(jxl_size, limit, max_mp, "image")
     with _pillow_limit_off() as pillow_max:
         im = _identify(fp, hint, limit, max_mp)
         _check_pixels(im.size, limit, max_mp, "image")
@@ -334,6 +363,11 @@ def _identify(fp: IO[bytes], hint: str | None, limit: float, max_mp: float) -> I
     """Image.open restricted to the formats we accept; HEIF gets libheif's own reason."""
     try:
         return Image.open(fp, formats=_readable_formats())
+    except RuntimeError as exc:  # libjxl's errors are RuntimeErrors, raised while identifying
+        fp.seek(0)
+        if jxl.looks_like_jxl(fp.read(16)):
+            raise DecodeError(jxl.failure_reason(exc)) from exc
+        raise
     except UnidentifiedImageError as exc:
         suffix = os.path.splitext(hint or "")[1].lower()
         heif_reason = None if suffix in _UNSUPPORTED_SUFFIXES else _heif_failure(fp, limit, max_mp)
@@ -342,7 +376,7 @@ def _identify(fp: IO[bytes], hint: str | None, limit: float, max_mp: float) -> I
 
 @functools.cache
 def _readable_formats() -> tuple[str, ...]:
-    """Register the HEIF opener once (lazily) and list the Pillow formats we try."""
+    """Register the HEIF and JPEG XL openers once (lazily); list the Pillow formats we try."""
     try:
         import pillow_heif
 
@@ -350,6 +384,7 @@ def _readable_formats() -> tuple[str, ...]:
     except ImportError:  # HEIF then fails with a reason; everything else still works
         pass
     Image.init()
+    jxl.register()  # after init(): JPEG XL joins the list when the plugin is installed
     return tuple(fmt for fmt in Image.ID if fmt not in _REFUSED_FORMATS)
 
 
@@ -783,6 +818,8 @@ def _format_label(hint: str | None) -> tuple[str, str | None]:
     if _FORMAT_NAME.fullmatch(hint):
         return hint, None
     suffix = os.path.splitext(hint)[1].lower()
+    if suffix in raw.RAW_SUFFIXES:  # reached only when LibRaw never ran (a crash, a timeout)
+        return raw.raw_label(suffix), None
     if suffix in _UNSUPPORTED_SUFFIXES:
         return _UNSUPPORTED_SUFFIXES[suffix], _UNSUPPORTED_SUFFIXES[suffix]
     return _SUFFIX_LABELS.get(suffix, suffix[1:].upper() or "image"), None
@@ -794,6 +831,8 @@ def _sharpen(exc: ClipdexError, hint: str | None) -> str:
     if not isinstance(exc, DecodeError) or isinstance(exc, ImageTooLarge) or not hint:
         return message
     what, unsupported = _format_label(hint)
+    if isinstance(exc, raw.RawError):
+        return raw.name_the_format(message, hint)
     if unsupported and not message.startswith("unsupported format"):
         detail = "" if message == _NOT_AN_IMAGE else f" ({message})"
         return f"unsupported format: {unsupported}{detail}"
@@ -815,7 +854,7 @@ def _reason_by_type(exc: BaseException, what: str, unsupported: str | None) -> s
     if isinstance(exc, UnidentifiedImageError):
         if unsupported:
             return f"unsupported format: {unsupported}"
-        if what not in _SUFFIX_LABELS.values():
+        if what not in _SUFFIX_LABELS.values() and not what.startswith("camera RAW"):
             return _NOT_AN_IMAGE
         return f"not a readable {what} file (unrecognised or corrupt header)"
     simple = {

@@ -71,7 +71,7 @@ class Outcome:
 # -- the worker side ----------------------------------------------------------------------------
 def decode_file(data: bytes, path: str, max_megapixels: float) -> tuple[np.ndarray, dict]:
     """The default decoder: model input and the catalog's fields for one file's bytes."""
-    pixels, info = decode_for_model(data, max_megapixels=max_megapixels)
+    pixels, info = decode_for_model(data, max_megapixels=max_megapixels, name=path)
     fields = {
         "width": info.width,
         "height": info.height,
@@ -163,10 +163,10 @@ def main(argv: list[str]) -> int:
     read_fd, write_fd, config = int(argv[0]), int(argv[1]), json.loads(argv[2])
     limits = DecodeLimits(**config["limits"])
     decoder = resolve_decoder(config["decoder"])
-    with contextlib.suppress(Exception):  # load lazy codecs (HEIF) before the memory cap
-        from indexer.ingest.decode import _readable_formats
+    with contextlib.suppress(Exception):  # load lazy codecs (HEIF, RAW) before the memory cap
+        from indexer.ingest.decode import preload_codecs
 
-        _readable_formats()
+        preload_codecs()
     _cap_memory(limits.memory_mb)
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the parent went away

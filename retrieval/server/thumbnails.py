@@ -94,7 +94,7 @@ class ThumbnailCache:
             with self.slots:
                 source = handle.read()
                 self._check_unchanged(row, opened, os.fstat(handle.fileno()))
-                data = self.render(source, size, row["id"])
+                data = self.render(source, size, row["id"], name=row["path"])
         self._store(cached, data)
         return Thumbnail(etag, data=data)
 
@@ -113,12 +113,17 @@ class ThumbnailCache:
             "retry shortly"
         )
 
-    def render(self, source: bytes, size: int, image_id: int) -> bytes:
-        """Decode (oriented, RGB), shrink to fit ``size``, encode as a progressive JPEG."""
+    def render(self, source: bytes, size: int, image_id: int, name: str | None = None) -> bytes:
+        """Decode (oriented, RGB), shrink to fit ``size``, encode as a progressive JPEG.
+
+        ``name`` (the file's path) lets a camera RAW be recognised by its suffix."""
         try:
             # The DCT-domain draft keeps the short side >= 256, enough for small sizes only.
             image, _ = open_rgb(
-                source, max_megapixels=self.max_megapixels, draft=size <= MODEL_IMAGE_SIZE
+                source,
+                max_megapixels=self.max_megapixels,
+                draft=size <= MODEL_IMAGE_SIZE,
+                name=name,
             )
         except DecodeError as exc:
             raise FileUnavailable(f"cannot make a thumbnail of photo {image_id}: {exc}") from exc
