@@ -345,3 +345,22 @@ def test_serve_refuses_a_watch_folder_that_does_not_exist(tmp_path):
 
     with pytest.raises(ConfigError, match="does not exist"):
         Settings(library=tmp_path / "lib", watch_paths=(tmp_path / "nope",))
+
+
+def test_a_half_written_file_that_failed_is_read_again_once_complete(photos, tmp_path):
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    data = write_photo(tmp_path / "source.jpg", 8, size=256).read_bytes()
+    syncer = photos.syncer([folder], INDEX, SyncOptions(**FAST))
+    target = folder / "paused.jpg"
+    with syncing(syncer):
+        with open(target, "wb") as out:
+            out.write(data[: len(data) // 2])
+            out.flush()
+            # The writer pauses for longer than the settle time: the half file is read.
+            wait_for(lambda: totals(syncer, "failed") == 1, 20)
+            assert [f["path"] for f in photos.failures()] == [str(target)]
+            out.write(data[len(data) // 2 :])
+        wait_for(lambda: totals(syncer, "indexed") == 1, 20)
+    assert photos.failures() == []  # the failure was not final
+    assert catalog_paths(photos.root) == {str(target)}
