@@ -195,14 +195,34 @@ def test_the_folder_vanishing_and_coming_back(photos, photo_folder, tmp_path):
         os.rename(photo_folder, away)
         wait_for(lambda: syncer.status()["missing"] == [str(photo_folder)], 20)
         write_photo(away / "while_away.jpg", 21)
+        photo_folder.mkdir()  # an unmounted disk leaves its empty mount point
         time.sleep(0.5)
-        os.rename(away, photo_folder)
+        assert syncer.status()["missing"] == [str(photo_folder)]
+        photo_folder.rmdir()
+        os.rename(away, photo_folder)  # mounted again
         wait_for(lambda: totals(syncer, "indexed") == 7, 20)
         assert syncer.status()["missing"] == []
         write_photo(photo_folder / "after.jpg", 22)  # events follow the folder again
         wait_for(lambda: totals(syncer, "indexed") == 8, 20)
     assert totals(syncer, "removed") == 0  # photos of a vanished folder are kept
     assert len(catalog_paths(photos.root)) == 8
+
+
+def test_a_folder_replaced_by_another_is_checked_and_followed(photos, photo_folder, tmp_path):
+    syncer = photos.syncer([photo_folder], INDEX, SyncOptions(**FAST))
+    with syncing(syncer):
+        os.rename(photo_folder, tmp_path / "old")
+        replacement = tmp_path / "replacement"
+        replacement.mkdir()
+        write_photo(replacement / "other.jpg", 23)
+        os.rename(replacement, photo_folder)
+        wait_for(lambda: totals(syncer, "removed") == 6, 20)  # the folder holds other photos
+        write_photo(photo_folder / "later.jpg", 24)  # and it is the one followed now
+        wait_for(lambda: totals(syncer, "indexed") == 8, 20)
+    assert catalog_paths(photos.root) == {
+        str(photo_folder / "other.jpg"),
+        str(photo_folder / "later.jpg"),
+    }
 
 
 def test_polling_rescans_where_events_are_not_used(photos, photo_folder):

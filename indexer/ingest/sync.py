@@ -143,6 +143,9 @@ class Syncer:
         self._first_pending: float | None = None
         self._not_before = 0.0  # no batch before this (lock retry, files settling)
         self._missing: set[Path] = set()
+        # (device, inode) of each folder when last seen present: another one there is noticed.
+        self._seen = {root: _folder_identity(root) for root in self.roots}
+        self._watch_failure: Exception | None = None  # why events are not followed
         self._source: EventSource | None = None
         self._totals = _Totals()
         self._state = "starting"
@@ -191,15 +194,17 @@ class Syncer:
     def mode(self) -> str | None:
         return self._source.mode if self._source is not None else None
 
-    def _open_source(self, fallback: Exception | None = None) -> None:
+    def _open_source(self) -> None:
+        """(Re)open the source over the present folders; once the watcher has failed, the
+        sync stays on rescanning (it would most likely fail again)."""
         self._close_source()
         roots = self._present_roots()
         if not roots:
             return
         options = self.options
-        if fallback is not None:
+        if self._watch_failure is not None:
             self._source = polling_fallback(
-                roots, options.fallback_poll_seconds, self.excludes, fallback
+                roots, options.fallback_poll_seconds, self.excludes, self._watch_failure
             )
         else:
             self._source = open_events(
@@ -209,6 +214,7 @@ class Syncer:
                 self.excludes,
                 options.tick_seconds,
             )
+        self._watch_failure = getattr(self._source, "cause", None)
         if self._source.reason:
             self._tell(self._source.reason)
 
@@ -224,7 +230,8 @@ class Syncer:
         try:
             return self._source.changes(self.options.tick_seconds)
         except WatchUnavailable as exc:  # the watcher broke: rescan instead, and catch up
-            self._open_source(fallback=exc)
+            self._watch_failure = exc
+            self._open_source()
             for root in self._present_roots():
                 self._queue(str(root), _DIR, time.monotonic(), immediate=True)
             return []
@@ -265,30 +272,40 @@ class Syncer:
         return [root for root in self.roots if root not in self._missing]
 
     def _check_roots(self) -> None:
+        """Notice a folder gone (or left as an empty mount point), back, or replaced."""
         changed = False
         for root in self.roots:
-            present = root.is_dir()
-            if not present and root not in self._missing:
-                self._missing.add(root)
+            identity = _folder_identity(root)
+            absent = self._absent(root, identity)
+            if absent and root not in self._missing:
+                with self._lock:
+                    self._missing.add(root)
                 self._drop_pending_under(root)
-                self._tell(f"{root} is gone: its photos stay; waiting for it to come back")
-                changed = True
-            elif present and root in self._missing:
-                self._missing.discard(root)
+                self._tell(f"{root} is gone or empty: its photos stay; waiting for it")
+            elif not absent and (root in self._missing or identity != self._seen[root]):
+                with self._lock:
+                    self._missing.discard(root)
+                self._seen[root] = identity
                 self._queue(str(root), _DIR, time.monotonic(), immediate=True)
-                self._tell(f"{root} is back: checking it for changes")
-                changed = True
+                self._tell(f"{root} is there (again): checking it for changes")
+            else:
+                continue
+            changed = True
         if changed:
-            self._open_source(fallback=self._fallback_reason())
+            self._open_source()
 
-    def _fallback_reason(self) -> Exception | None:
-        """Reopened after a folder came or went: stay on the rescan we fell back to."""
-        source = self._source
-        if source is not None and source.mode == "poll" and not self.options.poll_seconds:
-            reason = source.reason or ""
-            if "network file system" not in reason:
-                return WatchUnavailable(reason.split(": rescanning")[0])
-        return None
+    def _absent(self, root: Path, identity: tuple[int, int] | None) -> bool:
+        """Gone, or another folder that is empty where ours was: an unmounted disk leaves
+        its empty mount point behind, and its photos must not be taken as deleted."""
+        if identity is None:
+            return True
+        return identity != self._seen[root] and not _has_entries(root)
+
+    def _root_present(self, path: str) -> bool:
+        root = self._root_of(path)
+        if root is None or root in self._missing:
+            return False
+        return _folder_identity(root) == self._seen[root]
 
     def _drop_pending_under(self, root: Path) -> None:
         for path in [p for p in self._pending if self._root_of(p) == root]:
@@ -319,6 +336,9 @@ class Syncer:
             if key != entry.key:  # changed since it was noted: wait for it to hold still
                 self._pending[path] = _Pending(key, now, entry.immediate)
                 entry = self._pending[path]
+            if key is None and not self._root_present(path):
+                del self._pending[path]  # its folder went away: not a deletion (see above)
+                continue
             if entry.immediate or key in (None, _DIR) or now - entry.changed_at >= settle:
                 ready.append(path)
             else:
@@ -428,6 +448,23 @@ def _folder(path: str | os.PathLike) -> Path:
         what = "is a file" if folder.exists() else "does not exist"
         raise ConfigError(f"{path} {what}: give existing folders to watch")
     return folder
+
+
+def _folder_identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder; None when it is gone (or is no folder now)."""
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+
+
+def _has_entries(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False
 
 
 def _stat_key(path: str) -> object:

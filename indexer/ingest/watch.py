@@ -125,6 +125,7 @@ class PollingEvents:
     ) -> None:
         self.roots, self.interval, self.excludes = list(roots), interval, tuple(excludes)
         self.reason = reason
+        self.cause: Exception | None = None  # the watcher's failure, when this is a fallback
         self._snapshot = self._scan()
         self._next_scan = time.monotonic() + interval
 
@@ -188,7 +189,9 @@ def polling_fallback(
 ) -> PollingEvents:
     """The rescanning source that replaces a watcher that failed (``why`` is kept)."""
     reason = f"{why}: rescanning every {interval:g} s instead"
-    return PollingEvents(roots, interval, excludes, reason)
+    source = PollingEvents(roots, interval, excludes, reason)
+    source.cause = why
+    return source
 
 
 def filesystem_type(path: Path) -> str | None:
