@@ -48,6 +48,7 @@ def test_index_then_search_json(fake_model, photo_folder):
         "reused",
         "removed",
         "failed",
+        "frames",
         "seconds",
     }
     found = json.loads(run("search", "a red ball", "-k", "3", "--json").stdout)

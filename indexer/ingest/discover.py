@@ -20,6 +20,9 @@ from pathlib import Path
 from indexer.errors import ConfigError
 from indexer.fsutil import file_key
 from indexer.ingest.decode import IMAGE_SUFFIXES
+from indexer.ingest.video import VIDEO_SUFFIXES
+
+_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 
 OUTSIDE_ROOTS = "symlink leads outside the folders this server may index: not followed"
 
@@ -151,7 +154,8 @@ def _leads_out(entry: os.DirEntry, within: tuple[str, ...]) -> bool:
 
 
 def _has_image_suffix(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+    """An image's or a video's suffix (both are indexed)."""
+    return os.path.splitext(name)[1].lower() in _SUFFIXES
 
 
 def _entry_problem(exc: OSError) -> str:

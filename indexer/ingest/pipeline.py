@@ -65,6 +65,7 @@ class IndexReport:
     reused: int = 0
     removed: int = 0
     failed: int = 0
+    frames: int = 0  # video frames encoded (a video's other frames are not "indexed" files)
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
 
@@ -75,6 +76,7 @@ class IndexReport:
             "reused": self.reused,
             "removed": self.removed,
             "failed": self.failed,
+            "frames": self.frames,
             "seconds": round(self.seconds, 3),
         }
 
@@ -221,14 +223,27 @@ class _Writer:
         """Catalog transaction first, then the index file under the new generation."""
         touched = [r.path for r in self.records] + [f[0] for f in self.failed] + list(removed)
         replaced = [self.plan.old_ids[p] for p in touched if p in self.plan.old_ids]
-        ids = self.library.catalog.commit_batch(self.records, self.failed, removed)
+        catalog = self.library.catalog
+        replaced += catalog.frame_ids_of(replaced).tolist()  # a replaced video's frames go too
+        ids = catalog.commit_batch(self.records, self.failed, removed)
         index = self.library.index
         index.remove(np.asarray(replaced, dtype=np.int64))
         if self.records:
-            index.add(np.asarray(ids, np.int64), np.vstack([r.vector for r in self.records]))
+            index.add(*_index_entries(ids, self.records))
         self.library.checkpoint()
         self.records, self.failed = [], []
         self.last = time.monotonic()
+
+
+def _index_entries(ids: Sequence[int], records: Sequence[ImageRecord]):
+    """(ids, vectors) for the index: each row's own vector, then each video's other frames."""
+    all_ids = list(ids)
+    vectors = [r.vector[None] for r in records]
+    for record in records:
+        if record.frame_ids and record.frame_vectors is not None:
+            all_ids += record.frame_ids
+            vectors.append(record.frame_vectors[1 : 1 + len(record.frame_ids)])
+    return np.asarray(all_ids, np.int64), np.vstack(vectors).astype(np.float32)
 
 
 def index_paths(
@@ -376,6 +391,10 @@ def _run(
         if prepare is not None:
             prepare()
         for item in pool.outcomes():
+            if _is_video(item):
+                _encode_video(item, encoder, options.batch_size, memo, writer, report, progress)
+                writer.maybe_checkpoint()
+                continue
             _route(item, batch, writer, report, progress)
             if len(batch) >= options.batch_size:
                 _encode(batch, encoder, memo, writer, report, progress)
@@ -400,6 +419,38 @@ def _route(
         progress.advance()
     else:
         batch.append(item)
+
+
+def _is_video(item: Outcome) -> bool:
+    """A decoded video (a stack of frames to encode), not yet failed or reused."""
+    return item.error is None and item.pixels is not None and item.pixels.ndim == 4
+
+
+def _encode_video(
+    item: Outcome,
+    encoder: Encoder,
+    batch_size: int,
+    memo: _HashMemo,
+    writer: _Writer,
+    report: IndexReport,
+    progress: Progress,
+) -> None:
+    """Encode all of a video's frames, then hand the writer the whole video at once: a
+    checkpoint never holds part of a video."""
+    item.error = _unstable(item.found)
+    if item.error is not None:
+        _route(item, [], writer, report, progress)
+        return
+    frames = item.pixels
+    item.pixels = None
+    chunks = range(0, len(frames), batch_size)
+    vectors = np.vstack([encoder.encode_images(frames[i : i + batch_size]) for i in chunks])
+    item.fields = {**item.fields, "frame_vectors": vectors}
+    memo.remember(item.sha256, item.fields, vectors[0])
+    writer.add(item, vectors[0])
+    report.indexed += 1
+    report.frames += len(vectors)
+    progress.advance()
 
 
 def _unstable(found: FoundFile) -> str | None:

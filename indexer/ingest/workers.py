@@ -39,6 +39,7 @@ from indexer.errors import ClipdexError
 from indexer.fsutil import child_pythonpath
 from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS, decode_for_model, describe_failure
 from indexer.ingest.discover import FoundFile
+from indexer.ingest.video import is_video_path
 
 DEFAULT_DECODER = "indexer.ingest.workers:decode_file"
 STARTUP_SECONDS = 60.0  # a worker that is not up by then means a broken installation
@@ -69,8 +70,17 @@ class Outcome:
 
 
 # -- the worker side ----------------------------------------------------------------------------
-def decode_file(data: bytes, path: str, max_megapixels: float) -> tuple[np.ndarray, dict]:
-    """The default decoder: model input and the catalog's fields for one file's bytes."""
+def decode_file(data: bytes | None, path: str, max_megapixels: float) -> tuple[np.ndarray, dict]:
+    """The default decoder: model input and the catalog's fields for one file's bytes.
+
+    A video (``data`` is None: its bytes were hashed, not held) is sampled from its path by
+    :mod:`indexer.ingest.video`: its pixels are a stack of frames, and its fields carry
+    ``frame_times``.
+    """
+    if data is None:
+        from indexer.ingest.video import decode_video_file
+
+        return decode_video_file(path, max_megapixels)
     pixels, info = decode_for_model(data, max_megapixels=max_megapixels, name=path)
     fields = {
         "width": info.width,
@@ -100,12 +110,11 @@ def serve(inbox: Connection, outbox: Connection, decoder: Callable, limits: Deco
 
 def _serve_one(path: str, inbox, outbox, decoder: Callable, limits: DecodeLimits) -> None:
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data, sha256 = _read_and_hash(path)
     except OSError as exc:
         outbox.send(("failed", _read_failure(exc, path)))
         return
-    outbox.send(("hashed", hashlib.sha256(data).hexdigest()))
+    outbox.send(("hashed", sha256))
     if inbox.recv() != "decode":
         return
     try:
@@ -121,6 +130,19 @@ def _serve_one(path: str, inbox, outbox, decoder: Callable, limits: DecodeLimits
         outbox.send(("failed", describe_failure(exc, path)))
         return
     outbox.send(("decoded", pixels, fields))
+
+
+def _read_and_hash(path: str) -> tuple[bytes | None, str]:
+    """The file's bytes and their SHA-256; a video (often gigabytes) is hashed in chunks
+    and its bytes are not kept (None): its decoder reads the file itself."""
+    with open(path, "rb") as handle:
+        if not is_video_path(path):
+            data = handle.read()
+            return data, hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256()
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+        return None, digest.hexdigest()
 
 
 def _read_failure(exc: OSError, path: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,9 @@ from indexer.errors import LibraryDamaged, LibraryError
 from indexer.fsutil import file_key
 from indexer.paths import ESCAPE, from_db, to_db
 from indexer.store.catalog_reader import (  # the checks both catalog kinds share
+    FRAME_IDS_OF,
+    FRAME_OWNERS,
+    VIDEO_FRAMES,
     blob_to_vector,
     catalog_damage_message,
     check_catalog_file,
@@ -54,7 +57,7 @@ from indexer.store.catalog_reader import (  # the checks both catalog kinds shar
     vector_is_sound,
 )
 
-SCHEMA_VERSION = 5  # == len(MIGRATIONS)
+SCHEMA_VERSION = 6  # == len(MIGRATIONS)
 metadata = MetaData()
 
 meta_table = Table(
@@ -89,7 +92,29 @@ images = Table(
     # The file's resolved path when indexed (no symlink on it, through indexer.paths.to_db):
     # the server opens only this, refusing a link on any component. NULL before schema 5.
     Column("real_path", Text),
+    # Videos (schema 6): a video is one row, "kind" = "video"; its vector is its first kept
+    # frame's (at "frame_time" seconds) and its other frames live in ``frames``.
+    Column("kind", String, nullable=False, server_default="photo"),
+    Column("duration", Float),  # seconds (videos)
+    Column("codec", String),  # e.g. "H264", "HEVC", "VP9" (videos)
+    Column("frame_time", Float),  # the time of the frame whose vector the row holds (videos)
     sqlite_autoincrement=True,
+)
+
+# A video's frames other than the one its ``images`` row holds: each a searchable vector
+# with its time. Frame ids are taken from the images id sequence (so the vector index stays
+# one id -> vector map and a frame id is never an image id); a video's frames are written
+# in the same transaction as its row and go with it (ON DELETE CASCADE).
+frames = Table(
+    "frames",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("time", Float, nullable=False),
+    Column("vector", LargeBinary, nullable=False),
+    Index("ix_frames_image_id", "image_id"),
 )
 
 failures = Table(
@@ -172,8 +197,23 @@ def _migration_5(conn: Connection) -> None:
     metadata.create_all(conn, tables=[reindex])
 
 
+def _migration_6(conn: Connection) -> None:
+    """Videos: kind, duration, codec and frame time of each row, and the frames table."""
+    present = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(images)")}
+    added = {
+        "kind": "TEXT NOT NULL DEFAULT 'photo'",
+        "duration": "FLOAT",
+        "codec": "VARCHAR",
+        "frame_time": "FLOAT",
+    }
+    for column, declaration in added.items():
+        if column not in present:  # a catalog created at schema >= 6 has them already
+            conn.exec_driver_sql(f"ALTER TABLE images ADD COLUMN {column} {declaration}")
+    metadata.create_all(conn, tables=[frames])
+
+
 # Named, ordered migrations: index i brings the schema from version i to i + 1.
-MIGRATIONS = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5]
+MIGRATIONS = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6]
 
 IMAGE_FIELDS = (
     "width",
@@ -184,6 +224,10 @@ IMAGE_FIELDS = (
     "camera_model",
     "gps_lat",
     "gps_lon",
+    "kind",
+    "duration",
+    "codec",
+    "frame_time",
 )
 
 
@@ -207,6 +251,15 @@ class ImageRecord:
     device: int | None = None  # the file's identity (indexer.fsutil.file_key)
     inode: int | None = None
     real_path: str | None = None  # the path with every symlink resolved, when indexed
+    kind: str = "photo"  # or "video"
+    duration: float | None = None  # videos: seconds
+    codec: str | None = None  # videos
+    frame_time: float | None = None  # videos: the time of ``vector``'s frame
+    # Videos: every kept frame (the first is ``vector``'s), times ascending, and the ids the
+    # frames after the first got when stored (set by :meth:`Catalog.commit_batch`).
+    frame_times: Sequence[float] = ()
+    frame_vectors: np.ndarray | None = None
+    frame_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -445,34 +498,71 @@ class Catalog:
         if row is None:
             return None
         fields = {name: getattr(row, name) for name in IMAGE_FIELDS}
+        if row.kind == "video":  # a renamed video reuses every frame
+            times, vectors = self.video_frames(row.id)
+            fields.update(frame_times=times, frame_vectors=vectors)
         return fields, blob_to_vector(row.vector)
 
     def ids(self) -> np.ndarray:
+        """Every id the vector index holds: images (photos, videos) and video frames."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(images.c.id).order_by(images.c.id)).scalars().all()
-        return np.asarray(rows, dtype=np.int64)
+            rows = conn.execute(select(images.c.id)).scalars().all()
+            rows += conn.execute(select(frames.c.id)).scalars().all()
+        return np.sort(np.asarray(rows, dtype=np.int64))
+
+    # -- video frames ---------------------------------------------------------------------
+    def frame_owners(self, ids: Iterable[int]) -> dict[int, tuple[int, float]]:
+        """For the given ids that are frames (not images): id -> (video id, time)."""
+        rows = self._in_sql(FRAME_OWNERS, ids)
+        return {row[0]: (row[1], float(row[2])) for row in rows}
+
+    def frame_ids_of(self, image_ids: Iterable[int]) -> np.ndarray:
+        """The ids of the frames of the given videos (their rows' own ids not included)."""
+        rows = self._in_sql(FRAME_IDS_OF, image_ids)
+        return np.asarray(sorted(row[0] for row in rows), dtype=np.int64)
+
+    def video_frames(self, image_id: int) -> tuple[list[float], np.ndarray]:
+        """Every frame of a video, the row's own first: (times, vectors), by time."""
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(VIDEO_FRAMES, (image_id, image_id)).all()
+        if not rows:
+            return [], np.zeros((0, 0), dtype=np.float32)
+        vectors = self._sound_stack([r[0] for r in rows], [r[2] for r in rows])
+        return [float(r[1]) for r in rows], vectors
+
+    def _in_sql(self, sql: str, ids: Iterable[int]) -> list[tuple]:
+        ids = [int(i) for i in ids]
+        out: list[tuple] = []
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                out += conn.exec_driver_sql(sql.format(marks), tuple(chunk)).all()
+        return out
 
     def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) for the given ids that exist, in chunks to respect SQLite limits."""
+        """(ids, vectors) for the given ids that exist (images or video frames), in chunks to
+        respect SQLite limits."""
         found_ids: list[int] = []
         found: list[bytes] = []
         ids = [int(i) for i in ids]
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             query = select(images.c.id, images.c.vector).where(images.c.id.in_(chunk))
+            frame_query = select(frames.c.id, frames.c.vector).where(frames.c.id.in_(chunk))
             with self.engine.connect() as conn:
-                for row in conn.execute(query):
+                for row in [*conn.execute(query), *conn.execute(frame_query)]:
                     found_ids.append(row.id)
                     found.append(row.vector)
         if not found:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
         return np.asarray(found_ids, dtype=np.int64), self._sound_stack(found_ids, found)
 
-    def _row_batches(self, columns: Sequence, batch: int) -> Iterator[list]:
-        """Rows of ``images`` (id first) in id order, ``batch`` at a time (keyset paging)."""
+    def _row_batches(self, columns: Sequence, batch: int, table: Table = images) -> Iterator[list]:
+        """Rows of ``table`` (id first) in id order, ``batch`` at a time (keyset paging)."""
         last = 0
         while True:
-            query = select(*columns).where(images.c.id > last).order_by(images.c.id).limit(batch)
+            query = select(*columns).where(table.c.id > last).order_by(table.c.id).limit(batch)
             with self.engine.connect() as conn:
                 rows = conn.execute(query).all()
             if not rows:
@@ -481,10 +571,13 @@ class Catalog:
             yield rows
 
     def iter_vectors(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every (ids, vectors) in id order, in batches: the input of an index rebuild."""
-        for rows in self._row_batches((images.c.id, images.c.vector), batch):
-            ids = [r.id for r in rows]
-            yield np.asarray(ids, dtype=np.int64), self._sound_stack(ids, [r.vector for r in rows])
+        """Every (ids, vectors), in batches: the input of an index rebuild. Images in id
+        order, then video frames in id order."""
+        for table in (images, frames):
+            for rows in self._row_batches((table.c.id, table.c.vector), batch, table):
+                ids = [r.id for r in rows]
+                vectors = self._sound_stack(ids, [r.vector for r in rows])
+                yield np.asarray(ids, dtype=np.int64), vectors
 
     def _sound_stack(self, ids: Sequence[int], blobs: Sequence[bytes]) -> np.ndarray:
         """Stored vectors as one (n, dim) array; LibraryDamaged if any is not a unit vector.
@@ -612,7 +705,9 @@ class Catalog:
         """Store new images, failures and removals in ONE transaction; returns the new ids.
 
         A path that is stored again (changed file) replaces its old row and gets a new id,
-        so a stale vector in the index can never be returned under the new content.
+        so a stale vector in the index can never be returned under the new content. A
+        video's frames are stored with its row (their ids land in ``record.frame_ids``), so
+        a video is in the catalog whole or not at all.
         """
         new_ids: list[int] = []
         with self.engine.begin() as conn:
@@ -635,6 +730,7 @@ class Catalog:
                     )
                 )
                 new_ids.append(int(result.inserted_primary_key[0]))
+                self._insert_frames(conn, new_ids[-1], record)
             for path, size, mtime_ns, error in failed:
                 conn.execute(
                     insert(failures).values(
@@ -647,6 +743,26 @@ class Catalog:
                 )
             self._bump(conn)
         return new_ids
+
+    @staticmethod
+    def _insert_frames(conn: Connection, image_id: int, record: ImageRecord) -> None:
+        """A video's frames after its first, with ids reserved from the images sequence (the
+        row just inserted is the sequence's last value, so the reserved ids follow it)."""
+        record.frame_ids = []
+        extra = len(record.frame_times) - 1
+        if extra <= 0 or record.frame_vectors is None:
+            return
+        conn.exec_driver_sql(
+            "UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'images'", (extra,)
+        )
+        record.frame_ids = list(range(image_id + 1, image_id + 1 + extra))
+        rows = [
+            {"id": i, "image_id": image_id, "time": float(t), "vector": vector_to_blob(v)}
+            for i, t, v in zip(
+                record.frame_ids, record.frame_times[1:], record.frame_vectors[1:]
+            )
+        ]
+        conn.execute(insert(frames), rows)
 
     @staticmethod
     def _delete_paths(conn: Connection, paths: Sequence[str]) -> None:

@@ -30,7 +30,14 @@ from indexer.paths import from_db, to_db
 
 # Schema versions whose tables this reader's SQL was checked against (the catalog's
 # SCHEMA_VERSION must be one of them: tests/test_catalog_reader.py says so).
-READABLE_SCHEMAS = frozenset({3, 4, 5})
+READABLE_SCHEMAS = frozenset({3, 4, 5, 6})
+# Video frames (schema 6), as plain SQL both catalog kinds run; "{}" is an IN (...) list.
+FRAME_OWNERS = "SELECT id, image_id, time FROM frames WHERE id IN ({})"
+FRAME_IDS_OF = "SELECT id FROM frames WHERE image_id IN ({})"
+VIDEO_FRAMES = (
+    "SELECT id, frame_time AS time, vector FROM images WHERE id = ? AND kind = 'video' "
+    "UNION ALL SELECT id, time, vector FROM frames WHERE image_id = ? ORDER BY time"
+)
 SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 10, 11, 13, 26  # primary codes
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _CHUNK = 500  # ids per IN (...) list, as the catalog does
@@ -276,29 +283,62 @@ class CatalogReader:
         return int(self._rows("SELECT count(*) FROM failures")[0][0])
 
     def ids(self) -> np.ndarray:
+        """Every id the vector index holds: images and (schema 6) video frames."""
         rows = self._rows("SELECT id FROM images ORDER BY id")
-        return np.asarray([row[0] for row in rows], dtype=np.int64)
+        if self._has_frames():
+            rows += self._rows("SELECT id FROM frames")
+        return np.sort(np.asarray([row[0] for row in rows], dtype=np.int64))
+
+    def _has_frames(self) -> bool:
+        sql = "SELECT name FROM sqlite_master WHERE type='table' AND name='frames'"
+        return bool(self._rows(sql))
+
+    def frame_owners(self, ids: Iterable[int]) -> dict[int, tuple[int, float]]:
+        """For the given ids that are frames (not images): id -> (video id, time)."""
+        if not self._has_frames():
+            return {}
+        return {row[0]: (row[1], float(row[2])) for row in self._in(FRAME_OWNERS, ids)}
+
+    def frame_ids_of(self, image_ids: Iterable[int]) -> np.ndarray:
+        """The ids of the frames of the given videos (their rows' own ids not included)."""
+        if not self._has_frames():
+            return np.zeros(0, dtype=np.int64)
+        rows = self._in(FRAME_IDS_OF, image_ids)
+        return np.asarray(sorted(row[0] for row in rows), dtype=np.int64)
+
+    def video_frames(self, image_id: int) -> tuple[list[float], np.ndarray]:
+        """Every frame of a video, the row's own first: (times, vectors), by time."""
+        if not self._has_frames():
+            return [], np.zeros((0, 0), dtype=np.float32)
+        rows = self._rows(VIDEO_FRAMES, (image_id, image_id))
+        if not rows:
+            return [], np.zeros((0, 0), dtype=np.float32)
+        return [float(r[1]) for r in rows], self._sound([r[0] for r in rows], [r[2] for r in rows])
 
     def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) for the given ids that exist."""
+        """(ids, vectors) for the given ids that exist (images or video frames)."""
         rows = self._in("SELECT id, vector FROM images WHERE id IN ({})", ids)
+        if self._has_frames():
+            rows += self._in("SELECT id, vector FROM frames WHERE id IN ({})", ids)
         if not rows:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
         found = [row[0] for row in rows]
         return np.asarray(found, dtype=np.int64), self._sound(found, [row[1] for row in rows])
 
     def iter_vectors(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every (ids, vectors) in id order, in batches (keyset paging)."""
-        last = 0
-        while True:
-            rows = self._rows(
-                "SELECT id, vector FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
-            )
-            if not rows:
-                return
-            ids = [row[0] for row in rows]
-            last = ids[-1]
-            yield np.asarray(ids, dtype=np.int64), self._sound(ids, [row[1] for row in rows])
+        """Every (ids, vectors), in batches (keyset paging): images, then video frames."""
+        for table in ("images", "frames") if self._has_frames() else ("images",):
+            last = 0
+            while True:
+                rows = self._rows(
+                    f"SELECT id, vector FROM {table} WHERE id > ? ORDER BY id LIMIT ?",
+                    (last, batch),
+                )
+                if not rows:
+                    break
+                ids = [row[0] for row in rows]
+                last = ids[-1]
+                yield np.asarray(ids, dtype=np.int64), self._sound(ids, [row[1] for row in rows])
 
     def _sound(self, ids: Sequence[int], blobs: Sequence[bytes]) -> np.ndarray:
         return sound_stack(self.path, ids, blobs)

@@ -39,11 +39,18 @@ class SearchResult:
     height: int
     taken_at: str | None
     tags: list[dict] | None = None  # [{"label", "score"}] once `clipdex tag` has run
+    kind: str = "photo"
+    frame_time: float | None = None  # videos: seconds into the video of the best frame
+    duration: float | None = None  # videos: seconds
 
     def as_dict(self) -> dict:
+        """The result as JSON; a video's carries ``kind``, ``frame_time`` and ``duration``."""
         document = asdict(self)
         if self.tags is None:
             del document["tags"]
+        if self.kind == "photo":  # photos keep their original shape
+            for key in ("kind", "frame_time", "duration"):
+                del document[key]
         return document
 
 
@@ -98,7 +105,11 @@ class SearchEngine:
         return embed_image(self.encoder, source, self.max_megapixels)
 
     def vector_of(self, image_id: int) -> np.ndarray:
-        """The stored vector of an indexed photo."""
+        """The stored vector of an indexed photo; of a video, the mean of its frames'."""
+        times, frames = self.library.catalog.video_frames(image_id)
+        if len(times) > 1:
+            mean = frames.mean(axis=0)
+            return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
         ids, vectors = self.library.catalog.vectors([image_id])
         if not len(ids):
             raise NotFound(f"no photo with id {image_id} in the library: see `clipdex search`")
@@ -148,8 +159,11 @@ class SearchEngine:
         catalog = self.library.catalog
         rows = ranking.rows if ranking.rows is not None else catalog.get_images(ranking.ids)
         tags = catalog.tags_for(ranking.ids) if catalog.has_tags() else None
+        times = ranking.frame_times or {}
         results = [
-            _result(rows[i], score, None if tags is None else _tag_list(tags.get(i, [])))
+            _result(
+                rows[i], score, None if tags is None else _tag_list(tags.get(i, [])), times.get(i)
+            )
             for i, score in zip(ranking.ids, ranking.scores)
             if i in rows
         ]
@@ -186,8 +200,13 @@ def _tag_list(pairs: list[tuple[str, float]]) -> list[dict]:
     return [{"label": label, "score": round(score, 4)} for label, score in pairs]
 
 
-def _result(row: dict, score: float, tags: list[dict] | None = None) -> SearchResult:
+def _result(
+    row: dict, score: float, tags: list[dict] | None = None, frame_time: float | None = None
+) -> SearchResult:
     taken = row.get("taken_at")
+    kind = row.get("kind") or "photo"
+    if kind == "video" and frame_time is None:
+        frame_time = row.get("frame_time")
     return SearchResult(
         id=row["id"],
         path=row["path"],
@@ -196,4 +215,7 @@ def _result(row: dict, score: float, tags: list[dict] | None = None) -> SearchRe
         height=row["height"],
         taken_at=taken.isoformat() if isinstance(taken, dt.datetime) else None,
         tags=tags,
+        kind=kind,
+        frame_time=frame_time if kind == "video" else None,
+        duration=row.get("duration") if kind == "video" else None,
     )

@@ -9,6 +9,10 @@ capture time (newest first; ``"date-asc"``: oldest first), ties by score then id
 - With a cut-off (``auto``, ``min_score``, or implied by a date sort) it is every photo
   above the threshold (FAISS range search, same restriction), however many; ``total``
   says how many.
+
+A video is in the index as several frames (its row's id and its other frames' ids, see
+:mod:`indexer.store.catalog`): hits are collapsed so each video appears once, at its best
+frame, with that frame's score; ``Ranking.frame_times`` says which frame it was.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class Ranking:
     total: int | None
     cutoff: Cutoff | None
     rows: dict[int, dict] | None = None  # metadata already read (date sort)
+    frame_times: dict[int, float] | None = None  # video id -> time of its best frame, when
+    # that frame is not the one its row holds (whose time is the row's "frame_time")
 
 
 def rank(library: Library, vector: np.ndarray, options: SearchOptions, max_k: int) -> Ranking:
@@ -48,6 +54,8 @@ def rank(library: Library, vector: np.ndarray, options: SearchOptions, max_k: in
     if allowed is not None and not len(allowed):
         return Ranking([], [], 0 if auto or min_score is not None else None, None)
     population = len(allowed) if allowed is not None else len(library.index)
+    if allowed is not None:  # an allowed video brings its frames
+        allowed = np.union1d(allowed, library.catalog.frame_ids_of(allowed.tolist()))
     cut = combine_cutoffs(_auto(library, vector, population) if auto else None, min_score)
     if cut is None:
         if options.offset + options.k > max_k:
@@ -55,13 +63,40 @@ def rank(library: Library, vector: np.ndarray, options: SearchOptions, max_k: in
                 f"offset + k must be at most {max_k} without a cut-off, got "
                 f"{options.offset + options.k}"
             )
-        ids, scores = _top(library, vector, options.offset + options.k, allowed)
+        ids, scores, times = _top(library, vector, options.offset + options.k, allowed)
     else:
         ids, scores = _above(library, vector, cut.threshold, allowed)
+        ids, scores, times = collapse_frames(library, ids, scores)
     ids, scores, rows = _order(library, ids, scores, options.sort)
     page = slice(options.offset, options.offset + options.k)
     total = len(ids) if cut is not None else None
-    return Ranking(ids[page].tolist(), scores[page].tolist(), total, cut, rows)
+    return Ranking(ids[page].tolist(), scores[page].tolist(), total, cut, rows, times)
+
+
+def collapse_frames(
+    library: Library, ids: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
+    """Hits with every video frame turned into its video, each video once at its best
+    score (ties: lower id); returns (ids, scores, video id -> best frame time) where the
+    time is given for frames other than the one the video's row holds."""
+    owners = library.catalog.frame_owners(ids.tolist()) if len(ids) else {}
+    if not owners:
+        return ids, scores, {}
+    order = np.lexsort((ids, -scores))
+    out_ids: list[int] = []
+    out_scores: list[float] = []
+    times: dict[int, float] = {}
+    seen: set[int] = set()
+    for i, score in zip(ids[order].tolist(), scores[order].tolist()):
+        owner, at = owners.get(i, (i, None))
+        if owner in seen:
+            continue
+        seen.add(owner)
+        out_ids.append(owner)
+        out_scores.append(score)
+        if at is not None:
+            times[owner] = at
+    return np.asarray(out_ids, np.int64), np.asarray(out_scores, np.float32), times
 
 
 def _auto(library: Library, vector: np.ndarray, population: int) -> Cutoff:
@@ -71,10 +106,18 @@ def _auto(library: Library, vector: np.ndarray, population: int) -> Cutoff:
     return auto_cutoff(scores, population)
 
 
-def _top(library: Library, vector: np.ndarray, n: int, allowed) -> tuple[np.ndarray, np.ndarray]:
-    scores, ids = library.index.search(vector[None], n, allowed)
-    keep = ids[0] >= 0
-    return ids[0][keep], scores[0][keep]
+def _top(library: Library, vector: np.ndarray, n: int, allowed):
+    """The best ``n`` photos and videos: asks the index for more hits while frames of the
+    same videos fill the list (at most until the whole library was asked for)."""
+    want = n
+    while True:
+        scores, ids = library.index.search(vector[None], want, allowed)
+        keep = ids[0] >= 0
+        found = int(keep.sum())
+        ids, scores, times = collapse_frames(library, ids[0][keep], scores[0][keep])
+        if len(ids) >= n or found < want or want >= len(library.index):
+            return ids[:n], scores[:n], times
+        want *= 4
 
 
 def _above(library: Library, vector: np.ndarray, threshold: float, allowed):
