@@ -23,7 +23,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from indexer.ingest.pipeline import index_paths
-from indexer.store.catalog import Catalog
+from indexer.store.catalog import SCHEMA_VERSION, Catalog
 from indexer.store.catalog_reader import CatalogReader
 from indexer.store.library import Library
 from retrieval import Collection
@@ -379,7 +379,7 @@ def test_a_schema_4_catalog_migrates_to_real_paths_and_a_reindex_queue(tmp_path)
         reader.close()
     catalog = Catalog(path)
     try:
-        assert catalog.get_meta("schema_version") == "5"
+        assert catalog.get_meta("schema_version") == str(SCHEMA_VERSION)
         assert catalog.get_images([1])[1]["real_path"] is None
         assert catalog.queue_reindex(1, "swapped") and catalog.queue_reindex(1, "again")
         assert not catalog.queue_reindex(99, "no such photo")

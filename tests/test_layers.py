@@ -22,7 +22,7 @@ open_clip and timm only in the torch encoder and the ONNX exporter; onnx/onnxrun
 in the model layer; SQLAlchemy, sqlite3 and faiss only in the store layer; FastAPI,
 Starlette and uvicorn only in the server; typer and rich only in the CLI; watchfiles only in
 the sync's event source (indexer/ingest/watch.py); rawpy (LibRaw) only in ingest/raw.py and
-pillow_jxl only in ingest/jxl.py.
+pillow_jxl only in ingest/jxl.py; PyAV (``av``) only in the video decoder (ingest/video.py).
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ THIRD_PARTY = {
     "watchfiles": ("indexer/ingest/watch.py",),  # file-system events for `clipdex watch`
     "rawpy": ("indexer/ingest/raw.py",),  # camera RAW (LibRaw)
     "pillow_jxl": ("indexer/ingest/jxl.py",),  # JPEG XL (libjxl) Pillow plugin
+    "av": ("indexer/ingest/video.py",),  # PyAV (FFmpeg): video frames
 }
 
 

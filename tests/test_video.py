@@ -244,3 +244,36 @@ def test_sigkill_during_a_video_leaves_no_partial_video(tmp_path, scenes):
         report = index_paths(library, FakeEncoder(), [folder], _options())
         assert (report.indexed, report.frames) == (1, 4)
         assert sorted(library.index.ids()) == sorted(library.catalog.ids())
+
+
+def test_a_schema_5_catalog_gains_the_video_columns_and_frames(tmp_path):
+    import sqlite3
+
+    from indexer.store.catalog import Catalog
+    from indexer.store.catalog_reader import CatalogReader
+
+    path = tmp_path / "catalog.sqlite"
+    Catalog(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE frames")
+        for column in ("kind", "duration", "codec", "frame_time"):
+            conn.execute(f"ALTER TABLE images DROP COLUMN {column}")
+        conn.execute(
+            "INSERT INTO images (path, size, mtime_ns, sha256, width, height, "
+            "indexed_at, vector) VALUES ('/p.jpg', 1, 2, 'ab', 3, 4, '2020-01-01', x'00')"
+        )
+        conn.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+    conn.close()
+    reader = CatalogReader(path)  # an old catalog read as it is: no frames, no error
+    try:
+        assert list(reader.ids()) == [1] and reader.frame_owners([1]) == {}
+    finally:
+        reader.close()
+    catalog = Catalog(path)
+    try:
+        assert catalog.get_meta("schema_version") == "6"
+        row = catalog.get_images([1])[1]
+        assert row["kind"] == "photo" and row["duration"] is None
+        assert list(catalog.frame_ids_of([1])) == []
+    finally:
+        catalog.close()

@@ -116,7 +116,7 @@ def sample_video(
     max_megapixels: float = 89.0,
 ) -> VideoFrames:
     """Open a video and return its kept frames; DecodeError with a reason on any failure."""
-    import av
+    av = _pyav()
 
     sampling = sampling or Sampling()
     if os.path.getsize(path) == 0:
@@ -160,8 +160,7 @@ def decode_video_file(path: str, max_megapixels: float) -> tuple[np.ndarray, dic
 def frame_at(path: str | os.PathLike, seconds: float, size: int = 512) -> Image.Image:
     """The (upright) frame of a video at ``seconds`` or the keyframe just before it, its
     longest side at most ``size``: a thumbnail of a search hit at its best moment."""
-    import av
-
+    av = _pyav()
     try:
         with av.open(os.fspath(path), metadata_errors="ignore") as container:
             stream = _video_stream(container)
@@ -174,6 +173,15 @@ def frame_at(path: str | os.PathLike, seconds: float, size: int = 512) -> Image.
         raise
     except Exception as exc:  # the boundary
         raise DecodeError(f"cannot decode the video: {_first_line(exc)}") from exc
+
+
+def _pyav():
+    """The ``av`` module, imported on first use (photos never need it)."""
+    try:
+        import av
+    except ImportError as exc:
+        raise DecodeError(f"video support needs PyAV: pip install av ({exc})") from exc
+    return av
 
 
 # -- sampling -----------------------------------------------------------------------------------

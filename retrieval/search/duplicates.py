@@ -9,6 +9,9 @@ the oldest (capture time, else mtime: copies are made after the original, and a
 re-encoded copy can even be the bigger file), then the largest file, then the earliest
 indexed. Each member's ``score`` is its cosine to the keeper.
 
+A video takes part through all of its frames (two clips of the same scene group together
+even when they open differently) and is one member of its group.
+
 Cost: one exact scan of the library per photo, i.e. O(n^2 d) — about a minute for 100k
 photos on two cores — and no model call: the vectors are in the library.
 """
@@ -94,6 +97,8 @@ def find_duplicates(
         )
     library.refresh()
     allowed = allowed_ids(library.catalog, spec or ImageFilter())
+    if allowed is not None:  # an allowed video brings its frames
+        allowed = np.union1d(allowed, library.catalog.frame_ids_of(allowed.tolist()))
     ids = library.index.ids() if allowed is None else np.intersect1d(allowed, library.index.ids())
     ids = np.sort(ids)
     if len(ids) < 2:
@@ -102,10 +107,15 @@ def find_duplicates(
     for start in range(0, len(ids), QUERY_BATCH):
         chunk = ids[start : start + QUERY_BATCH]
         _link(library, chunk, ids, threshold, allowed, sets)
-    components: dict[int, list[int]] = {}
+    # A video's frames are its video: a group needs two different photos or videos.
+    owners = library.catalog.frame_owners(ids.tolist())
+    components: dict[int, dict[int, None]] = {}
     for position in range(len(ids)):
-        components.setdefault(sets.find(position), []).append(int(ids[position]))
-    groups = [_group(library, members) for members in components.values() if len(members) > 1]
+        owner = owners.get(int(ids[position]), (int(ids[position]), 0.0))[0]
+        components.setdefault(sets.find(position), {})[owner] = None
+    groups = [
+        _group(library, list(members)) for members in components.values() if len(members) > 1
+    ]
     return sorted(groups, key=lambda g: (-len(g.members), g.keeper.path))
 
 
