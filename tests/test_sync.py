@@ -148,6 +148,18 @@ def test_watch_picks_up_a_new_file_and_a_deleted_one_leaves(photos, photo_folder
     assert len(paths) == 6 and totals(syncer, "indexed") == 7
 
 
+def test_a_moved_photo_keeps_its_vector_however_long_the_settle_time(photos, photo_folder):
+    # A long settle time must not split a move into a removal now and an encode later.
+    options = SyncOptions(**{**FAST, "quiet_seconds": 0.1, "settle_seconds": 60.0})
+    an_hour_ago = time.time() - 3600
+    os.utime(photo_folder / "photo_3.jpg", (an_hour_ago, an_hour_ago))  # a photo, not a copy
+    syncer = photos.syncer([photo_folder], INDEX, options)
+    with syncing(syncer):
+        os.rename(photo_folder / "photo_3.jpg", photo_folder / "renamed.jpg")
+        wait_for(lambda: totals(syncer, "removed") == 1 and totals(syncer, "reused") == 1, 20)
+    assert totals(syncer, "indexed") == 6  # the catch-up only: no model call for the move
+
+
 def test_a_burst_of_500_files_is_indexed_in_few_batches(photos, tmp_path):
     folder = tmp_path / "import"
     folder.mkdir()

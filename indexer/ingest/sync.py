@@ -11,9 +11,10 @@ again, a deleted one leaves the index.
   pauses still lands in bounded steps). A phone import of 2,000 files is one or a few
   batches, never 2,000 runs.
 - **Files being written wait.** A file is taken only once its size and mtime have held
-  still for ``settle_seconds``; a half-written JPEG is not read. Should one still be caught
-  mid-write (a writer that pauses for longer), its failure is not final: the next write
-  is another change, and the file is read again.
+  still for ``settle_seconds`` (or its mtime is older than that: a moved photo is taken
+  at once, beside its old path's removal); a half-written JPEG is not read. Should one
+  still be caught mid-write (a writer that pauses for longer), its failure is not final:
+  the next write is another change, and the file is read again.
 - **Folders may vanish.** A watched folder that disappears (an unmounted disk, a renamed
   folder) is treated as absent, not emptied: its photos stay in the library, the sync
   waits, and when the folder is back it is checked again like ``clipdex index`` would.
@@ -40,7 +41,13 @@ from pathlib import Path
 from indexer.errors import ConfigError, DiskFull, LibraryLocked, WatchUnavailable
 from indexer.ingest.discover import has_indexable_suffix, is_excluded
 from indexer.ingest.pipeline import IndexReport
-from indexer.ingest.watch import DELETED, EventSource, open_events, polling_fallback
+from indexer.ingest.watch import (
+    DELETED,
+    MODIFIED,
+    EventSource,
+    open_events,
+    polling_fallback,
+)
 
 log = logging.getLogger("clipdex.sync")
 
@@ -242,6 +249,8 @@ class Syncer:
         if root is None or self._ignored(path, root):
             return
         key = None if kind == DELETED else _stat_key(path)
+        if key == _DIR and kind == MODIFIED:
+            return  # a folder's own mtime or mode: its files raise their own changes
         if key is not None and key != _DIR and not has_indexable_suffix(path):
             return
         self._queue(path, key, now)
@@ -339,7 +348,7 @@ class Syncer:
             if key is None and not self._root_present(path):
                 del self._pending[path]  # its folder went away: not a deletion (see above)
                 continue
-            if entry.immediate or key in (None, _DIR) or now - entry.changed_at >= settle:
+            if entry.immediate or key in (None, _DIR) or _settled(entry, now, settle):
                 ready.append(path)
             else:
                 look = entry.changed_at + settle
@@ -457,6 +466,16 @@ def _folder_identity(folder: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+
+
+def _settled(entry: _Pending, now: float, settle: float) -> bool:
+    """Held still for ``settle`` seconds since noted, or last written longer ago than that
+    (a renamed or moved photo keeps its old mtime: it is taken at once, in the same batch
+    as its old path's removal, so it keeps its vector)."""
+    if now - entry.changed_at >= settle:
+        return True
+    _size, mtime_ns = entry.key
+    return time.time_ns() - mtime_ns >= settle * 1e9
 
 
 def _has_entries(folder: Path) -> bool:
