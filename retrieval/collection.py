@@ -23,7 +23,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +71,7 @@ class CollectionInfo:
     failed: int
     bytes_on_disk: int
     reindex_queued: int = 0  # photos the server found changed: the next index reads them
+    index: dict = field(default_factory=dict)  # vector index: kind, choice, ivf's recall...
 
     def as_dict(self) -> dict:
         """The ``clipdex info --json`` document."""
@@ -81,6 +82,7 @@ class CollectionInfo:
             "failed": self.failed,
             "bytes_on_disk": self.bytes_on_disk,
             "reindex_queued": self.reindex_queued,
+            "index": self.index,
         }
 
 
@@ -445,6 +447,8 @@ class Collection:
         """What the library holds and which model made it."""
         import json
 
+        from indexer.store.kindchoice import index_facts
+
         library = self.library
         identity = library.identity
         return CollectionInfo(
@@ -455,6 +459,7 @@ class Collection:
             failed=library.catalog.failure_count(),
             bytes_on_disk=library.bytes_on_disk(),
             reindex_queued=library.catalog.reindex_count(),
+            index=index_facts(library),
         )
 
     def embed_text(self, text: str) -> np.ndarray:

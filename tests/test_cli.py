@@ -50,6 +50,7 @@ def test_index_then_search_json(fake_model, photo_folder):
         "failed",
         "frames",
         "seconds",
+        "index_rebuilt",
     }
     found = json.loads(run("search", "a red ball", "-k", "3", "--json").stdout)
     assert found["query"] == "a red ball" and len(found["results"]) == 3

@@ -34,6 +34,7 @@ from indexer.ingest.discover import (
 from indexer.ingest.workers import DEFAULT_DECODER, DecodeLimits, DecodePool, Outcome
 from indexer.model.identity import Encoder
 from indexer.store.catalog import FileState, ImageRecord
+from indexer.store.kindchoice import check_choice, ensure_kind
 from indexer.store.library import Library
 
 
@@ -51,6 +52,7 @@ class IndexOptions:
     decode_seconds: float = 30.0  # per-file time limit in the decode workers
     decode_memory_mb: int = 2048  # per-file memory a decode worker may add (Linux)
     decoder: str = DEFAULT_DECODER  # "module:function" run by the workers; tests swap it
+    index_kind: str | None = None  # auto | exact | ivf (None: keep the library's choice)
 
     def limits(self) -> DecodeLimits:
         return DecodeLimits(self.max_megapixels, self.decode_seconds, self.decode_memory_mb)
@@ -68,6 +70,7 @@ class IndexReport:
     frames: int = 0  # video frames encoded (a video's other frames are not "indexed" files)
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    index_rebuilt: str | None = None  # the kind the index was rebuilt as (switch, re-train)
 
     def as_dict(self) -> dict:
         return {
@@ -78,6 +81,7 @@ class IndexReport:
             "failed": self.failed,
             "frames": self.frames,
             "seconds": round(self.seconds, 3),
+            "index_rebuilt": self.index_rebuilt,
         }
 
 
@@ -270,6 +274,8 @@ def index_paths(
         _run(work.todo, library, encoder, options, writer, report, progress)
         writer.checkpoint(removed=work.vanished)
         report.removed = len(work.vanished)
+        # The kind the library asks for (switch or re-train: from the catalog, no encoding).
+        report.index_rebuilt = ensure_kind(library, check_choice(options.index_kind))
     report.failed = len(report.failures)
     report.seconds = time.monotonic() - started
     return report

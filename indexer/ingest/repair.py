@@ -30,6 +30,7 @@ from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress, index_p
 from indexer.model.identity import Encoder
 from indexer.store.catalog import Catalog
 from indexer.store.catalog_reader import sqlite_file_problem
+from indexer.store.kindchoice import repair_kind
 from indexer.store.library import Library, take_lock
 from indexer.store.salvage import salvage
 
@@ -98,7 +99,7 @@ def repair_library(
     library.adopt_lock(handle)
     with library:
         damaged = _drop_unsound_vectors(library, report)
-        report.index_images = library.rebuild_index()
+        report.index_images = library.rebuild_index(repair_kind(library))
         _reencode(library, encoder_factory, damaged, paths, options, progress, report)
     return report
 

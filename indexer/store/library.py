@@ -39,6 +39,8 @@ from indexer.store.vectorstore import (
     STAMP_SUFFIX,
     UnstampedIndex,
     VectorStore,
+    attach_source,
+    build_store,
     load_store,
     open_store,
 )
@@ -90,6 +92,17 @@ class Library:
     def thumbnail_dir(self) -> Path:
         """The folder where rendered thumbnails are cached (created on first write)."""
         return self.root / THUMBNAIL_DIR
+
+    @property
+    def index(self) -> VectorStore:
+        """The vector index; a kind that re-ranks from full-precision vectors (ivf) reads
+        them from this library's catalog, attached whenever the index is set."""
+        return self._index
+
+    @index.setter
+    def index(self, store: VectorStore) -> None:
+        self._index = store
+        attach_source(store, lambda ids: self.catalog.vectors(ids))
 
     def _index_path(self, generation: int) -> Path:
         return self.root / f"vectors.{generation}.faiss"
@@ -256,14 +269,12 @@ class Library:
         for path in doomed:
             path.unlink(missing_ok=True)
 
-    def rebuild_index(self) -> int:
-        """Build the index again (same kind) from the catalog's vectors alone; returns its size."""
-        index = open_store(self.index.kind, self.index.dim)
-        for ids, vectors in self.catalog.iter_vectors():
-            index.add(ids, vectors)
-        self.index = index
+    def rebuild_index(self, kind: str | None = None) -> int:
+        """Build the index again from the catalog's vectors alone (no model call), as
+        ``kind`` (default: the same kind); returns its size."""
+        self.index = build_store(kind or self.index.kind, self.catalog, self.index.dim)
         self.checkpoint()
-        return len(index)
+        return len(self.index)
 
     # -- writer lock --------------------------------------------------------------------
     def acquire_lock(self) -> None:

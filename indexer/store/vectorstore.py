@@ -6,9 +6,17 @@ contract the library, the pipeline and the search layer type against; each *kind
 class implementing it, named in :data:`KINDS`:
 
     ``exact``   FAISS flat inner-product scan (:class:`indexer.store.vectors.VectorIndex`)
+    ``ivf``     FAISS IVF on 8-bit codes, candidates re-ranked exactly from full-precision
+                vectors the store reads through its *vector source* (the catalog), so it
+                keeps only codes (:class:`indexer.store.ivf.IVFIndex`)
 
-A second kind (an approximate IVF index, say) is one module with one class plus one line in
-:data:`KINDS`; nothing else changes. Kinds are imported lazily, so naming this module costs
+Optional parts of a kind (looked up with ``getattr``, so a kind without them still works):
+``build(source, dim)`` (a classmethod building a whole index from a source of vectors, used
+by :func:`build_store`), ``attach_source(fetch)`` (where full-precision vectors come from:
+``fetch(ids) -> (found ids, vectors)``) and ``describe()`` (what ``clipdex info`` shows).
+
+Another kind is one module with one class plus one line in :data:`KINDS`; nothing else
+changes. Kinds are imported lazily, so naming this module costs
 no FAISS import.
 
 Every index file ``X`` of any kind has a stamp ``X.check`` (JSON: format, kind, vector
@@ -35,6 +43,7 @@ DEFAULT_KIND = "exact"
 # kind -> "module:Class"; the class implements VectorStore and has kind == its key.
 KINDS: dict[str, str] = {
     "exact": "indexer.store.vectors:VectorIndex",
+    "ivf": "indexer.store.ivf:IVFIndex",
 }
 
 STAMP_FORMAT = 1
@@ -116,6 +125,35 @@ def store_class(kind: str) -> type[VectorStore]:
 def open_store(kind: str = DEFAULT_KIND, dim: int = EMBED_DIM) -> VectorStore:
     """A new, empty store of ``kind``."""
     return store_class(kind)(dim)
+
+
+def build_store(kind: str, source, dim: int = EMBED_DIM) -> VectorStore:
+    """A store of ``kind`` holding every vector of ``source`` (the catalog: anything with
+    ``count()``, ``ids()``, ``vectors(ids)`` and ``iter_vectors()``), built the kind's way
+    (the ivf kind trains on a sample and tunes itself); its vector source is attached."""
+    cls = store_class(kind)
+    build = getattr(cls, "build", None)
+    if build is not None:
+        store = build(source, dim)
+    else:
+        store = cls(dim)
+        for ids, vectors in source.iter_vectors():
+            store.add(ids, vectors)
+    attach_source(store, source.vectors)
+    return store
+
+
+def attach_source(store: VectorStore, fetch) -> None:
+    """Tell ``store`` where full-precision vectors come from (kinds that need it)."""
+    attach = getattr(store, "attach_source", None)
+    if attach is not None:
+        attach(fetch)
+
+
+def describe_store(store: VectorStore) -> dict:
+    """The index facts `clipdex info` shows: kind and size, plus what the kind reports."""
+    describe = getattr(store, "describe", None)
+    return describe() if describe is not None else {"kind": store.kind, "count": len(store)}
 
 
 def load_store(path: Path, *, mmap: bool = False) -> VectorStore:

@@ -247,6 +247,16 @@ def index(
     checkpoint_every: Annotated[
         int, typer.Option(min=1, help="Commit catalog + index at least every N images.")
     ] = 256,
+    index_kind: Annotated[
+        str | None,
+        typer.Option(
+            "--index",
+            help="Vector index kind: auto (exact below 100k photos, else ivf), exact (scan "
+            "every vector) or ivf (8-bit codes, exact re-rank, recall@10 >= 0.98). Recorded "
+            "in the library; switching rebuilds from the catalog, no re-encoding. "
+            "Default: keep the library's choice (auto).",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
@@ -266,6 +276,7 @@ def index(
 ) -> None:
     """Index photos (recursively, incrementally) into the library."""
     from indexer.ingest.pipeline import IndexOptions
+    from indexer.store.kindchoice import check_choice
     from retrieval.cli.progress import BarProgress
 
     options = IndexOptions(
@@ -273,6 +284,7 @@ def index(
         batch_size=batch_size,
         max_megapixels=max_megapixels,
         checkpoint_every=checkpoint_every,
+        index_kind=check_choice(index_kind),
     )
     if workers:
         options.workers = workers
@@ -436,6 +448,8 @@ def print_index_report(report, json_out: bool, quiet: bool) -> None:
         f"indexed {s['indexed']}, unchanged {s['unchanged']}, reused {s['reused']}, "
         f"removed {s['removed']}, failed {s['failed']} in {s['seconds']:.1f}s ({rate:.1f} img/s)"
     )
+    if report.index_rebuilt:
+        stdout.print(f"vector index rebuilt from the catalog as {report.index_rebuilt}")
 
 
 @cli_command
@@ -590,7 +604,22 @@ def info(library: LibraryOpt = None, json_out: JsonOpt = False) -> None:
         note = "run `clipdex index` on their folders"
         table.add_row("to re-index", f"{facts.reindex_queued} ({note})")
     table.add_row("on disk", f"{facts.bytes_on_disk / 1e6:.1f} MB")
+    table.add_row("index", describe_index(facts.index))
     stdout.print(table)
+
+
+def describe_index(index: dict) -> str:
+    """One line for the vector index: its kind, the choice behind it, and for ivf the
+    lists, probes and recall measured when it was built."""
+    text = f"{index.get('kind')} (chosen: {index.get('choice', 'auto')})"
+    if index.get("kind") == "ivf" and index.get("nlist"):
+        text += f", {index['nlist']} lists, nprobe {index['nprobe']}"
+        if index.get("recall_at_10") is not None:
+            text += (
+                f", recall@10 {index['recall_at_10']:.3f} measured on "
+                f"{index.get('recall_queries', 0)} held-out queries"
+            )
+    return text
 
 
 @cli_command

@@ -12,8 +12,13 @@ indexed. Each member's ``score`` is its cosine to the keeper.
 A video takes part through all of its frames (two clips of the same scene group together
 even when they open differently) and is one member of its group.
 
-Cost: one exact scan of the library per photo, i.e. O(n^2 d) — about a minute for 100k
-photos on two cores — and no model call: the vectors are in the library.
+Cost: one range search of the index per photo, and no model call (the vectors are in the
+library). With the ``exact`` kind that is a scan of the library per photo, O(n^2 d): about a
+minute for 100k photos on two cores. With the ``ivf`` kind each photo is compared with the
+photos of its own list and the lists whose second-nearest centroid it is
+(:meth:`~indexer.store.ivf.IVFIndex.near_pairs`: near-copies share a list, or a neighbouring
+one) on vectors decoded from the codes, and candidates are re-scored exactly, so scores and
+the threshold are exact: minutes for a million photos.
 """
 
 from __future__ import annotations
@@ -104,7 +109,10 @@ def find_duplicates(
     if len(ids) < 2:
         return []
     sets = _UnionFind(len(ids))
-    for start in range(0, len(ids), QUERY_BATCH):
+    near_pairs = getattr(library.index, "near_pairs", None)
+    if near_pairs is not None:  # a kind that finds near pairs through its own structure
+        _link_pairs(near_pairs, ids, threshold, allowed, sets)
+    for start in range(0 if near_pairs is None else len(ids), len(ids), QUERY_BATCH):
         chunk = ids[start : start + QUERY_BATCH]
         _link(library, chunk, ids, threshold, allowed, sets)
     # A video's frames are its video: a group needs two different photos or videos.
@@ -122,15 +130,25 @@ def find_duplicates(
 def _link(library, chunk, ids, threshold, allowed, sets: _UnionFind) -> None:
     """Union every pair (query in ``chunk``, hit) scoring >= ``threshold``."""
     found, vectors = library.catalog.vectors(chunk)
+    if not len(found):
+        return
     # FAISS keeps score > radius; the epsilon makes the threshold inclusive.
     lims, _, hits = library.index.range_search(vectors, threshold - 1e-6, allowed)
-    positions_q = np.searchsorted(ids, found)
-    for row, query_pos in enumerate(positions_q):
-        neighbours = hits[lims[row] : lims[row + 1]]
-        neighbour_pos = np.searchsorted(ids, neighbours)
-        for pos, neighbour in zip(neighbour_pos, neighbours):
-            if pos < len(ids) and ids[pos] == neighbour and pos != query_pos:
-                sets.union(int(query_pos), int(pos))
+    query_pos = np.repeat(np.searchsorted(ids, found), np.diff(lims))
+    hit_pos = np.minimum(np.searchsorted(ids, hits), len(ids) - 1)
+    pairs = (ids[hit_pos] == hits) & (hit_pos != query_pos)
+    for a, b in zip(query_pos[pairs].tolist(), hit_pos[pairs].tolist()):
+        sets.union(a, b)
+
+
+def _link_pairs(near_pairs, ids, threshold, allowed, sets: _UnionFind) -> None:
+    """Union every pair the index reports above ``threshold`` (inclusive)."""
+    a, b, _ = near_pairs(threshold - 1e-6, allowed)
+    pos_a = np.minimum(np.searchsorted(ids, a), len(ids) - 1)
+    pos_b = np.minimum(np.searchsorted(ids, b), len(ids) - 1)
+    known = (ids[pos_a] == a) & (ids[pos_b] == b)
+    for x, y in zip(pos_a[known].tolist(), pos_b[known].tolist()):
+        sets.union(x, y)
 
 
 def _group(library: Library, member_ids: list[int]) -> DuplicateGroup:

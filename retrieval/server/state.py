@@ -32,6 +32,7 @@ from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress
 from indexer.ingest.sync import Syncer, SyncOptions
 from indexer.model.identity import Encoder
 from indexer.store.catalog import Catalog
+from indexer.store.kindchoice import index_facts
 from indexer.store.library import Library
 from indexer.store.vectors import set_search_threads
 from retrieval.collection import Collection, EncoderLoader
@@ -336,6 +337,7 @@ class ServerState:
             "images": None,
             "failed": None,
             "reindex_queued": None,  # photos whose file changed, read again by the next index
+            "index": None,  # the vector index: kind, choice; ivf: nlist, nprobe, recall
             "model": None,
             "encoder": self.encoder.identity.name if self.encoder else None,
             "max_upload_mb": self.settings.max_upload_mb,
@@ -354,6 +356,7 @@ class ServerState:
                 images=catalog.count(),
                 failed=catalog.failure_count(),
                 reindex_queued=catalog.reindex_count(),
+                index=index_facts(self.library),
                 model=identity.name if identity else None,
             )
         return document

@@ -1,0 +1,696 @@
+"""The ``ivf`` vector store: FAISS IVF with 8-bit scalar-quantised codes and an exact re-rank.
+
+What it holds: ``nlist`` centroids (spherical k-means over a sample of the library) and, per
+photo, its id and a 512-byte code (each residual component quantised to 8 bits), about
+0.5 KB a photo against 2 KB for the ``exact`` kind. What it answers:
+
+- **top-k**: the ``nprobe`` lists nearest to the query are scanned on the codes for
+  ``k + max(k, RERANK_EXTRA)`` candidates; their *full-precision* vectors are read from the
+  vector source (the catalog, which holds every vector as float32: see
+  :meth:`IVFIndex.attach_source`) and the candidates re-ranked exactly. Returned scores are
+  exact cosines, so the adaptive cut-off and ``--min-score`` see the same numbers as with the
+  exact kind; only a true neighbour outside the probed lists can be missed. ``nprobe`` is
+  tuned when the index is built: the smallest that reaches ``RECALL_TARGET`` recall@10
+  against an exact search on the library's own vectors (held-out queries), and the recall
+  measured is kept with the index (``clipdex info`` shows it).
+- **filters**: a selective filter (at most ``EXACT_FILTER_LIMIT`` allowed photos) is
+  answered exactly, by brute force over the allowed photos' full vectors; a broad one
+  filters *inside* the IVF scan (a FAISS ``IDSelector``) with ``nprobe`` scaled by
+  1 / (allowed fraction), so as many allowed codes are scanned as without a filter.
+- **range search** (cut-offs, duplicates): the probed lists are searched on the codes down
+  to ``radius - margin`` (``margin`` bounds the code's score error, measured at build time),
+  then the candidates are re-scored exactly and kept above ``radius``. A request for every
+  score (``radius`` below -1: the auto cut-off's estimate of the bulk of a query's scores
+  over a sample) is answered from the codes of the whole (allowed) set, within
+  ``score_error`` of the exact scores: a robust median and MAD do not move at that scale.
+
+Without a vector source (a bare store, as in the protocol tests) scores come from the codes.
+
+Building: :meth:`IVFIndex.build` samples the source for training, adds every vector and tunes
+``nprobe``; ``open_store("ivf")`` then :meth:`add` also works: an untrained store trains
+itself on its first batch (sized and tuned on that batch alone). The file is FAISS's own
+serialisation of the IVF index (``nprobe`` included); the build report (nlist, nprobe,
+measured recall, score error, how many vectors it was trained on) travels in the file's
+stamp, which is checked like every kind's.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import faiss
+import numpy as np
+
+from indexer.errors import LibraryDamaged, LibraryError
+from indexer.fsutil import write_atomic
+from indexer.model.identity import EMBED_DIM
+from indexer.store.vectors import _fsync_dir, _write_error
+from indexer.store.vectorstore import (
+    check_stamp,
+    damage_message,
+    make_stamp,
+    read_stamp,
+    stamp_path,
+)
+
+# (ids) -> (found ids, their float32 vectors); ids it does not know are left out.
+VectorFetch = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+RECALL_TARGET = 0.98  # recall@10 vs exact search that nprobe is tuned to reach
+TUNE_QUERIES = 200  # held-out queries per query type (image-like, text-like)
+RERANK_EXTRA = 32  # candidates beyond k that are re-ranked exactly
+EXACT_FILTER_LIMIT = 20_000  # allowed photos up to which a filtered search is brute force
+MIN_MARGIN = 0.02  # lowest code-score margin for range searches
+TRAIN_PER_LIST = 40  # training vectors per centroid (FAISS warns below 39)
+MIN_TRAIN = 20_000  # ... but at least this many when the library has them
+FETCH_BATCH = 5_000
+PAD_SCORE = np.float32(-3.4028235e38)  # what FAISS pads a short inner-product result with
+SEED = 1234
+
+
+class VectorSource(Protocol):
+    """What a build reads: the catalog (either kind) has these."""
+
+    def count(self) -> int: ...
+    def ids(self) -> np.ndarray: ...
+    def vectors(self, ids) -> tuple[np.ndarray, np.ndarray]: ...
+    def iter_vectors(self, batch: int = ...) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+
+def nlist_for(count: int) -> int:
+    """Lists for ``count`` vectors: about sqrt(n) (lists of ~sqrt(n) photos), 1 when tiny."""
+    if count < 2_000:
+        return 1
+    return int(min(round(math.sqrt(count)), count // TRAIN_PER_LIST))
+
+
+class IVFIndex:
+    """Approximate cosine search on 8-bit codes, re-ranked exactly (the ``ivf`` kind)."""
+
+    kind: ClassVar[str] = "ivf"
+
+    def __init__(
+        self, dim: int = EMBED_DIM, index: faiss.IndexIVF | None = None, params: dict | None = None
+    ) -> None:
+        self.dim = dim
+        self.index = index  # None until trained
+        self.params: dict = dict(params or {})
+        self._fetch: VectorFetch | None = None
+        self._ids: np.ndarray | None = None  # cache of ids(), dropped on every change
+
+    # -- the re-rank source ---------------------------------------------------------------
+    def attach_source(self, fetch: VectorFetch | None) -> None:
+        """Where full-precision vectors come from for the exact re-rank (the catalog's
+        ``vectors``); without one, scores are the codes' approximations."""
+        self._fetch = fetch
+
+    def describe(self) -> dict:
+        """What ``clipdex info`` shows: kind, size, lists, probes and the measured recall."""
+        return {"kind": self.kind, "count": len(self), **self.params}
+
+    @property
+    def nlist(self) -> int:
+        return int(self.index.nlist) if self.index is not None else 0
+
+    @property
+    def nprobe(self) -> int:
+        return int(self.index.nprobe) if self.index is not None else 0
+
+    @property
+    def margin(self) -> float:
+        return float(self.params.get("margin", MIN_MARGIN))
+
+    # -- building -------------------------------------------------------------------------
+    @classmethod
+    def build(cls, source: VectorSource, dim: int = EMBED_DIM) -> IVFIndex:
+        """An index of every vector of ``source``: trained on a sample, nprobe tuned on
+        held-out vectors against an exact search over all of them."""
+        store = cls(dim)
+        store.attach_source(source.vectors)
+        all_ids = source.ids()
+        if not len(all_ids):
+            return store
+        rng = np.random.default_rng(SEED)
+        nlist = nlist_for(len(all_ids))
+        train_ids = _sample(rng, all_ids, max(MIN_TRAIN, TRAIN_PER_LIST * nlist))
+        _, train = source.vectors(train_ids)
+        store.train(train, nlist)
+        store.params["built_for"] = len(all_ids)
+        queries, exclude = _tuning_queries(rng, source, all_ids)
+        truth = _TopK(queries, exclude, 10)
+        for ids, vectors in source.iter_vectors():
+            store.add(ids, vectors)
+            truth.update(ids, vectors)
+        store.tune(queries, exclude, truth.result(), source.vectors)
+        return store
+
+    def train(self, sample: np.ndarray, nlist: int) -> None:
+        """Train ``nlist`` centroids and the 8-bit quantiser on ``sample`` (unit rows)."""
+        sample = _rows(sample, self.dim)
+        nlist = max(1, min(int(nlist), len(sample)))
+        index = _new_index(self.dim, nlist)
+        index.cp.seed = SEED
+        index.train(sample)
+        index.nprobe = nlist  # until tuned: scan everything
+        self.index = index
+        self.params = {"nlist": nlist, "nprobe": nlist, "trained_on": len(sample)}
+
+    def tune(
+        self, queries: np.ndarray, exclude: np.ndarray, truth: np.ndarray, fetch: VectorFetch
+    ) -> None:
+        """Set nprobe to the smallest that reaches RECALL_TARGET recall@10 vs ``truth``.
+
+        ``truth`` holds each query's exact top-10 ids; ``exclude`` the id each query may not
+        return (a held-out library vector is not its own neighbour), -1 for none.
+        """
+        if self.index is None or not len(queries):
+            return
+        fetch = _memo(fetch)
+        chosen = None
+        for nprobe in _probe_ladder(self.nlist):
+            found, approx_error = self._tuning_search(queries, exclude, nprobe, fetch)
+            recall10 = _recall(found, truth, 10)
+            chosen = (nprobe, recall10, _recall(found, truth, 1), approx_error)
+            if recall10 >= RECALL_TARGET:
+                break
+        nprobe, recall10, recall1, error = chosen
+        self.index.nprobe = nprobe
+        self.params.update(
+            nprobe=nprobe,
+            recall_at_10=round(recall10, 4),
+            recall_at_1=round(recall1, 4),
+            recall_target=RECALL_TARGET,
+            recall_queries=len(queries),
+            score_error=round(error, 5),
+            margin=round(max(MIN_MARGIN, 2 * error), 4),
+        )
+
+    def _tuning_search(self, queries, exclude, nprobe, fetch) -> tuple[np.ndarray, float]:
+        """Top-10 ids per query through the real pipeline at ``nprobe`` (own id dropped),
+        and the largest |code score - exact score| seen among the candidates."""
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        approx, cand = self.index.search(queries, 11 + RERANK_EXTRA, params=params)
+        exact = _exact_scores(queries, cand, fetch, self.dim)
+        known = np.isfinite(exact) & (cand >= 0)
+        error = float(np.max(np.abs(approx[known] - exact[known]))) if known.any() else 0.0
+        exact[cand == exclude[:, None]] = -np.inf
+        _, ids = _top_rows(exact, cand, 10)
+        return ids, error
+
+    # -- persistence ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Path, *, mmap: bool = False, verify: bool = True) -> IVFIndex:
+        """Read an index file (into memory: FAISS maps only flat indexes); see the protocol."""
+        path = Path(path)
+        stamp = read_stamp(path) if verify else None
+        params = {}
+        if stamp is not None:
+            if stamp["kind"] != cls.kind:
+                raise LibraryError(f"{path} is a {stamp['kind']!r} index, not {cls.kind!r}")
+            check_stamp(path, stamp)
+            params = _stamp_params(path)
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            if not path.exists():
+                raise FileNotFoundError(errno.ENOENT, "index file replaced", str(path)) from exc
+            raise LibraryDamaged(damage_message(path, str(exc).splitlines()[0][:120])) from exc
+        # read_index returns the concrete class (downcast_index would hand back a proxy that
+        # does not own the index, freed with the one that does).
+        if not isinstance(index, faiss.IndexIVFScalarQuantizer):
+            raise LibraryDamaged(damage_message(path, "not an IVF scalar-quantiser index"))
+        if stamp is not None and int(index.ntotal) != stamp["count"]:
+            raise LibraryDamaged(damage_message(path, "vector count differs from its stamp"))
+        if not index.is_trained:
+            return cls(index.d)
+        return cls(index.d, index, params)
+
+    def save(self, path: Path) -> None:
+        """Write atomically with a stamp (which carries the build report); see the protocol."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                stamp = self._write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            write_atomic(stamp_path(path), json.dumps(stamp).encode())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise _write_error(exc, path) from exc
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    def _write(self, handle) -> dict:
+        state = {"size": 0, "crc32": 0}
+
+        def sink(chunk: bytes) -> None:
+            handle.write(chunk)
+            state["size"] += len(chunk)
+            state["crc32"] = zlib.crc32(chunk, state["crc32"])
+
+        writer = faiss.PyCallbackIOWriter(sink)
+        # An untrained store is written as an untrained one-list index: loads back empty.
+        faiss.write_index(self.index if self.index is not None else _new_index(self.dim, 1), writer)
+        del writer  # flushes FAISS's buffer into ``sink``
+        stamp = make_stamp(self.kind, len(self), self.dim, state["size"], state["crc32"])
+        return {**stamp, "params": self.params}
+
+    def in_memory(self) -> IVFIndex:
+        """Always in memory already (FAISS cannot map IVF lists)."""
+        return self
+
+    # -- contents -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.index.ntotal) if self.index is not None else 0
+
+    def ids(self) -> np.ndarray:
+        if self._ids is None:
+            self._ids = _list_ids(self.index) if self.index is not None else np.zeros(0, np.int64)
+        return self._ids
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors; an untrained store first trains on this batch and tunes on it."""
+        if len(ids) == 0:
+            return
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        vectors = _rows(vectors, self.dim).reshape(len(ids), self.dim)
+        first = self.index is None
+        if first:
+            self.train(vectors, nlist_for(len(ids)))
+            self.params["built_for"] = len(ids)
+        self.index.add_with_ids(vectors, ids)
+        self._ids = None
+        if first:
+            self._tune_on_batch(ids, vectors)
+
+    def _tune_on_batch(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Tune nprobe when the store trained itself on its first batch: the batch is all
+        it holds, so the exact truth comes from the batch itself."""
+        rng = np.random.default_rng(SEED)
+        source = _ArraySource(ids, vectors)
+        queries, exclude = _tuning_queries(rng, source, ids)
+        truth = _TopK(queries, exclude, 10)
+        truth.update(ids, vectors)
+        self.tune(queries, exclude, truth.result(), source.vectors)
+
+    def remove(self, ids: np.ndarray) -> int:
+        if len(ids) == 0 or self.index is None:
+            return 0
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
+        removed = int(self.index.remove_ids(selector))
+        self._ids = None
+        return removed
+
+    # -- search ---------------------------------------------------------------------------
+    def search(
+        self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query row, exact scores; see the module docstring."""
+        queries = _rows(queries, self.dim)
+        if len(self) == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        k = max(1, min(int(k), len(self)))
+        if allowed_ids is not None:
+            allowed_ids = np.ascontiguousarray(allowed_ids, dtype=np.int64)
+            if len(allowed_ids) <= EXACT_FILTER_LIMIT and self._fetch is not None:
+                return self._brute_force(queries, k, allowed_ids)
+        params = self._params(allowed_ids)
+        approx, cand = self.index.search(queries, k + max(k, RERANK_EXTRA), params=params)
+        if self._fetch is None:
+            return approx[:, :k], cand[:, :k]
+        exact = _exact_scores(queries, cand, self._fetch, self.dim)
+        return _top_rows(exact, cand, k)
+
+    def _brute_force(self, queries, k, allowed) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the full vectors of a small allowed set."""
+        found, vectors = _fetch_all(self._fetch, allowed, self.dim)
+        if not len(found):
+            pad = np.full((len(queries), k), PAD_SCORE, np.float32)
+            return pad, np.full((len(queries), k), -1, np.int64)
+        scores = queries @ vectors.T
+        cand = np.broadcast_to(found, scores.shape)
+        return _top_rows(scores, cand, k)
+
+    def range_search(
+        self, queries: np.ndarray, radius: float, allowed_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every (allowed) vector scoring above ``radius``, exact scores; see the module
+        docstring (a radius below -1 returns every allowed vector with its code score)."""
+        queries = _rows(queries, self.dim)
+        if len(self) == 0:
+            empty = np.zeros(0, np.float32), np.zeros(0, np.int64)
+            return np.zeros(len(queries) + 1, np.int64), *empty
+        radius = float(radius)
+        if allowed_ids is not None:
+            allowed_ids = np.ascontiguousarray(allowed_ids, dtype=np.int64)
+        if radius < -1.0:  # every score: from the codes of the whole (allowed) set
+            params = self._params(allowed_ids, nprobe=self.nlist)
+            lims, scores, ids = self.index.range_search(queries, -3.0, params=params)
+            return lims.astype(np.int64), scores, ids.astype(np.int64)
+        if self._fetch is None:
+            params = self._params(allowed_ids)
+            lims, scores, ids = self.index.range_search(queries, radius, params=params)
+            return lims.astype(np.int64), scores, ids.astype(np.int64)
+        if allowed_ids is not None and len(allowed_ids) <= EXACT_FILTER_LIMIT:
+            return self._brute_force_range(queries, radius, allowed_ids)
+        params = self._params(allowed_ids)
+        lims, _, cand = self.index.range_search(queries, radius - self.margin, params=params)
+        return self._rescore_range(queries, radius, lims.astype(np.int64), cand.astype(np.int64))
+
+    def near_pairs(
+        self, radius: float, allowed_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every pair of (allowed) stored vectors scoring above ``radius`` (a high one: near-
+        copies), as (ids a, ids b, exact scores), each pair once or twice, never (x, x).
+
+        Through the lists, not all pairs: each vector is compared with the vectors of its
+        own list and with those whose second-nearest centroid is that list (near-copies
+        fall in one list or in neighbouring ones), on vectors decoded from the codes, with
+        BLAS; candidates above ``radius - margin`` are re-scored exactly from the source.
+        """
+        if self.index is None or len(self) < 2:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        lists = _decoded_lists(self.index, allowed_ids)
+        decoded = [vectors for _, vectors in lists]
+        members = [ids for ids, _ in lists]
+        spill = _second_lists(self.index, decoded)
+        floor = radius - self.margin
+        found_a, found_b = [], []
+        for number, (ids, vectors) in enumerate(lists):
+            if not len(ids):
+                continue
+            gram = vectors @ vectors.T
+            rows, cols = np.nonzero(np.triu(gram > floor, k=1))
+            found_a.append(ids[rows])
+            found_b.append(ids[cols])
+            guests = [
+                (members[other][where], decoded[other][where])
+                for other, where in spill.get(number, [])
+            ]
+            if guests:
+                guest_ids = np.concatenate([g[0] for g in guests])
+                rows, cols = np.nonzero(vectors @ np.vstack([g[1] for g in guests]).T > floor)
+                found_a.append(ids[rows])
+                found_b.append(guest_ids[cols])
+        a = np.concatenate(found_a) if found_a else np.zeros(0, np.int64)
+        b = np.concatenate(found_b) if found_b else np.zeros(0, np.int64)
+        return self._rescore_pairs(a, b, radius)
+
+    def _rescore_pairs(self, a: np.ndarray, b: np.ndarray, radius: float):
+        """Exact scores of candidate pairs; those above ``radius`` (codes without a source)."""
+        if not len(a):
+            return a, b, np.zeros(0, np.float32)
+        wanted = np.unique(np.concatenate([a, b]))
+        if self._fetch is None:
+            return a, b, np.zeros(len(a), np.float32)  # cannot re-score: keep the candidates
+        found, vectors = _fetch_all(self._fetch, wanted, self.dim)
+        pa, pb = _positions(found, a), _positions(found, b)
+        known = (pa >= 0) & (pb >= 0)
+        a, b, pa, pb = a[known], b[known], pa[known], pb[known]
+        scores = np.einsum("ij,ij->i", vectors[pa], vectors[pb]).astype(np.float32)
+        keep = scores > radius
+        return a[keep], b[keep], scores[keep]
+
+    def _brute_force_range(self, queries, radius, allowed):
+        found, vectors = _fetch_all(self._fetch, allowed, self.dim)
+        scores = queries @ vectors.T if len(found) else np.zeros((len(queries), 0), np.float32)
+        keep = scores > radius
+        lims = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int64)
+        rows, cols = np.nonzero(keep)
+        return lims, scores[rows, cols].astype(np.float32), found[cols].astype(np.int64)
+
+    def _rescore_range(self, queries, radius, lims, cand):
+        """Exact scores for range candidates (row i: ``cand[lims[i]:lims[i+1]]``)."""
+        rows = np.repeat(np.arange(len(queries)), np.diff(lims))
+        found, vectors = _fetch_all(self._fetch, np.unique(cand), self.dim)
+        position = _positions(found, cand)
+        known = position >= 0
+        rows, cand, position = rows[known], cand[known], position[known]
+        scores = np.einsum("ij,ij->i", queries[rows], vectors[position]).astype(np.float32)
+        keep = scores > radius
+        rows, cand, scores = rows[keep], cand[keep], scores[keep]
+        counts = np.bincount(rows, minlength=len(queries))
+        lims = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return lims, scores, cand
+
+    def _params(self, allowed: np.ndarray | None, nprobe: int | None = None):
+        """Search parameters: nprobe (scaled up by a filter's selectivity) and the filter."""
+        nprobe = nprobe or self.nprobe
+        if allowed is None:
+            return faiss.SearchParametersIVF(nprobe=nprobe)
+        fraction = max(len(allowed), 1) / max(len(self), 1)
+        nprobe = min(self.nlist, math.ceil(nprobe / min(1.0, fraction)))
+        selector = faiss.IDSelectorBatch(allowed)
+        params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
+        params._selector = selector  # the parameters do not own it: keep it alive
+        return params
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _new_index(dim: int, nlist: int) -> faiss.IndexIVFScalarQuantizer:
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFScalarQuantizer(
+        quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+    )
+    index.own_fields = True
+    quantizer.this.disown()  # owned by the IVF index now
+    index.cp.spherical = True  # unit centroids: inner product is cosine
+    return index
+
+
+def _rows(array: np.ndarray, dim: int) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32).reshape(-1, dim)
+
+
+def _sample(rng: np.random.Generator, ids: np.ndarray, size: int) -> np.ndarray:
+    if len(ids) <= size:
+        return ids
+    return np.sort(rng.choice(ids, size=size, replace=False))
+
+
+def _list_ids(index: faiss.IndexIVF) -> np.ndarray:
+    """Every id stored in the inverted lists."""
+    lists = index.invlists
+    parts = []
+    for number in range(index.nlist):
+        size = lists.list_size(number)
+        if size:
+            parts.append(faiss.rev_swig_ptr(lists.get_ids(number), size).copy())
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def _decoded_lists(index: faiss.IndexIVF, allowed: np.ndarray | None):
+    """Per list: (ids, vectors decoded from the codes), only allowed ids if restricted."""
+    centroids = _centroids(index)
+    out = []
+    for number in range(index.nlist):
+        size = index.invlists.list_size(number)
+        if not size:
+            out.append((np.zeros(0, np.int64), np.zeros((0, index.d), np.float32)))
+            continue
+        ids = faiss.rev_swig_ptr(index.invlists.get_ids(number), size).astype(np.int64)
+        codes = faiss.rev_swig_ptr(index.invlists.get_codes(number), size * index.code_size)
+        codes = np.asarray(codes).reshape(size, index.code_size)
+        if allowed is not None:
+            keep = np.isin(ids, allowed)
+            ids, codes = ids[keep], codes[keep]
+        vectors = index.sq.decode(np.ascontiguousarray(codes)) if len(ids) else None
+        if vectors is None:
+            vectors = np.zeros((0, index.d), np.float32)
+        elif index.by_residual:
+            vectors += centroids[number]
+        out.append((ids, vectors))
+    return out
+
+
+def _centroids(index: faiss.IndexIVF) -> np.ndarray:
+    flat = faiss.downcast_index(index.quantizer)
+    return faiss.rev_swig_ptr(flat.get_xb(), index.nlist * index.d).reshape(index.nlist, index.d)
+
+
+def _second_lists(index: faiss.IndexIVF, decoded: list[np.ndarray]) -> dict:
+    """list number -> [(other list, rows of it whose second-nearest centroid is it)]."""
+    if index.nlist < 2:
+        return {}
+    spill: dict[int, list] = {}
+    centroids = _centroids(index)
+    for number, vectors in enumerate(decoded):
+        if not len(vectors):
+            continue
+        scores = vectors @ centroids.T  # numpy's BLAS: many small FAISS calls cost more
+        scores[:, number] = -np.inf  # the own list: the best other one is the second
+        second = np.argmax(scores, axis=1)
+        for target in np.unique(second):
+            if target >= 0 and target != number:
+                spill.setdefault(int(target), []).append((number, np.nonzero(second == target)[0]))
+    return spill
+
+
+def _positions(found: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Row of each ``wanted`` id in ``found`` (-1 where absent)."""
+    if not len(found):
+        return np.full(wanted.shape, -1, np.int64)
+    order = np.argsort(found)
+    where = np.searchsorted(found, wanted, sorter=order)
+    where = np.minimum(where, len(found) - 1)
+    position = order[where]
+    return np.where(found[position] == wanted, position, -1)
+
+
+def _fetch_all(fetch: VectorFetch, ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Full vectors of ``ids`` (those the source knows), in batches."""
+    found_parts, vector_parts = [], []
+    for start in range(0, len(ids), FETCH_BATCH):
+        found, vectors = fetch(ids[start : start + FETCH_BATCH])
+        if len(found):
+            found_parts.append(np.asarray(found, np.int64))
+            vector_parts.append(_rows(vectors, dim))
+    if not found_parts:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    return np.concatenate(found_parts), np.vstack(vector_parts)
+
+
+def _exact_scores(queries: np.ndarray, cand: np.ndarray, fetch: VectorFetch, dim: int):
+    """Exact scores of the candidate ids per row; -inf where the id is padding or unknown."""
+    valid = cand[cand >= 0]
+    found, vectors = _fetch_all(fetch, np.unique(valid), dim)
+    position = _positions(found, cand)
+    scores = np.full(cand.shape, -np.inf, np.float32)
+    rows, cols = np.nonzero(position >= 0)
+    scores[rows, cols] = np.einsum("ij,ij->i", queries[rows], vectors[position[rows, cols]])
+    return scores
+
+
+def _top_rows(scores: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best (score desc, id asc), padded like FAISS (-FLT_MAX, id -1)."""
+    cand = np.broadcast_to(cand, scores.shape)
+    out_scores = np.full((len(scores), k), PAD_SCORE, np.float32)
+    out_ids = np.full((len(scores), k), -1, np.int64)
+    for row in range(len(scores)):
+        keep = np.isfinite(scores[row]) & (cand[row] >= 0)
+        row_scores, row_ids = scores[row][keep], cand[row][keep]
+        if len(row_scores) > 4 * k:
+            part = np.argpartition(-row_scores, k)[: k + 1]
+            row_scores, row_ids = row_scores[part], row_ids[part]
+        order = np.lexsort((row_ids, -row_scores))[:k]
+        out_scores[row, : len(order)] = row_scores[order]
+        out_ids[row, : len(order)] = row_ids[order]
+    return out_scores, out_ids
+
+
+def _memo(fetch: VectorFetch) -> VectorFetch:
+    """``fetch`` with a cache: tuning asks for the same candidates at every nprobe."""
+    cache: dict[int, np.ndarray] = {}
+
+    def cached(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        missing = np.asarray([i for i in ids.tolist() if i not in cache], np.int64)
+        if len(missing):
+            found, vectors = fetch(missing)
+            cache.update(zip(np.asarray(found).tolist(), np.asarray(vectors)))
+        known = [i for i in ids.tolist() if i in cache]
+        if not known:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        return np.asarray(known, np.int64), np.vstack([cache[i] for i in known])
+
+    return cached
+
+
+class _ArraySource:
+    """Vectors held in memory, looked up by id (tuning on an in-memory batch)."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self._ids, self._vectors = ids, vectors
+
+    def vectors(self, wanted) -> tuple[np.ndarray, np.ndarray]:
+        wanted = np.asarray(wanted, np.int64)
+        position = _positions(self._ids, wanted)
+        keep = position >= 0
+        return wanted[keep], self._vectors[position[keep]]
+
+
+def _tuning_queries(rng, source, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out queries: library vectors (leave-one-out: not their own neighbour) and
+    text-like ones (a library vector under heavy isotropic noise, cosine ~0.5 to it: their
+    neighbours are spread like a CLIP text query's, the harder case for IVF)."""
+    picked = _sample(rng, ids, TUNE_QUERIES)
+    found, vectors = source.vectors(picked)
+    if not len(found):
+        return np.zeros((0, EMBED_DIM), np.float32), np.zeros(0, np.int64)
+    vectors = _rows(vectors, vectors.shape[1])
+    noise = rng.standard_normal(vectors.shape).astype(np.float32)
+    noise *= np.sqrt(3.0) / np.linalg.norm(noise, axis=1, keepdims=True)  # cos = 1/2
+    text_like = vectors + noise
+    text_like /= np.linalg.norm(text_like, axis=1, keepdims=True)
+    queries = np.vstack([vectors, text_like]).astype(np.float32)
+    exclude = np.concatenate([found, np.full(len(found), -1, np.int64)])
+    return queries, exclude
+
+
+class _TopK:
+    """Exact top-k ids per query over vectors streamed in batches (the tuning truth)."""
+
+    def __init__(self, queries: np.ndarray, exclude: np.ndarray, k: int) -> None:
+        self.queries, self.exclude, self.k = queries, exclude, k
+        self.scores = np.full((len(queries), 0), -np.inf, np.float32)
+        self.ids = np.zeros((len(queries), 0), np.int64)
+
+    def update(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if not len(self.queries):
+            return
+        scores = self.queries @ _rows(vectors, self.queries.shape[1]).T
+        scores[ids[None, :] == self.exclude[:, None]] = -np.inf
+        scores = np.hstack([self.scores, scores])
+        all_ids = np.hstack([self.ids, np.broadcast_to(ids, (len(self.queries), len(ids)))])
+        keep = min(self.k, scores.shape[1])
+        part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+        self.scores = np.take_along_axis(scores, part, axis=1)
+        self.ids = np.take_along_axis(all_ids, part, axis=1)
+
+    def result(self) -> np.ndarray:
+        """Each query's top-k ids, best first."""
+        order = np.argsort(-self.scores, axis=1, kind="stable")
+        return np.take_along_axis(self.ids, order, axis=1)
+
+
+def _recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean share of each query's exact top-k (by score) found in its returned top-k."""
+    if not len(truth):
+        return 1.0
+    hits = [
+        len(set(f[:k].tolist()) & set(t[:k].tolist())) / min(k, len(t))
+        for f, t in zip(found, truth)
+    ]
+    return float(np.mean(hits))
+
+
+def _probe_ladder(nlist: int) -> list[int]:
+    ladder = sorted(
+        {
+            p
+            for p in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+            if p < nlist
+        }
+        | {nlist}
+    )
+    return ladder
+
+
+def _stamp_params(path: Path) -> dict:
+    """The build report saved in the stamp (empty if absent or unreadable)."""
+    try:
+        params = json.loads(stamp_path(path).read_bytes()).get("params", {})
+    except (OSError, ValueError):
+        return {}
+    return params if isinstance(params, dict) else {}

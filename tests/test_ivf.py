@@ -1,0 +1,265 @@
+"""The ``ivf`` vector store: recall against exact search, exact scores, exact filters,
+switching kinds, duplicates through the lists, its file and stamp; and `--index` / info."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import indexer.model.encoders
+from indexer.errors import ConfigError, LibraryDamaged
+from indexer.model.identity import ModelIdentity
+from indexer.store import ivf
+from indexer.store.catalog import ImageRecord
+from indexer.store.ivf import RECALL_TARGET, IVFIndex
+from indexer.store.kindchoice import AUTO_IVF_PHOTOS, check_choice, wanted_kind
+from indexer.store.library import Library
+from indexer.store.vectors import VectorIndex
+from indexer.store.vectorstore import load_store, open_store, stamp_path
+from retrieval.cli import app
+from retrieval.search.duplicates import find_duplicates
+from retrieval.search.options import SearchOptions
+from retrieval.search.ranking import rank
+from tests.clipvectors import ClipLike
+
+RECALL_SIZE = 40_000  # 200 lists of ~200 photos (Zipf-sized); builds in a few seconds
+
+
+class ArraySource:
+    """A catalog stand-in: ids and vectors in memory (what IVFIndex.build reads)."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self._ids, self._vectors = ids, vectors
+        self._row = {int(i): row for row, i in enumerate(ids)}
+
+    def count(self) -> int:
+        return len(self._ids)
+
+    def ids(self) -> np.ndarray:
+        return self._ids
+
+    def vectors(self, wanted) -> tuple[np.ndarray, np.ndarray]:
+        rows = [self._row[int(i)] for i in wanted if int(i) in self._row]
+        return self._ids[rows], self._vectors[rows]
+
+    def iter_vectors(self, batch: int = 10_000):
+        for start in range(0, len(self._ids), batch):
+            yield self._ids[start : start + batch], self._vectors[start : start + batch]
+
+
+@pytest.fixture(scope="module")
+def built():
+    """A seeded synthetic library (odd ids, so ids are not row numbers), its ivf index
+    (re-ranking from the array source) and the exact index over the same vectors."""
+    generator = ClipLike(RECALL_SIZE, seed=3)
+    vectors = generator.vectors()
+    ids = np.arange(RECALL_SIZE, dtype=np.int64) * 2 + 1
+    source = ArraySource(ids, vectors)
+    store = IVFIndex.build(source)
+    exact = VectorIndex()
+    exact.add(ids, vectors)
+    return generator, source, store, exact
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+def test_recall_at_10_reaches_the_target_on_fresh_queries(built):
+    generator, _, store, exact = built
+    facts = store.describe()
+    assert facts["kind"] == "ivf" and facts["recall_at_10"] >= RECALL_TARGET
+    assert 1 < facts["nprobe"] < facts["nlist"]  # tuned: neither everything nor one list
+    for queries in (generator.image_queries(200, seed=11), generator.text_queries(200, seed=12)):
+        _, found = store.search(queries, 10)
+        _, truth = exact.search(queries, 10)
+        # Fresh queries (not the tuning ones): within sampling noise of the tuned target.
+        assert _recall(found, truth) >= RECALL_TARGET - 0.02
+
+
+def test_returned_scores_are_exact_cosines(built):
+    generator, source, store, _ = built
+    queries = generator.text_queries(20, seed=5)
+    scores, ids = store.search(queries, 10)
+    for row in range(len(queries)):
+        _, vectors = source.vectors(ids[row])
+        assert np.allclose(scores[row], vectors @ queries[row], atol=1e-6)
+        assert list(scores[row]) == sorted(scores[row], reverse=True)
+
+
+def test_selective_filter_is_exact_and_broad_filter_stays_inside(built):
+    generator, source, store, exact = built
+    rng = np.random.default_rng(0)
+    queries = generator.text_queries(30, seed=6)
+    selective = np.sort(rng.choice(source.ids(), 2_000, replace=False))
+    assert len(selective) <= ivf.EXACT_FILTER_LIMIT
+    got_scores, got = store.search(queries, 10, selective)
+    want_scores, want = exact.search(queries, 10, selective)
+    assert np.array_equal(got, want)  # brute force over the allowed photos
+    assert np.allclose(got_scores, want_scores, atol=1e-6)
+    broad = np.sort(rng.choice(source.ids(), 30_000, replace=False))
+    assert len(broad) > ivf.EXACT_FILTER_LIMIT
+    got_scores, got = store.search(queries, 10, broad)
+    _, want = exact.search(queries, 10, broad)
+    assert np.isin(got, broad).all()
+    assert _recall(got, want) >= RECALL_TARGET - 0.02
+    _, vectors = source.vectors(got[0])
+    assert np.allclose(got_scores[0], vectors @ queries[0], atol=1e-6)
+
+
+def test_range_search_is_exact_above_the_radius(built):
+    generator, source, store, exact = built
+    queries = generator.image_queries(5, seed=7)
+    selective = source.ids()[::40]  # 1,500 photos: brute force
+    for allowed in (None, selective):
+        lims, scores, ids = store.range_search(queries, 0.8, allowed)
+        want_lims, _, want_ids = exact.range_search(queries, 0.8, allowed)
+        assert (scores > 0.8).all()
+        for row in range(len(queries)):
+            got = set(ids[lims[row] : lims[row + 1]].tolist())
+            want = set(want_ids[want_lims[row] : want_lims[row + 1]].tolist())
+            assert got <= want and len(got) >= RECALL_TARGET * len(want) - 1
+            if allowed is not None:
+                assert got == want
+
+
+def test_near_pairs_equal_all_pairs_on_a_small_set():
+    generator = ClipLike(6_000, seed=9)
+    vectors = generator.vectors()
+    ids = np.arange(len(vectors), dtype=np.int64) + 100
+    source = ArraySource(ids, vectors)
+    store = IVFIndex.build(source)
+    a, b, scores = store.near_pairs(0.95)
+    got = {tuple(sorted(pair)) for pair in zip(a.tolist(), b.tolist())}
+    gram = vectors @ vectors.T
+    rows, cols = np.nonzero(np.triu(gram > 0.95, k=1))
+    want = {(int(ids[r]), int(ids[c])) for r, c in zip(rows, cols)}
+    assert len(want) > 50  # the generator makes bursts of near-copies
+    assert got == want
+    assert np.allclose(scores, np.einsum("ij,ij->i", vectors[a - 100], vectors[b - 100]))
+
+
+def test_untrained_store_trains_on_first_add_and_round_trips_its_stamp(tmp_path):
+    vectors = ClipLike(3_000, seed=4).vectors()
+    store = open_store("ivf")
+    assert len(store) == 0 and store.search(vectors[:1], 5)[1].shape == (1, 0)
+    store.save(tmp_path / "empty.faiss")
+    assert len(load_store(tmp_path / "empty.faiss")) == 0
+    store.add(np.arange(3_000), vectors)
+    assert store.describe()["nlist"] == ivf.nlist_for(3_000) and "recall_at_10" in store.params
+    path = tmp_path / "vectors.1.faiss"
+    store.save(path)
+    stamp = json.loads(stamp_path(path).read_text())
+    assert stamp["kind"] == "ivf" and stamp["params"]["nprobe"] == store.nprobe
+    loaded = load_store(path)
+    assert isinstance(loaded, IVFIndex) and loaded.describe() == store.describe()
+    assert sorted(loaded.ids().tolist()) == list(range(3_000))
+    assert loaded.search(vectors[7], 1)[1][0, 0] == 7
+    assert loaded.remove(np.arange(10)) == 10 and len(loaded) == 2_990
+    # Bit flips and truncation are refused by the stamp, naming `clipdex repair`.
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(LibraryDamaged, match="clipdex repair"):
+        load_store(path)
+    path.write_bytes(bytes(data[:-100]))
+    with pytest.raises(LibraryDamaged, match="truncated"):
+        load_store(path)
+
+
+# -- in a library ---------------------------------------------------------------------------
+def _library(root, count: int, seed: int = 2):
+    """A library of ``count`` synthetic photos (catalog + exact index), still open."""
+    vectors = ClipLike(count, seed=seed).vectors()
+    library = Library.open(root, create=True)
+    library.bind_model(ModelIdentity(weights="fake"))
+    records = [
+        ImageRecord(f"/p/{i // 100}/{i}.jpg", 1, 1, f"{i:064x}", vectors[i], 64 + i % 7, 48)
+        for i in range(count)
+    ]
+    ids = np.asarray(library.catalog.commit_batch(records), np.int64)
+    library.index.add(ids, vectors)
+    library.checkpoint()
+    return library, ids, vectors
+
+
+def test_switching_kinds_rebuilds_from_the_catalog_and_keeps_the_answers(tmp_path):
+    library, ids, vectors = _library(tmp_path / "lib", 4_000)
+    with library:
+        query = ClipLike(4_000, seed=2).text_queries(1, seed=3)[0]
+        folder = SearchOptions(k=15, folders=("/p/1*",))
+        before = {
+            name: rank(library, query, options, 1000)
+            for name, options in (
+                ("top", SearchOptions(k=15)),
+                ("folder", folder),
+                ("page2", SearchOptions(k=5, offset=5)),
+            )
+        }
+        library.rebuild_index("ivf")
+        assert library.index.kind == "ivf" and len(library.index) == 4_000
+        for name, options in (
+            ("top", SearchOptions(k=15)),
+            ("folder", folder),
+            ("page2", SearchOptions(k=5, offset=5)),
+        ):
+            after = rank(library, query, options, 1000)
+            assert after.ids == before[name].ids, name
+            assert np.allclose(after.scores, before[name].scores, atol=1e-6)
+    with Library.open(tmp_path / "lib", read_only=True) as reopened:  # kind from the stamp
+        assert reopened.index.kind == "ivf"
+        assert rank(reopened, query, SearchOptions(k=15), 1000).ids == before["top"].ids
+        cut = rank(reopened, query, SearchOptions(k=50, cutoff="auto"), 1000)
+        assert cut.cutoff is not None and all(s > cut.cutoff.threshold for s in cut.scores)
+        assert np.allclose(cut.scores, vectors[np.searchsorted(ids, cut.ids)] @ query, atol=1e-6)
+        groups = find_duplicates(reopened, 0.95)
+    with Library.open(tmp_path / "lib") as library:
+        library.rebuild_index("exact")
+        assert [sorted(m.id for m in g.members) for g in groups] == [
+            sorted(m.id for m in g.members) for g in find_duplicates(library, 0.95)
+        ]
+        assert groups  # the generator's bursts
+
+
+def test_auto_choice_and_bad_choice():
+    assert wanted_kind("auto", 1_000, "exact") == "exact"
+    assert wanted_kind("auto", AUTO_IVF_PHOTOS, "exact") == "ivf"
+    assert wanted_kind("auto", AUTO_IVF_PHOTOS * 3 // 4, "ivf") == "ivf"  # no flip-flopping
+    assert wanted_kind("auto", AUTO_IVF_PHOTOS // 3, "ivf") == "exact"
+    assert wanted_kind("exact", 10**7, "ivf") == "exact"
+    assert check_choice(" IVF ") == "ivf" and check_choice(None) is None
+    with pytest.raises(ConfigError, match="auto, exact, ivf") as caught:
+        check_choice("hnsw")
+    assert caught.value.setting == "index"
+
+
+def test_index_flag_switches_kind_and_info_shows_it(
+    tmp_path, monkeypatch, fake_encoder, photo_folder
+):
+    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
+    runner = CliRunner()
+    library = str(tmp_path / "lib")
+
+    def run(*args):
+        result = runner.invoke(app, [*args, "--library", library], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    report = json.loads(run("index", str(photo_folder), "--json"))
+    assert report["index_rebuilt"] is None
+    assert json.loads(run("info", "--json"))["index"]["kind"] == "exact"
+    report = json.loads(run("index", str(photo_folder), "--index", "ivf", "--json"))
+    assert report["index_rebuilt"] == "ivf" and report["indexed"] == 0
+    facts = json.loads(run("info", "--json"))["index"]
+    assert facts["kind"] == "ivf" and facts["choice"] == "ivf" and facts["count"] == 6
+    assert "recall@10" in run("info") and "ivf" in run("info")
+    found = json.loads(run("search", "a red ball", "-k", "3", "--json"))
+    assert len(found["results"]) == 3
+    report = json.loads(run("index", str(photo_folder), "--json"))  # the choice is kept
+    assert report["index_rebuilt"] is None
+    assert json.loads(run("info", "--json"))["index"]["kind"] == "ivf"
+    bad = runner.invoke(app, ["index", str(photo_folder), "--index", "hnsw", "--library", library])
+    assert bad.exit_code != 0 and "auto, exact, ivf" in bad.output
