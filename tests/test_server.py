@@ -344,6 +344,23 @@ def test_index_job_adds_photos_and_search_sees_them(client, tmp_path):
     assert any(j["id"] == job["id"] for j in client.get("/api/index").json()["jobs"])
 
 
+def test_index_job_switches_the_index_kind_and_info_shows_it(client, tmp_path):
+    assert client.get("/api/info").json()["index"]["kind"] == "exact"
+    (tmp_path / "kind").mkdir()
+    Image.new("RGB", (50, 50), (9, 2, 3)).save(tmp_path / "kind" / "one.png")
+    started = client.post("/api/index", json={"paths": ["kind"], "index": "ivf"})
+    assert started.status_code == 202, started.text
+    job = wait_for_job(client, started.json()["status_url"])
+    assert job["state"] == "done" and job["report"]["index_rebuilt"] == "ivf", job
+    # A search picks up the new checkpoint; info then describes the index it serves.
+    assert len(client.get("/api/search", params={"q": "x", "k": 8}).json()["results"]) == 8
+    index = client.get("/api/info").json()["index"]
+    assert index["kind"] == "ivf" and index["choice"] == "ivf" and index["count"] == 8
+    assert "recall_at_10" in index and index["nprobe"] >= 1
+    refused = client.post("/api/index", json={"paths": ["kind"], "index": "hnsw"})
+    assert refused.status_code == 422
+
+
 def test_index_paths_relative_to_the_root(client, tmp_path):
     (tmp_path / "rel").mkdir()
     Image.new("RGB", (50, 50), (1, 2, 3)).save(tmp_path / "rel" / "one.png")

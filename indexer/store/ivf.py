@@ -467,6 +467,7 @@ def _new_index(dim: int, nlist: int) -> faiss.IndexIVFScalarQuantizer:
     index.own_fields = True
     quantizer.this.disown()  # owned by the IVF index now
     index.cp.spherical = True  # unit centroids: inner product is cosine
+    index.cp.min_points_per_centroid = 1  # a small library gets few lists: no FAISS warning
     return index
 
 

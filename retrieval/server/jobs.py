@@ -47,6 +47,7 @@ class IndexJob:
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    index_kind: str | None = None  # auto | exact | ivf asked for (None: keep the library's)
 
     def as_dict(self) -> dict:
         end = self.finished_at or time.time()
@@ -103,8 +104,8 @@ class IndexJobs:
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None  # started by the first job
 
-    def submit(self, paths: list[str]) -> IndexJob:
-        job = IndexJob(uuid.uuid4().hex[:16], list(paths))
+    def submit(self, paths: list[str], index_kind: str | None = None) -> IndexJob:
+        job = IndexJob(uuid.uuid4().hex[:16], list(paths), index_kind=index_kind)
         with self._lock:
             active = sum(j.state in ("queued", "running") for j in self._jobs.values())
             if active >= MAX_ACTIVE_JOBS:
@@ -160,7 +161,12 @@ class IndexJobs:
     def _execute(self, job: IndexJob) -> None:
         job.state, job.started_at = "running", time.time()
         try:
-            report = self._run(job.paths, JobProgress(job, self._cancelled))
+            progress = JobProgress(job, self._cancelled)
+            report = (
+                self._run(job.paths, progress, job.index_kind)
+                if job.index_kind is not None
+                else self._run(job.paths, progress)
+            )
         except JobCancelled:
             job.state = "cancelled"
         except ClipdexError as exc:

@@ -32,7 +32,7 @@ from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress
 from indexer.ingest.sync import Syncer, SyncOptions
 from indexer.model.identity import Encoder
 from indexer.store.catalog import Catalog
-from indexer.store.kindchoice import index_facts
+from indexer.store.kindchoice import check_choice, index_facts
 from indexer.store.library import Library
 from indexer.store.vectors import set_search_threads
 from retrieval.collection import Collection, EncoderLoader
@@ -287,20 +287,25 @@ class ServerState:
         return encoder.encode_images(np.stack(pixels))
 
     # -- indexing -----------------------------------------------------------------------
-    def submit_index(self, paths: list[str]) -> IndexJob:
-        """Queue an index job for paths confined to the --index-root folders."""
+    def submit_index(self, paths: list[str], index_kind: str | None = None) -> IndexJob:
+        """Queue an index job for paths confined to the --index-root folders; ``index_kind``
+        (auto | exact | ivf) switches the library's vector index kind afterwards."""
         if not paths:
             raise QueryError("give at least one path to index")
         confined = [confine(path, self.settings.index_roots) for path in paths]
         self.require_library()
         self.require_encoder()
-        return self.jobs.submit(confined)
+        return self.jobs.submit(confined, check_choice(index_kind))
 
-    def _run_index(self, paths: list[str], progress: Progress) -> IndexReport:
+    def _run_index(
+        self, paths: list[str], progress: Progress, index_kind: str | None = None
+    ) -> IndexReport:
         encoder = self.require_encoder().without_timeout()
         roots = [os.path.realpath(root) for root in self.settings.index_roots]
         # Symlinks met while walking may not lead out of the roots either.
-        options = IndexOptions(max_megapixels=self.settings.max_megapixels, within=roots)
+        options = IndexOptions(
+            max_megapixels=self.settings.max_megapixels, within=roots, index_kind=index_kind
+        )
         root = self.require_library().root
         with self._writer, Collection.open(root, create=True, encoder=encoder) as collection:
             report = collection.index(paths, options, progress)
