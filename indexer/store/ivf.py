@@ -68,6 +68,7 @@ RECALL_TARGET = 0.98  # recall@10 vs exact search that nprobe is tuned to reach
 TUNE_QUERIES = 200  # held-out queries per query type (image-like, text-like)
 RERANK_EXTRA = 32  # candidates beyond k that are re-ranked exactly
 EXACT_FILTER_LIMIT = 20_000  # allowed photos up to which a filtered search is brute force
+SAMPLE_LIMIT = 50_000  # whole-distribution requests up to this size are kept in memory
 MIN_MARGIN = 0.02  # lowest code-score margin for range searches
 TRAIN_PER_LIST = 40  # training vectors per centroid (FAISS warns below 39)
 MIN_TRAIN = 20_000  # ... but at least this many when the library has them
@@ -105,6 +106,7 @@ class IVFIndex:
         self.params: dict = dict(params or {})
         self._fetch: VectorFetch | None = None
         self._ids: np.ndarray | None = None  # cache of ids(), dropped on every change
+        self._sample: tuple[bytes, np.ndarray, np.ndarray] | None = None  # see _sample_vectors
 
     # -- the re-rank source ---------------------------------------------------------------
     def attach_source(self, fetch: VectorFetch | None) -> None:
@@ -291,7 +293,7 @@ class IVFIndex:
             self.train(vectors, nlist_for(len(ids)))
             self.params["built_for"] = len(ids)
         self.index.add_with_ids(vectors, ids)
-        self._ids = None
+        self._ids = self._sample = None
         if first:
             self._tune_on_batch(ids, vectors)
 
@@ -310,7 +312,7 @@ class IVFIndex:
             return 0
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
         removed = int(self.index.remove_ids(selector))
-        self._ids = None
+        self._ids = self._sample = None
         return removed
 
     # -- search ---------------------------------------------------------------------------
@@ -355,6 +357,11 @@ class IVFIndex:
         radius = float(radius)
         if allowed_ids is not None:
             allowed_ids = np.ascontiguousarray(allowed_ids, dtype=np.int64)
+        if radius < -1.0 and allowed_ids is not None and len(allowed_ids) <= SAMPLE_LIMIT:
+            found, vectors = self._sample_vectors(allowed_ids)
+            scores = queries @ vectors.T
+            lims = np.arange(len(queries) + 1, dtype=np.int64) * len(found)
+            return lims, scores.ravel().astype(np.float32), np.tile(found, len(queries))
         if radius < -1.0:  # every score: from the codes of the whole (allowed) set
             params = self._params(allowed_ids, nprobe=self.nlist)
             lims, scores, ids = self.index.range_search(queries, -3.0, params=params)
@@ -422,6 +429,20 @@ class IVFIndex:
         scores = np.einsum("ij,ij->i", vectors[pa], vectors[pb]).astype(np.float32)
         keep = scores > radius
         return a[keep], b[keep], scores[keep]
+
+    def _sample_vectors(self, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Full vectors of a set asked for whole again and again (the auto cut-off's fixed
+        background sample), read once (from the source, else decoded) and kept."""
+        key = len(allowed).to_bytes(8, "little") + zlib.crc32(allowed.tobytes()).to_bytes(
+            4, "little"
+        )
+        if self._sample is None or self._sample[0] != key:
+            if self._fetch is not None:
+                found, vectors = _fetch_all(self._fetch, allowed, self.dim)
+            else:
+                found, vectors = _decode_ids(self.index, allowed)
+            self._sample = (key, found, vectors)
+        return self._sample[1], self._sample[2]
 
     def _brute_force_range(self, queries, radius, allowed):
         found, vectors = _fetch_all(self._fetch, allowed, self.dim)
@@ -514,6 +535,15 @@ def _decoded_lists(index: faiss.IndexIVF, allowed: np.ndarray | None):
             vectors += centroids[number]
         out.append((ids, vectors))
     return out
+
+
+def _decode_ids(index: faiss.IndexIVF, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors decoded from the codes) of the stored ids among ``wanted``."""
+    lists = _decoded_lists(index, wanted)
+    found = [ids for ids, _ in lists if len(ids)]
+    if not found:
+        return np.zeros(0, np.int64), np.zeros((0, index.d), np.float32)
+    return np.concatenate(found), np.vstack([v for ids, v in lists if len(ids)])
 
 
 def _centroids(index: faiss.IndexIVF) -> np.ndarray:
