@@ -271,7 +271,7 @@ def test_a_schema_5_catalog_gains_the_video_columns_and_frames(tmp_path):
         reader.close()
     catalog = Catalog(path)
     try:
-        assert catalog.get_meta("schema_version") == "6"
+        assert catalog.get_meta("schema_version") == "7"
         row = catalog.get_images([1])[1]
         assert row["kind"] == "photo" and row["duration"] is None
         assert list(catalog.frame_ids_of([1])) == []

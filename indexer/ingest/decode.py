@@ -25,7 +25,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import IO, Any
 
@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
 
 from indexer.errors import ClipdexError, DecodeError, ImageTooLarge
-from indexer.ingest import jxl, raw
+from indexer.ingest import jxl, raw, textfields
 
 DEFAULT_MAX_MEGAPIXELS: float = 89.0
 """Default pixel limit, about Pillow's own decompression-bomb threshold (89.5 MP)."""
@@ -164,6 +164,8 @@ class ImageInfo:
     camera_model: str | None = None
     gps_lat: float | None = None
     gps_lon: float | None = None
+    # (source, text, None) rows: EXIF/IPTC/XMP captions and keywords (ingest.textfields)
+    texts: tuple[tuple[str, str, None], ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +310,8 @@ def _open_rgb(
         except Exception as exc:  # name the format Pillow detected
             raise _load_failure(exc, im, hint) from exc
     width, height = header_size if orientation < 5 else header_size[::-1]
-    return rgb, _image_info(width, height, im.format, exif)
+    info = _image_info(width, height, im.format, exif)
+    return rgb, replace(info, texts=tuple(textfields.extract_texts(im, exif)))
 
 
 def _open_raw(

@@ -265,6 +265,7 @@ def index_paths(
     report = IndexReport()
     with library.writing():
         library.bind_model(encoder.identity)
+        library.catalog.add_text_roots(str(r if r.is_dir() else r.parent) for r in roots)
         work = plan(library, roots, options.excludes, options.within)
         report.unchanged = work.unchanged
         progress.start(len(work.todo))

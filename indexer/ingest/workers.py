@@ -91,6 +91,7 @@ def decode_file(data: bytes | None, path: str, max_megapixels: float) -> tuple[n
         "camera_model": info.camera_model,
         "gps_lat": info.gps_lat,
         "gps_lon": info.gps_lon,
+        "texts": list(info.texts),
     }
     return pixels, fields
 

@@ -10,6 +10,7 @@ the generation it was saved at, which tells on open whether the two agree.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from sqlalchemy.exc import DatabaseError, DisconnectionError, OperationalError
 from indexer.errors import LibraryDamaged, LibraryError
 from indexer.fsutil import file_key
 from indexer.paths import ESCAPE, from_db, to_db
+from indexer.store import textindex
 from indexer.store.catalog_reader import (  # the checks both catalog kinds share
     FRAME_IDS_OF,
     FRAME_OWNERS,
@@ -57,7 +59,7 @@ from indexer.store.catalog_reader import (  # the checks both catalog kinds shar
     vector_is_sound,
 )
 
-SCHEMA_VERSION = 6  # == len(MIGRATIONS)
+SCHEMA_VERSION = 7  # == len(MIGRATIONS)
 metadata = MetaData()
 
 meta_table = Table(
@@ -109,9 +111,7 @@ frames = Table(
     "frames",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column(
-        "image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), nullable=False
-    ),
+    Column("image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), nullable=False),
     Column("time", Float, nullable=False),
     Column("vector", LargeBinary, nullable=False),
     Index("ix_frames_image_id", "image_id"),
@@ -164,6 +164,31 @@ tagged = Table(
 )
 
 
+# Words of each image (schema 7): one row per (image, source), see indexer.store.textindex.
+# Mirrored into the FTS5 table ``text_fts`` (rowid == id) by :meth:`Catalog._insert_texts`
+# in the same transaction; a deleted row (also by ON DELETE CASCADE) leaves it by trigger.
+image_text = Table(
+    "image_text",
+    metadata,
+    Column("id", Integer, primary_key=True),  # == text_fts rowid; explicit, so VACUUM keeps it
+    Column("image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), nullable=False),
+    Column("source", String, nullable=False),  # name, folder, description, keywords, ocr
+    Column("text", Text, nullable=False),
+    Column("confidence", Float),  # OCR: the mean recognition confidence; else NULL
+    Index("ix_image_text_image_id", "image_id"),
+)
+
+TEXT_FTS_DDL = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS text_fts USING fts5(text, image_id UNINDEXED, "
+    "source UNINDEXED, tokenize='unicode61 remove_diacritics 2')"
+)
+TEXT_FTS_TRIGGER_DDL = (
+    "CREATE TRIGGER IF NOT EXISTS image_text_fts_delete AFTER DELETE ON image_text "
+    "BEGIN DELETE FROM text_fts WHERE rowid = old.id; END"
+)
+TEXT_ROOTS_KEY = "text_roots"  # meta: JSON list of indexed roots (folder words start there)
+
+
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[meta_table, images, failures])
 
@@ -212,8 +237,50 @@ def _migration_6(conn: Connection) -> None:
     metadata.create_all(conn, tables=[frames])
 
 
+def _migration_7(conn: Connection) -> None:
+    """Words of each image: ``image_text`` + the FTS5 index, filled with the name and folder
+    words of every row already there (metadata and OCR text come with a re-index)."""
+    metadata.create_all(conn, tables=[image_text])
+    conn.exec_driver_sql(TEXT_FTS_DDL)
+    conn.exec_driver_sql(TEXT_FTS_TRIGGER_DDL)
+    roots = _common_root(conn)
+    Catalog._set(conn, TEXT_ROOTS_KEY, json.dumps(roots))
+    last = 0
+    while True:
+        rows = conn.exec_driver_sql(
+            "SELECT id, path FROM images WHERE id > ? AND NOT EXISTS "
+            "(SELECT 1 FROM image_text WHERE image_id = images.id) ORDER BY id LIMIT 5000",
+            (last,),
+        ).all()
+        if not rows:
+            return
+        last = rows[-1][0]
+        texts = [
+            (row[0], *text) for row in rows for text in textindex.path_texts(from_db(row[1]), roots)
+        ]
+        Catalog._insert_texts(conn, texts)
+
+
+def _common_root(conn: Connection) -> list[str]:
+    """The folder every catalogued path lies in (the common folder of the least and greatest
+    path is everyone's), as the one known root of a library from before schema 7."""
+    low, high = conn.exec_driver_sql("SELECT min(path), max(path) FROM images").one()
+    if low is None:
+        return []
+    common = os.path.commonpath([os.path.dirname(from_db(low)), os.path.dirname(from_db(high))])
+    return [common]
+
+
 # Named, ordered migrations: index i brings the schema from version i to i + 1.
-MIGRATIONS = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6]
+MIGRATIONS = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+    _migration_5,
+    _migration_6,
+    _migration_7,
+]
 
 IMAGE_FIELDS = (
     "width",
@@ -260,6 +327,9 @@ class ImageRecord:
     frame_times: Sequence[float] = ()
     frame_vectors: np.ndarray | None = None
     frame_ids: list[int] = field(default_factory=list)
+    # Words that follow the content (source, text, confidence): description, keywords, OCR.
+    # Name and folder words are made from ``path`` when the row is stored.
+    texts: Sequence[tuple[str, str, float | None]] = ()
 
 
 @dataclass(frozen=True)
@@ -498,6 +568,8 @@ class Catalog:
         if row is None:
             return None
         fields = {name: getattr(row, name) for name in IMAGE_FIELDS}
+        texts = self.texts_for([row.id]).get(row.id, [])
+        fields["texts"] = [t for t in texts if t[0] in textindex.CONTENT_SOURCES]
         if row.kind == "video":  # a renamed video reuses every frame
             times, vectors = self.video_frames(row.id)
             fields.update(frame_times=times, frame_vectors=vectors)
@@ -713,6 +785,7 @@ class Catalog:
         with self.engine.begin() as conn:
             paths = [r.path for r in records] + [f[0] for f in failed] + list(removed_paths)
             self._delete_paths(conn, paths)
+            roots = self._text_roots(conn)
             for record in records:
                 values = {name: getattr(record, name) for name in IMAGE_FIELDS}
                 result = conn.execute(
@@ -731,6 +804,7 @@ class Catalog:
                 )
                 new_ids.append(int(result.inserted_primary_key[0]))
                 self._insert_frames(conn, new_ids[-1], record)
+                self._insert_record_texts(conn, new_ids[-1], record, roots)
             for path, size, mtime_ns, error in failed:
                 conn.execute(
                     insert(failures).values(
@@ -758,11 +832,87 @@ class Catalog:
         record.frame_ids = list(range(image_id + 1, image_id + 1 + extra))
         rows = [
             {"id": i, "image_id": image_id, "time": float(t), "vector": vector_to_blob(v)}
-            for i, t, v in zip(
-                record.frame_ids, record.frame_times[1:], record.frame_vectors[1:]
-            )
+            for i, t, v in zip(record.frame_ids, record.frame_times[1:], record.frame_vectors[1:])
         ]
         conn.execute(insert(frames), rows)
+
+    @staticmethod
+    def _insert_record_texts(
+        conn: Connection, image_id: int, record: ImageRecord, roots: Sequence[str]
+    ) -> None:
+        """A stored image's words: its path's (name, folders) and its content's."""
+        texts = textindex.path_texts(record.path, roots)
+        for source, text, confidence in record.texts:
+            if source in textindex.CONTENT_SOURCES:
+                text = textindex.clean_text(text)
+                if text:
+                    texts.append((source, text, confidence))
+        Catalog._insert_texts(conn, [(image_id, *text) for text in texts])
+
+    @staticmethod
+    def _insert_texts(conn: Connection, rows: Sequence[tuple]) -> None:
+        """(image_id, source, text, confidence) rows into ``image_text`` and, with the same
+        ids, into ``text_fts`` (CJK spaced: :func:`indexer.store.textindex.fts_text`)."""
+        for image_id, source, text, confidence in rows:
+            result = conn.execute(
+                insert(image_text).values(
+                    image_id=image_id, source=source, text=text, confidence=confidence
+                )
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO text_fts (rowid, text, image_id, source) VALUES (?, ?, ?, ?)",
+                (result.inserted_primary_key[0], textindex.fts_text(text), image_id, source),
+            )
+
+    @staticmethod
+    def _text_roots(conn: Connection) -> list[str]:
+        value = conn.execute(
+            select(meta_table.c.value).where(meta_table.c.key == TEXT_ROOTS_KEY)
+        ).scalar()
+        try:
+            roots = json.loads(value) if value else []
+        except ValueError:
+            return []
+        return [r for r in roots if isinstance(r, str)] if isinstance(roots, list) else []
+
+    def rebuild_text_index(self) -> int:
+        """Fill ``text_fts`` again from ``image_text`` (after a salvage); returns the rows."""
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM text_fts")
+            rows = conn.exec_driver_sql(
+                "SELECT id, image_id, source, text FROM image_text ORDER BY id"
+            ).all()
+            if rows:
+                conn.exec_driver_sql(
+                    "INSERT INTO text_fts (rowid, text, image_id, source) VALUES (?, ?, ?, ?)",
+                    [(r[0], textindex.fts_text(r[3]), r[1], r[2]) for r in rows],
+                )
+        return len(rows)
+
+    def add_text_roots(self, roots: Iterable[str]) -> None:
+        """Remember indexed root folders: a photo's folder words start at its root's name."""
+        with self.engine.begin() as conn:
+            known = self._text_roots(conn)
+            new = [str(r) for r in roots if str(r) not in known]
+            if new:
+                self._set(conn, TEXT_ROOTS_KEY, json.dumps(known + new))
+
+    def texts_for(self, ids: Iterable[int]) -> dict[int, list[tuple[str, str, float | None]]]:
+        """Stored (source, text, confidence) rows of the given images, by source order."""
+        order = {source: i for i, source in enumerate(textindex.SOURCES)}
+        ids = [int(i) for i in ids]
+        out: dict[int, list[tuple[str, str, float | None]]] = {}
+        columns = (image_text.c.image_id, image_text.c.source, image_text.c.text)
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                query = select(*columns, image_text.c.confidence).where(
+                    image_text.c.image_id.in_(ids[start : start + 500])
+                )
+                for row in conn.execute(query):
+                    out.setdefault(row.image_id, []).append((row.source, row.text, row.confidence))
+        for rows in out.values():
+            rows.sort(key=lambda r: order.get(r[0], len(order)))
+        return out
 
     @staticmethod
     def _delete_paths(conn: Connection, paths: Sequence[str]) -> None:

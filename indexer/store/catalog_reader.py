@@ -30,7 +30,7 @@ from indexer.paths import from_db, to_db
 
 # Schema versions whose tables this reader's SQL was checked against (the catalog's
 # SCHEMA_VERSION must be one of them: tests/test_catalog_reader.py says so).
-READABLE_SCHEMAS = frozenset({3, 4, 5, 6})
+READABLE_SCHEMAS = frozenset({3, 4, 5, 6, 7})
 # Video frames (schema 6), as plain SQL both catalog kinds run; "{}" is an IN (...) list.
 FRAME_OWNERS = "SELECT id, image_id, time FROM frames WHERE id IN ({})"
 FRAME_IDS_OF = "SELECT id FROM frames WHERE image_id IN ({})"
@@ -45,6 +45,7 @@ _CHUNK = 500  # ids per IN (...) list, as the catalog does
 CATALOG_WRITES = frozenset({
     "set_meta", "bump_generation", "commit_batch", "delete_ids", "touch", "store_tags",
     "forget_tagged", "forget_failures_under", "record_file_keys", "queue_reindex",
+    "add_text_roots", "rebuild_text_index",
 })  # fmt: skip
 
 
@@ -244,11 +245,16 @@ class CatalogReader:
             raise ReaderUnavailable(f"schema version {version} needs the full catalog")
 
     def _probe(self) -> None:
-        """Touch each table's first and last rows: a damaged root page shows on open."""
+        """Touch each table's first and last rows: a damaged root page shows on open.
+
+        Tables without a rowid (the FTS5 index's ``text_fts_idx``) have no order to probe.
+        """
         tables = self._rows(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+            "SELECT name, sql FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
         )
-        for (table,) in tables:
+        for table, sql in tables:
+            if "WITHOUT ROWID" in (sql or "").upper():
+                continue
             for order in ("ASC", "DESC"):
                 self._rows(f'SELECT * FROM "{table}" ORDER BY rowid {order} LIMIT 1')
 

@@ -69,12 +69,18 @@ def _open_source(path: Path) -> sqlite3.Connection | None:
 
 
 def _tables_in_order(conn: sqlite3.Connection) -> list[str]:
-    """The target's tables, each after the tables its foreign keys reference."""
+    """The target's tables, each after the tables its foreign keys reference.
+
+    Virtual tables (the FTS5 text index) and their shadow tables are derived data, not
+    copied: the catalog rebuilds them from the salvaged rows
+    (:meth:`~indexer.store.catalog.Catalog.rebuild_text_index`).
+    """
+    rows = conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+    ).fetchall()
+    virtual = [n for n, sql in rows if (sql or "").upper().startswith("CREATE VIRTUAL TABLE")]
     names = [
-        r[0]
-        for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
-        )
+        n for n, _ in rows if n not in virtual and not any(n.startswith(v + "_") for v in virtual)
     ]
     parents = {n: {fk[2] for fk in conn.execute(f'PRAGMA foreign_key_list("{n}")')} for n in names}
     ordered: list[str] = []
