@@ -258,9 +258,10 @@ class Collection:
 
         def run_batch(changed: list[Path]) -> IndexReport:
             with guard() if guard is not None else contextlib.nullcontext():
-                return index_changes(library, self.encoder, changed, options, progress)
+                roots = syncer.roots
+                return index_changes(library, self.encoder, changed, options, progress, roots)
 
-        return Syncer(
+        syncer = Syncer(
             _as_list(paths),
             run_batch,
             sync_options,
@@ -268,6 +269,7 @@ class Collection:
             on_batch=on_batch,
             on_note=on_note,
         )
+        return syncer
 
     def repair(
         self,

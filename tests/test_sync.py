@@ -6,6 +6,7 @@ The fake encoder stands in for the model (nothing here ranks). Every wait is a g
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -146,6 +147,8 @@ def test_watch_picks_up_a_new_file_and_a_deleted_one_leaves(photos, photo_folder
     assert str(photo_folder / "photo_0.jpg") not in paths
     assert str(photo_folder / "photo_1.jpg") not in paths
     assert len(paths) == 6 and totals(syncer, "indexed") == 7
+    # The watched folder is the root its photos' folder words start at, as with `index`.
+    assert str(photo_folder) in json.loads(photos.library.catalog.get_meta("text_roots"))
 
 
 def test_a_moved_photo_keeps_its_vector_however_long_the_settle_time(photos, photo_folder):
@@ -296,7 +299,6 @@ def test_filesystem_type_reads_the_mount_table(tmp_path):
 # -- `clipdex watch` ----------------------------------------------------------------------
 def test_cli_watch_indexes_changes_until_ctrl_c(photo_folder, tmp_path, monkeypatch):
     import _thread
-    import json
 
     from typer.testing import CliRunner
 

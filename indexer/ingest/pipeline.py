@@ -288,6 +288,7 @@ def index_changes(
     paths: Sequence[str | os.PathLike],
     options: IndexOptions | None = None,
     progress: Progress | None = None,
+    roots: Sequence[str | os.PathLike] = (),
 ) -> IndexReport:
     """Bring exactly these changed paths up to date (a watcher's batch), incrementally.
 
@@ -296,7 +297,8 @@ def index_changes(
     was a folder, leave the library). Unlike :func:`index_paths` nothing else is walked, so
     a batch costs what changed, not the size of the folders around it. A moved photo keeps
     its vector when its old and new paths are in the same batch (found by content hash
-    before the old row is removed, in the same checkpoint).
+    before the old row is removed, in the same checkpoint). ``roots``: the watched folders
+    the paths lie in (a photo's folder words start at its root, as with ``index_paths``).
     """
     options = options or IndexOptions()
     progress = progress or Progress()
@@ -304,6 +306,7 @@ def index_changes(
     report = IndexReport()
     with library.writing():
         library.bind_model(encoder.identity)
+        library.catalog.add_text_roots(os.fspath(root) for root in roots)
         work, gone = plan_changes(library, [Path(p) for p in paths], options)
         report.unchanged = work.unchanged
         report.failures.extend(work.problems)
@@ -313,6 +316,8 @@ def index_changes(
         # Gone paths also drop their failure rows (a failed file that was deleted).
         writer.checkpoint(removed=list(dict.fromkeys(work.vanished + gone)))
         report.removed = len(work.vanished)
+        # A growing library may cross into another kind, or its ivf lists need re-training.
+        report.index_rebuilt = ensure_kind(library, check_choice(options.index_kind))
     report.failed = len(report.failures)
     report.seconds = time.monotonic() - started
     return report
