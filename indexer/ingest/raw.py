@@ -35,15 +35,17 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from indexer.errors import ClipdexError, DecodeError, ImageTooLarge
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from indexer.ingest.decode import ImageInfo, Source
 
 # decode.py dispatches here and this module decodes previews through decode.py: it is
-# imported inside the functions below (as ``photo``) so neither import runs first.
+# imported inside the functions below (as ``photo``) so neither import runs first. Pillow
+# is imported there too: the query side reads RAW_SUFFIXES without loading an image library.
 
 # Makers named in messages ("camera RAW (Canon CR2)"); other suffixes name the format only.
 _MAKERS = {
@@ -209,6 +211,7 @@ def _preview(
     when there is no preview, it is too small for the model, shows another crop, or is
     broken (the caller then demosaics)."""
     import rawpy
+    from PIL import Image
 
     from indexer.ingest import decode as photo
 
@@ -248,6 +251,8 @@ def _demosaic(raw: Any, messages: list[str], label: str) -> Image.Image:
     LibRaw applies the flip itself. LibRaw reports a short or damaged data stream only by
     printing it: such a file is refused, not indexed as a grey half-picture.
     """
+    from PIL import Image
+
     rgb = raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8)
     damage = _damage(messages)
     if damage:
@@ -304,6 +309,8 @@ def _tiff_exif(data: bytes) -> Image.Exif | None:
     Olympus (IIRO/IIRS/MMOR) and Panasonic (IIU) write a TIFF with their own magic number:
     read as TIFF once the standard one is put in its place.
     """
+    from PIL import Image
+
     head = data[:4]
     standard = {b"IIRO": b"II*\x00", b"IIRS": b"II*\x00", b"IIU\x00": b"II*\x00"}
     standard |= {b"MMOR": b"MM\x00*", b"II*\x00": head, b"MM\x00*": head}

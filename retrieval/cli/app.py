@@ -137,6 +137,13 @@ SortOpt = Annotated[
     SortOrder, typer.Option("--sort", help="score, or date (newest first) / date-asc.")
 ]
 OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="Skip this many (paging).")]
+RawPairsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--raw-pairs",
+        help="List both files of a RAW+JPEG pair (default: once, as the JPEG, RAW noted).",
+    ),
+]
 
 
 def cli_command(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -472,6 +479,7 @@ def search(
     min_score: MinScoreOpt = None,
     sort: SortOpt = SortOrder.score,
     offset: OffsetOpt = 0,
+    raw_pairs: RawPairsOpt = False,
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
@@ -499,6 +507,7 @@ def search(
         cutoff=_value(cutoff),
         min_score=min_score,
         sort=sort.value,
+        raw_pairs=raw_pairs,
     )
     photos = open_collection(
         library, weights, device, backend, cache_dir, quiet=quiet, read_only=True, single_query=True
@@ -523,6 +532,7 @@ def similar(
     min_score: MinScoreOpt = None,
     sort: SortOpt = SortOrder.score,
     offset: OffsetOpt = 0,
+    raw_pairs: RawPairsOpt = False,
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
@@ -547,6 +557,7 @@ def similar(
         cutoff=_value(cutoff),
         min_score=min_score,
         sort=sort.value,
+        raw_pairs=raw_pairs,
     )
     photos = open_collection(
         library, weights, device, backend, cache_dir, quiet=quiet, read_only=True
@@ -996,6 +1007,8 @@ def print_page(query: str, page: SearchPage, json_out: bool, quiet: bool = False
     for rank, r in enumerate(page.results, page.options.offset + 1):
         labels = ", ".join(t["label"] for t in r.tags or [])
         size, taken, path = f"{r.width}x{r.height}", r.taken_at or "", path_cell(r.path)
+        if r.raw is not None:  # a RAW+JPEG pair shown once
+            path.append(f" (+ RAW {display(Path(r.raw['path']).name)})")
         table.add_row(str(rank), f"{r.score:.3f}", str(r.id), path, size, taken, Text(labels))
     stdout.print(table)
 

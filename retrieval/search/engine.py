@@ -23,6 +23,7 @@ from indexer.store.library import Library
 from retrieval.search.cutoff import Cutoff
 from retrieval.search.errors import QueryError
 from retrieval.search.options import MAX_K, SearchOptions
+from retrieval.search.pairs import RawPairs
 from retrieval.search.query import Term, combine, parse_query, photo_terms
 from retrieval.search.ranking import rank
 from retrieval.search.text import check_text
@@ -42,12 +43,14 @@ class SearchResult:
     kind: str = "photo"
     frame_time: float | None = None  # videos: seconds into the video of the best frame
     duration: float | None = None  # videos: seconds
+    raw: dict | None = None  # {"id", "path"} of the RAW shot with this photo (pairs.py)
 
     def as_dict(self) -> dict:
         """The result as JSON; a video's carries ``kind``, ``frame_time`` and ``duration``."""
         document = asdict(self)
-        if self.tags is None:
-            del document["tags"]
+        for optional in ("tags", "raw"):
+            if document[optional] is None:
+                del document[optional]
         if self.kind == "photo":  # photos keep their original shape
             for key in ("kind", "frame_time", "duration"):
                 del document[key]
@@ -90,6 +93,7 @@ class SearchEngine:
         self.library = library
         self._encoder = encoder
         self.max_megapixels = max_megapixels
+        self.pairs = RawPairs()  # RAW+JPEG pairs, kept until the catalog changes
 
     @property
     def encoder(self) -> Encoder:
@@ -155,7 +159,7 @@ class SearchEngine:
     def search(self, vector: np.ndarray, options: SearchOptions) -> SearchPage:
         """One page of photos for a query vector under filters, cut-off, sort and offset."""
         self.library.refresh()
-        ranking = rank(self.library, vector, options, MAX_K)
+        ranking = rank(self.library, vector, options, MAX_K, self.pairs)
         catalog = self.library.catalog
         rows = ranking.rows if ranking.rows is not None else catalog.get_images(ranking.ids)
         tags = catalog.tags_for(ranking.ids) if catalog.has_tags() else None
@@ -167,6 +171,7 @@ class SearchEngine:
             for i, score in zip(ranking.ids, ranking.scores)
             if i in rows
         ]
+        _note_raws(results, ranking.raws or {}, catalog)
         return SearchPage(results, ranking.total, ranking.cutoff, options)
 
 
@@ -194,6 +199,15 @@ def embed_image(
     limit = DEFAULT_MAX_MEGAPIXELS if max_megapixels is None else max_megapixels
     pixels, _ = decode_for_model(source, max_megapixels=limit)
     return encoder.encode_images(pixels[None])[0]
+
+
+def _note_raws(results: list[SearchResult], raws: dict[int, int], catalog) -> None:
+    """Name the RAW folded into each photo that stands for a RAW+JPEG pair."""
+    rows = catalog.get_images(raws.values()) if raws else {}
+    for result in results:
+        raw_id = raws.get(result.id)
+        if raw_id in rows:
+            result.raw = {"id": raw_id, "path": rows[raw_id]["path"]}
 
 
 def _tag_list(pairs: list[tuple[str, float]]) -> list[dict]:

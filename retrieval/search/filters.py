@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from indexer.ingest.raw import RAW_FORMATS
 from indexer.paths import to_db
 from retrieval.search.errors import QueryError
 
@@ -56,6 +57,9 @@ FORMAT_ALIASES = {
     "HIF": ("HEIF",),
     "J2K": ("JPEG2000",),
     "JP2": ("JPEG2000",),
+    "JPEGXL": ("JXL",),
+    # Every camera RAW format (the catalog keeps each RAW's own name: DNG, NEF, CR3, ...).
+    "RAW": tuple(dict.fromkeys(RAW_FORMATS.values())),
 }
 
 
@@ -137,8 +141,7 @@ def parse_date(text: str, setting: str = "after") -> dt.datetime:
         parsed = None
     if parsed is None:
         raise QueryError(
-            f"{setting} {text!r} is not a date: use YYYY, YYYY-MM, YYYY-MM-DD or "
-            "YYYY-MM-DDTHH:MM",
+            f"{setting} {text!r} is not a date: use YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDTHH:MM",
             setting=setting,
         )
     if parsed.tzinfo is not None:  # compare in local time, like EXIF times
@@ -277,4 +280,4 @@ def _known_formats() -> set[str]:
     from PIL import Image
 
     Image.init()
-    return set(Image.ID) | {"HEIF", "AVIF", "MPO", "JPEG2000"}
+    return set(Image.ID) | {"HEIF", "AVIF", "MPO", "JPEG2000", "JXL"} | set(RAW_FORMATS.values())

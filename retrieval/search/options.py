@@ -39,6 +39,8 @@ class SearchOptions:
     - ``cutoff="auto"`` keeps only results that stand out for the query; ``min_score``
       keeps results scoring at least that; ``sort`` is ``score``, ``date`` (newest
       first) or ``date-asc``.
+    - A RAW and a JPEG of one shot (same folder and name stem) count as one result, the
+      JPEG, with the RAW noted; ``raw_pairs=True`` lists both files.
     """
 
     k: int = 20
@@ -53,6 +55,7 @@ class SearchOptions:
     cutoff: str | None = None  # "auto" | "none" | None
     min_score: float | None = None
     sort: str = "score"
+    raw_pairs: bool = False  # list both files of a RAW+JPEG pair
     filter: ImageFilter = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

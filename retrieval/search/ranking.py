@@ -13,6 +13,9 @@ capture time (newest first; ``"date-asc"``: oldest first), ties by score then id
 A video is in the index as several frames (its row's id and its other frames' ids, see
 :mod:`indexer.store.catalog`): hits are collapsed so each video appears once, at its best
 frame, with that frame's score; ``Ranking.frame_times`` says which frame it was.
+
+A camera RAW and a JPEG of one shot are folded into one entry, the JPEG, at the better
+of their two places (:mod:`retrieval.search.pairs`); ``Ranking.raws`` names the RAW.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from retrieval.search.cutoff import (
 from retrieval.search.errors import QueryError
 from retrieval.search.filters import allowed_ids, capture_time
 from retrieval.search.options import SearchOptions
+from retrieval.search.pairs import RawPairs, fold_pairs
 
 
 @dataclass
@@ -45,10 +49,20 @@ class Ranking:
     rows: dict[int, dict] | None = None  # metadata already read (date sort)
     frame_times: dict[int, float] | None = None  # video id -> time of its best frame, when
     # that frame is not the one its row holds (whose time is the row's "frame_time")
+    raws: dict[int, int] | None = None  # face id -> the RAW folded into it (pairs.py)
 
 
-def rank(library: Library, vector: np.ndarray, options: SearchOptions, max_k: int) -> Ranking:
-    """Rank the library for ``vector`` under ``options`` and cut out the requested page."""
+def rank(
+    library: Library,
+    vector: np.ndarray,
+    options: SearchOptions,
+    max_k: int,
+    pairs: RawPairs | None = None,
+) -> Ranking:
+    """Rank the library for ``vector`` under ``options`` and cut out the requested page.
+
+    With ``pairs`` (and not ``options.raw_pairs``) a RAW+JPEG pair counts as one photo.
+    """
     allowed = allowed_ids(library.catalog, options.filter)
     auto, min_score = resolve_cutoff(options.cutoff, options.min_score, options.sort)
     if allowed is not None and not len(allowed):
@@ -56,6 +70,7 @@ def rank(library: Library, vector: np.ndarray, options: SearchOptions, max_k: in
     population = len(allowed) if allowed is not None else len(library.index)
     if allowed is not None:  # an allowed video brings its frames
         allowed = np.union1d(allowed, library.catalog.frame_ids_of(allowed.tolist()))
+    faces = pairs.faces(library.catalog) if pairs is not None and not options.raw_pairs else {}
     cut = combine_cutoffs(_auto(library, vector, population) if auto else None, min_score)
     if cut is None:
         if options.offset + options.k > max_k:
@@ -63,14 +78,21 @@ def rank(library: Library, vector: np.ndarray, options: SearchOptions, max_k: in
                 f"offset + k must be at most {max_k} without a cut-off, got "
                 f"{options.offset + options.k}"
             )
-        ids, scores, times = _top(library, vector, options.offset + options.k, allowed)
+        # Folding pairs can halve the list: fetch twice as many when there are pairs.
+        wanted = (options.offset + options.k) * (2 if faces else 1)
+        ids, scores, times = _top(library, vector, wanted, allowed)
     else:
         ids, scores = _above(library, vector, cut.threshold, allowed)
         ids, scores, times = collapse_frames(library, ids, scores)
     ids, scores, rows = _order(library, ids, scores, options.sort)
+    ids, scores, raws = fold_pairs(ids, scores, faces, allowed)
     page = slice(options.offset, options.offset + options.k)
     total = len(ids) if cut is not None else None
-    return Ranking(ids[page].tolist(), scores[page].tolist(), total, cut, rows, times)
+    page_ids = ids[page].tolist()
+    if rows is not None:  # a face shown for its RAW may not have been read yet
+        rows.update(library.catalog.get_images([i for i in page_ids if i not in rows]))
+    page_raws = {i: raws[i] for i in page_ids if i in raws}
+    return Ranking(page_ids, scores[page].tolist(), total, cut, rows, times, page_raws)
 
 
 def collapse_frames(

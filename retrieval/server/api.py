@@ -151,6 +151,9 @@ def search_response(request: Request, query: str, kind: str, page: SearchPage) -
 def hit(request: Request, result: SearchResult) -> dict:
     document = result.as_dict()  # the path as the catalog holds it: see .responses
     document.update(urls(request, result.id))
+    if result.raw is not None:  # the RAW of a RAW+JPEG pair: its original bytes' URL
+        raw_id = result.raw["id"]
+        document["raw"] = {**result.raw, "image_url": urls(request, raw_id)["image_url"]}
     return document
 
 

@@ -1,11 +1,11 @@
 """The search routes' query parameters as one :class:`~retrieval.search.options.SearchOptions`.
 
 ``Options`` is a FastAPI dependency: it reads ``k``, ``offset``, ``after``, ``before``,
-``in``, ``camera``, ``min_size``, ``format``, ``tag``, ``cutoff``, ``min_score`` and
-``sort`` and builds the same options object the CLI and Python callers build, which
-validates them (bad values: 400). Semantics are the CLI's (see retrieval/search/filters.py);
-over HTTP a folder must be absolute or a glob starting with ``*``, since the server's
-working directory means nothing to a client.
+``in``, ``camera``, ``min_size``, ``format``, ``tag``, ``cutoff``, ``min_score``,
+``sort`` and ``raw_pairs`` and builds the same options object the CLI and Python callers
+build, which validates them (bad values: 400). Semantics are the CLI's (see
+retrieval/search/filters.py); over HTTP a folder must be absolute or a glob starting with
+``*``, since the server's working directory means nothing to a client.
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ def search_options(
         Literal["score", "date", "date-asc"],
         Query(description="score, or capture time (date: newest first)."),
     ] = "score",
+    raw_pairs: Annotated[
+        bool,
+        Query(description="List both files of a RAW+JPEG pair (default: once, the JPEG)."),
+    ] = False,
 ) -> SearchOptions:
     """The options of one search request (paging, filters, cut-off, order)."""
     return SearchOptions(
@@ -62,6 +66,7 @@ def search_options(
         cutoff=cutoff,
         min_score=min_score,
         sort=sort,
+        raw_pairs=raw_pairs,
     )
 
 

@@ -53,6 +53,12 @@ class CutoffInfo(BaseModel):
     population: int | None = None
 
 
+class RawCompanion(BaseModel):
+    id: int
+    path: str
+    image_url: str
+
+
 class SearchHit(BaseModel):
     id: int
     path: str
@@ -62,6 +68,11 @@ class SearchHit(BaseModel):
     taken_at: str | None
     tags: list[TagScore] | None = Field(
         default=None, description="Stored zero-shot tags, best first (once `clipdex tag` ran)."
+    )
+    raw: RawCompanion | None = Field(
+        default=None,
+        description="The camera RAW of the same shot (same folder and name stem), listed "
+        "with this photo instead of on its own (absent with raw_pairs=true).",
     )
     thumbnail_url: str
     image_url: str

@@ -174,6 +174,13 @@ function card(result, index) {
     onclick: () => searchSimilar(result.id),
   });
   const bar = el("div", { class: "card-bar" }, el("span", { class: "name", title: readable(result.path), text: name }));
+  if (result.raw) {  // a RAW+JPEG pair shown once: link the RAW's original file
+    const rawName = baseName(result.raw.path);
+    bar.append(el("a", {
+      class: "raw", href: result.raw.image_url, title: `RAW of the same shot: ${readable(result.raw.path)}`,
+      text: "+RAW", "aria-label": `RAW file ${rawName}`,
+    }));
+  }
   if (tags) bar.append(el("span", { class: "tags", title: tags, text: tags }));
   bar.append(similar);
   const classes = ["card", result.keeper ? "keeper" : "", result.group % 2 ? "group-odd" : ""];
@@ -257,7 +264,7 @@ function onGridKey(event) {
 const META_FIELDS = [
   ["path", "Path"], ["size", "File size"], ["dimensions", "Pixels"], ["format", "Format"],
   ["taken_at", "Taken"], ["camera", "Camera"], ["gps", "Location"], ["indexed_at", "Indexed"],
-  ["id", "Photo id"], ["tags", "Tags"],
+  ["id", "Photo id"], ["tags", "Tags"], ["raw", "RAW file"],
 ];
 
 function describe(meta) {
@@ -293,6 +300,7 @@ async function openViewer(index) {
   try {
     const facts = describe(await api(`/api/images/${result.id}`));
     facts.tags = (result.tags || []).map((t) => `${t.label} ${(t.score * 100).toFixed(0)}%`).join(", ");
+    facts.raw = result.raw ? readable(result.raw.path) : "";
     const rows = META_FIELDS.filter(([key]) => facts[key])
       .flatMap(([key, label]) => [el("dt", { text: label }), el("dd", { text: facts[key] })]);
     $("viewer-meta").replaceChildren(...rows);
@@ -517,6 +525,7 @@ function readRefineForm() {
     if (value && !(key === "sort" && value === "score")) refine[key] = value;
   }
   if ($("f-cutoff").checked) refine.cutoff = "auto";
+  if ($("f-raw-pairs").checked) refine.raw_pairs = "true";
   return refine;
 }
 
@@ -541,6 +550,7 @@ function readRefine(params) {
     $(id).value = value;
   }
   $("f-cutoff").checked = view.refine.cutoff === "auto";
+  $("f-raw-pairs").checked = view.refine.raw_pairs === "true";
 }
 
 function applyRefine() {
