@@ -63,6 +63,7 @@ def write_dng(
     make: str = "Clipdex",
     model: str = "Test Camera",
     taken: str | None = "2021:06:05 14:30:00",
+    description: str | None = None,
 ) -> Path:
     """Write ``photo`` (upright as the sensor saw it) as a CFA DNG; see the module doc."""
     cfa = bayer_mosaic(np.asarray(photo.convert("RGB")))
@@ -76,6 +77,7 @@ def write_dng(
         272: (ASCII, model),
         274: (SHORT, [orientation]),
         **({306: (ASCII, taken)} if taken else {}),
+        **({270: (ASCII, description)} if description else {}),  # ImageDescription
     }
     sensor = _cfa_tags(cfa)
     writer = _TiffWriter()

@@ -118,6 +118,12 @@ def test_capture_time_and_camera_come_from_the_raw(tmp_path, puppy):
     assert info.taken_at == datetime(2023, 2, 1, 9, 8, 7)
 
 
+def test_a_caption_in_the_raw_is_kept_for_text_search(tmp_path, puppy):
+    path = write_dng(tmp_path / "shot.dng", puppy, description="Puppy on the lawn")
+    _, info = open_rgb(path)
+    assert [text for _, text, _ in info.texts] == ["Puppy on the lawn"]
+
+
 @pytest.mark.parametrize("preview", [False, True], ids=["demosaic", "preview"])
 def test_no_recorded_time_is_none_not_1970(tmp_path, puppy, preview):
     # LibRaw stamps the preview it hands out with its own EXIF: time 0 when it found none.

@@ -284,14 +284,18 @@ def _metadata(
     libraw_taken: datetime | None,
 ) -> ImageInfo:
     """The file's own TIFF/EXIF tags first, then the preview's EXIF, then LibRaw's time."""
+    from indexer.ingest import textfields
     from indexer.ingest.decode import ImageInfo, _image_info
 
-    info = _image_info(size[0], size[1], fmt, _tiff_exif(data))
+    exif = _tiff_exif(data)
+    info = _image_info(size[0], size[1], fmt, exif)
+    if exif is not None:  # captions and keywords in the RAW's own EXIF (no IPTC/XMP here)
+        info = replace(info, texts=tuple(textfields.extract_texts(None, exif)))
     if preview is not None:
         gaps = {
             f.name: getattr(preview, f.name)
             for f in fields(ImageInfo)
-            if f.name not in ("width", "height", "format") and getattr(info, f.name) is None
+            if f.name not in ("width", "height", "format") and getattr(info, f.name) in (None, ())
         }
         info = replace(info, **gaps)
     if info.taken_at is None:
