@@ -280,6 +280,26 @@ def test_a_batch_waits_for_another_writer_and_then_runs(photos, photo_folder):
         wait_for(lambda: totals(syncer, "indexed") == 7, 20)
 
 
+def test_a_batch_holds_the_writer_lock_while_it_runs_and_only_then(photos, photo_folder):
+    from indexer.errors import LibraryLocked
+    from indexer.ingest.pipeline import Progress
+
+    seen: list[str] = []
+
+    class SecondWriter(Progress):  # tries to become a writer from inside each batch
+        def advance(self, count: int = 1) -> None:
+            try:
+                take_lock(photos.root).close()
+                seen.append("got the lock")
+            except LibraryLocked:
+                seen.append("refused")
+
+    syncer = photos.syncer([photo_folder], INDEX, SyncOptions(**FAST), progress=SecondWriter())
+    with syncing(syncer):
+        take_lock(photos.root).close()  # between batches: another writer may run
+    assert seen and set(seen) == {"refused"}
+
+
 def test_watch_refuses_what_is_not_a_folder(photos, photo_folder):
     with pytest.raises(ConfigError, match="does not exist"):
         photos.syncer([photo_folder / "nope"], INDEX)
