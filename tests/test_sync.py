@@ -418,3 +418,15 @@ def test_a_half_written_file_that_failed_is_read_again_once_complete(photos, tmp
         wait_for(lambda: totals(syncer, "indexed") == 1, 20)
     assert photos.failures() == []  # the failure was not final
     assert catalog_paths(photos.root) == {str(target)}
+
+
+def test_serve_poll_without_watch_is_refused_with_a_clear_message(tmp_path):
+    from typer.testing import CliRunner
+
+    from retrieval.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--poll", "5", "--library", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "--poll applies to the --watch folders" in result.output
+    missing = CliRunner().invoke(app, ["serve", "--watch", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
