@@ -19,10 +19,11 @@ vectors: no photo is decoded or encoded again.
 
 from __future__ import annotations
 
+import json
 import os
 
 from indexer.errors import ConfigError
-from indexer.store.vectorstore import KINDS, describe_store
+from indexer.store.vectorstore import DEFAULT_KIND, KINDS, describe_store, stamp_path
 
 INDEX_CHOICES = ("auto", *sorted(KINDS))
 DEFAULT_CHOICE = "auto"
@@ -60,10 +61,13 @@ def wanted_kind(choice: str, count: int, current: str, dim: int = 512) -> str:
     return "ivf" if count >= threshold else "exact"
 
 
-def needs_retraining(store, count: int) -> bool:
-    """Whether an ivf index was trained on far fewer vectors than the library now holds."""
-    built_for = int(getattr(store, "params", {}).get("built_for", 0) or 0)
-    return store.kind == "ivf" and count > RETRAIN_GROWTH * max(built_for, 1) and count >= 2_000
+def needs_retraining(facts: dict, count: int) -> bool:
+    """Whether an ivf index (``facts``: :func:`index_facts`) was built for far fewer
+    vectors than the library now holds."""
+    built_for = int(facts.get("built_for", 0) or 0)
+    return (
+        facts.get("kind") == "ivf" and count > RETRAIN_GROWTH * max(built_for, 1) and count >= 2_000
+    )
 
 
 def ensure_kind(library, choice: str | None = None) -> str | None:
@@ -74,11 +78,10 @@ def ensure_kind(library, choice: str | None = None) -> str | None:
     """
     if choice is not None and choice != recorded_choice(library.catalog):
         library.catalog.set_meta(META_KEY, choice)
-    count = len(library.index)
-    kind = wanted_kind(
-        recorded_choice(library.catalog), count, library.index.kind, library.index.dim
-    )
-    if kind == library.index.kind and not needs_retraining(library.index, count):
+    count = library.catalog.count()
+    facts = index_facts(library)  # from the index file's stamp: no vector is read
+    kind = wanted_kind(recorded_choice(library.catalog), count, facts["kind"])
+    if kind == facts["kind"] and not needs_retraining(facts, count):
         return None
     library.rebuild_index(kind)
     return kind
@@ -101,6 +104,26 @@ def repair_kind(library) -> str:
 
 
 def index_facts(library) -> dict:
-    """What `clipdex info` and /api/info show of the index: the store's own description
-    (kind, count; for ivf nlist, nprobe and measured recall) and the recorded choice."""
-    return {**describe_store(library.index), "choice": recorded_choice(library.catalog)}
+    """What `clipdex info` and /api/info show of the index: kind, count (for ivf nlist,
+    nprobe, the measured recall...) and the recorded choice. Read from the newest index
+    file's stamp, so neither info nor a no-op index reads the vectors; a library without
+    one (new, or an unstamped old file) describes the index it has in memory."""
+    facts = _stamp_facts(library.root)
+    if facts is None:
+        facts = describe_store(library.index)
+    return {**facts, "choice": recorded_choice(library.catalog)}
+
+
+def _stamp_facts(root) -> dict | None:
+    from indexer.store.library import _latest_index_file
+
+    _, path = _latest_index_file(root)
+    if path is None:
+        return None
+    try:
+        stamp = json.loads(stamp_path(path).read_bytes())
+        facts = {"kind": str(stamp.get("kind", DEFAULT_KIND)), "count": int(stamp["count"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    params = stamp.get("params")
+    return {**facts, **(params if isinstance(params, dict) else {})}
