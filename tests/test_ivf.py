@@ -159,6 +159,12 @@ def test_untrained_store_trains_on_first_add_and_round_trips_its_stamp(tmp_path)
     assert sorted(loaded.ids().tolist()) == list(range(3_000))
     assert loaded.search(vectors[7], 1)[1][0, 0] == 7
     assert loaded.remove(np.arange(10)) == 10 and len(loaded) == 2_990
+    mapped = load_store(path, mmap=True)  # lists mapped from the file, read-only
+    assert mapped.mmapped and mapped.search(vectors[7], 1)[1][0, 0] == 7
+    copy = mapped.in_memory()
+    assert not copy.mmapped and copy.remove(np.arange(10)) == 10 and len(mapped) == 3_000
+    copy.add(np.arange(10), vectors[:10])
+    assert copy.search(vectors[3], 1)[1][0, 0] == 3
     # Bit flips and truncation are refused by the stamp, naming `clipdex repair`.
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -105,6 +105,7 @@ class IVFIndex:
         self.index = index  # None until trained
         self.params: dict = dict(params or {})
         self._fetch: VectorFetch | None = None
+        self.mmapped = False  # lists mapped from the file (read-only) instead of read in
         self._ids: np.ndarray | None = None  # cache of ids(), dropped on every change
         self._sample: tuple[bytes, np.ndarray, np.ndarray] | None = None  # see _sample_vectors
 
@@ -210,7 +211,8 @@ class IVFIndex:
     # -- persistence ----------------------------------------------------------------------
     @classmethod
     def load(cls, path: Path, *, mmap: bool = False, verify: bool = True) -> IVFIndex:
-        """Read an index file (into memory: FAISS maps only flat indexes); see the protocol."""
+        """Read an index file; ``mmap`` maps its lists read-only (a query then reads only
+        the lists it probes), else they are read in. See the protocol."""
         path = Path(path)
         stamp = read_stamp(path) if verify else None
         params = {}
@@ -219,8 +221,9 @@ class IVFIndex:
                 raise LibraryError(f"{path} is a {stamp['kind']!r} index, not {cls.kind!r}")
             check_stamp(path, stamp)
             params = _stamp_params(path)
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         try:
-            index = faiss.read_index(str(path))
+            index = faiss.read_index(str(path), flags)
         except RuntimeError as exc:
             if not path.exists():
                 raise FileNotFoundError(errno.ENOENT, "index file replaced", str(path)) from exc
@@ -233,7 +236,9 @@ class IVFIndex:
             raise LibraryDamaged(damage_message(path, "vector count differs from its stamp"))
         if not index.is_trained:
             return cls(index.d)
-        return cls(index.d, index, params)
+        loaded = cls(index.d, index, params)
+        loaded.mmapped = mmap
+        return loaded
 
     def save(self, path: Path) -> None:
         """Write atomically with a stamp (which carries the build report); see the protocol."""
@@ -270,8 +275,17 @@ class IVFIndex:
         return {**stamp, "params": self.params}
 
     def in_memory(self) -> IVFIndex:
-        """Always in memory already (FAISS cannot map IVF lists)."""
-        return self
+        """A writable copy of a mapped index (self when not mapped): FAISS cannot change
+        mapped lists, so they are copied into memory."""
+        if not self.mmapped:
+            return self
+        copy = IVFIndex(self.dim, _writable_copy(self.index), self.params)
+        copy.attach_source(self._fetch)
+        return copy
+
+    def _make_writable(self) -> None:
+        if self.mmapped:
+            self.index, self.mmapped = _writable_copy(self.index), False
 
     # -- contents -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -288,6 +302,7 @@ class IVFIndex:
             return
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         vectors = _rows(vectors, self.dim).reshape(len(ids), self.dim)
+        self._make_writable()
         first = self.index is None
         if first:
             self.train(vectors, nlist_for(len(ids)))
@@ -310,6 +325,7 @@ class IVFIndex:
     def remove(self, ids: np.ndarray) -> int:
         if len(ids) == 0 or self.index is None:
             return 0
+        self._make_writable()
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
         removed = int(self.index.remove_ids(selector))
         self._ids = self._sample = None
@@ -535,6 +551,24 @@ def _decoded_lists(index: faiss.IndexIVF, allowed: np.ndarray | None):
             vectors += centroids[number]
         out.append((ids, vectors))
     return out
+
+
+def _writable_copy(index: faiss.IndexIVFScalarQuantizer) -> faiss.IndexIVFScalarQuantizer:
+    """An in-memory copy of an IVF index whose lists are mapped from its file (FAISS's
+    clone_index does not copy mapped lists)."""
+    copy = _new_index(index.d, index.nlist)
+    copy.quantizer.add(np.ascontiguousarray(_centroids(index)))
+    copy.sq.trained = index.sq.trained
+    copy.by_residual = index.by_residual
+    copy.is_trained = True
+    copy.nprobe = index.nprobe
+    lists = index.invlists
+    for number in range(index.nlist):
+        size = lists.list_size(number)
+        if size:
+            copy.invlists.add_entries(number, size, lists.get_ids(number), lists.get_codes(number))
+    copy.ntotal = index.ntotal
+    return copy
 
 
 def _decode_ids(index: faiss.IndexIVF, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
