@@ -30,6 +30,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -157,12 +158,13 @@ def decode_video_file(path: str, max_megapixels: float) -> tuple[np.ndarray, dic
     return video.pixels, fields
 
 
-def frame_at(path: str | os.PathLike, seconds: float, size: int = 512) -> Image.Image:
-    """The (upright) frame of a video at ``seconds`` or the keyframe just before it, its
+def frame_at(source: str | os.PathLike | BinaryIO, seconds: float, size: int = 512) -> Image.Image:
+    """The (upright) frame of a video (a path or an open binary file) at ``seconds``, its
     longest side at most ``size``: a thumbnail of a search hit at its best moment."""
     av = _pyav()
+    opened = source if hasattr(source, "read") else os.fspath(source)
     try:
-        with av.open(os.fspath(path), metadata_errors="ignore") as container:
+        with av.open(opened, metadata_errors="ignore") as container:
             stream = _video_stream(container)
             _seek(container, stream, max(0.0, seconds))
             for frame in _frames(container, stream):

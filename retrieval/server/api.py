@@ -150,16 +150,18 @@ def search_response(request: Request, query: str, kind: str, page: SearchPage) -
 
 def hit(request: Request, result: SearchResult) -> dict:
     document = result.as_dict()  # the path as the catalog holds it: see .responses
-    document.update(urls(request, result.id))
+    document.update(urls(request, result.id, result.frame_time))
     if result.raw is not None:  # the RAW of a RAW+JPEG pair: its original bytes' URL
         raw_id = result.raw["id"]
         document["raw"] = {**result.raw, "image_url": urls(request, raw_id)["image_url"]}
     return document
 
 
-def urls(request: Request, image_id: int) -> dict:
+def urls(request: Request, image_id: int, frame_time: float | None = None) -> dict:
+    """The thumbnail and file URLs of a photo; of a video, the thumbnail of one frame."""
     base = f"{request.scope.get('root_path', '')}/api/images/{image_id}"
-    return {"thumbnail_url": f"{base}/thumbnail?size=256", "image_url": f"{base}/file"}
+    at = f"&t={frame_time:g}" if frame_time is not None else ""
+    return {"thumbnail_url": f"{base}/thumbnail?size=256{at}", "image_url": f"{base}/file"}
 
 
 # -- photos -----------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def image_meta(request: Request, state: State, image_id: ImageId) -> dict:
     row = state.image_row(image_id)
     document = {key: _jsonable(value) for key, value in row.items()}
     document["name"] = os.path.basename(row["path"])
-    document.update(urls(request, image_id))
+    document.update(urls(request, image_id, row.get("frame_time")))
     document["similar_url"] = f"{request.scope.get('root_path', '')}/api/images/{image_id}/similar"
     return document
 
@@ -191,6 +193,7 @@ def _jsonable(value):
 )
 def image_file(state: State, image_id: ImageId) -> FileResponse:
     """The original file, with the content type of what was decoded when it was indexed.
+    Range requests are answered (206), so a browser plays a video from any moment.
 
     Only the very file that was indexed is served (no symlink on any component of its
     path; the device, inode, size and mtime recorded): a file replaced or changed, or a
@@ -214,6 +217,8 @@ def media_type(row: dict) -> str:
     if by_format:
         return by_format
     guessed, _ = mimetypes.guess_type(row["path"])
+    if row.get("kind") == "video":
+        return guessed if guessed and guessed.startswith("video/") else "video/mp4"
     return guessed if guessed and guessed.startswith("image/") else "application/octet-stream"
 
 
@@ -228,13 +233,20 @@ def thumbnail(
     state: State,
     image_id: ImageId,
     size: Annotated[ThumbnailSize, Query(description="Longest side in pixels.")] = 256,
+    t: Annotated[
+        float | None,
+        Query(ge=0, le=10**7, description="Videos: the frame at this second [default: the "
+              "frame the video's row holds]. Ignored for photos."),
+    ] = None,
 ) -> Response:
-    """A JPEG thumbnail (EXIF orientation applied), cached in the library, with an ETag.
+    """A JPEG thumbnail (EXIF orientation applied; of a video, one frame, rotation applied),
+    cached in the library, with an ETag.
 
     Made only from the very file that was indexed (as ``/file``: else 404 ``file_changed``)
     and cached by what was read, so it is never stale or another file's."""
     row = state.image_row(image_id)
-    rendered = state.thumbnails.get(row, int(size), request.headers.get("if-none-match", ""))
+    etag = request.headers.get("if-none-match", "")
+    rendered = state.thumbnails.get(row, int(size), etag, at=t)
     headers = {"ETag": rendered.etag, "Cache-Control": CACHE_CONTROL}
     if rendered.not_modified:
         return Response(status_code=304, headers=headers)

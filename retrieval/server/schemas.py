@@ -74,8 +74,19 @@ class SearchHit(BaseModel):
         description="The camera RAW of the same shot (same folder and name stem), listed "
         "with this photo instead of on its own (absent with raw_pairs=true).",
     )
-    thumbnail_url: str
-    image_url: str
+    kind: Literal["photo", "video"] = Field(
+        default="photo", description="A video is one hit, at its best-scoring frame."
+    )
+    frame_time: float | None = Field(
+        default=None,
+        description="Videos: seconds into the video of the frame that scored (the moment).",
+    )
+    duration: float | None = Field(default=None, description="Videos: length in seconds.")
+    thumbnail_url: str = Field(description="A JPEG; of a video, its scoring frame.")
+    image_url: str = Field(
+        description="The original file (range requests work: a video plays from frame_time "
+        "with a `#t=` fragment)."
+    )
 
 
 class SearchResponse(BaseModel):
@@ -106,6 +117,12 @@ class ImageMeta(BaseModel):
     gps_lon: float | None
     indexed_at: str | None
     sha256: str
+    kind: Literal["photo", "video"] = "photo"
+    duration: float | None = Field(default=None, description="Videos: seconds.")
+    codec: str | None = Field(default=None, description="Videos: e.g. H264, HEVC, VP9, AV1.")
+    frame_time: float | None = Field(
+        default=None, description="Videos: the time of the frame the thumbnail shows."
+    )
     thumbnail_url: str
     image_url: str
     similar_url: str

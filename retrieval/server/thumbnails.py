@@ -27,6 +27,7 @@ from PIL import Image
 
 from indexer.errors import DecodeError
 from indexer.ingest.decode import MODEL_IMAGE_SIZE, open_rgb
+from indexer.ingest.video import frame_at
 from retrieval.server.errors import FileChanged, FileUnavailable
 from retrieval.server.originals import OnChanged, check_is_catalogued, open_catalogued
 
@@ -76,15 +77,23 @@ class ThumbnailCache:
     def cache_path(self, key: str, size: int) -> Path:
         return self.folder / str(size) / key[:2] / f"{key}.jpg"
 
-    def get(self, row: dict, size: int, if_none_match: str = "") -> Thumbnail:
-        """The thumbnail of a catalog row whose longer side is at most ``size`` pixels.
+    def get(
+        self, row: dict, size: int, if_none_match: str = "", at: float | None = None
+    ) -> Thumbnail:
+        """The thumbnail of a catalog row whose longer side is at most ``size`` pixels; of a
+        video, of its frame at ``at`` seconds (None: the frame its row holds).
 
         Raises what :func:`~retrieval.server.originals.open_catalogued` raises when the
         file at the row's path is not the one indexed (then nothing is read or cached).
         """
+        video = row.get("kind") == "video"
+        if video and at is None:
+            at = float(row.get("frame_time") or 0.0)
         fd, opened = open_catalogued(row, self.on_changed)
         with os.fdopen(fd, "rb") as handle:
             key = self.key(row, opened)
+            if video:  # one thumbnail per frame asked for
+                key = hashlib.sha256(f"{key}@{at:.3f}".encode()).hexdigest()[:40]
             etag = f'"{key[:24]}-{size}"'
             if etag_matches(if_none_match, etag):
                 return Thumbnail(etag, not_modified=True)
@@ -92,9 +101,13 @@ class ThumbnailCache:
             if cached.is_file():
                 return Thumbnail(etag, path=cached)
             with self.slots:
-                source = handle.read()
-                self._check_unchanged(row, opened, os.fstat(handle.fileno()))
-                data = self.render(source, size, row["id"], name=row["path"])
+                if video:  # a video is read where needed (by seeking), never whole
+                    data = self.render_frame(handle, at, size, row["id"])
+                    self._check_unchanged(row, opened, os.fstat(handle.fileno()))
+                else:
+                    source = handle.read()
+                    self._check_unchanged(row, opened, os.fstat(handle.fileno()))
+                    data = self.render(source, size, row["id"], name=row["path"])
         self._store(cached, data)
         return Thumbnail(etag, data=data)
 
@@ -130,6 +143,17 @@ class ThumbnailCache:
         image.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
         out = io.BytesIO()
         image.save(out, "JPEG", quality=self.quality, optimize=True, progressive=True)
+        return out.getvalue()
+
+    def render_frame(self, handle, seconds: float, size: int, image_id: int) -> bytes:
+        """A video's frame at ``seconds`` (rotation applied), shrunk to ``size``, as JPEG."""
+        try:
+            image = frame_at(handle, seconds, size)
+        except DecodeError as exc:
+            raise FileUnavailable(f"cannot make a thumbnail of video {image_id}: {exc}") from exc
+        image.thumbnail((size, size), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        image.convert("RGB").save(out, "JPEG", quality=self.quality, optimize=True)
         return out.getvalue()
 
     def _store(self, target: Path, data: bytes) -> None:

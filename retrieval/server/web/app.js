@@ -150,6 +150,14 @@ const readable = (path) => path.replace(/[\uDC80-\uDCFF]/gu,
   (c) => `\\x${(c.charCodeAt(0) - 0xDC00).toString(16).padStart(2, "0")}`);
 const baseName = (path) => readable(path.split(/[\\/]/).pop());
 const formatScore = (score) => score.toFixed(3);
+// A moment in a video as m:ss.s (or h:mm:ss).
+function formatTime(seconds) {
+  const whole = Math.floor(seconds);
+  const h = Math.floor(whole / 3600), m = Math.floor((whole % 3600) / 60);
+  const s = (seconds - h * 3600 - m * 60).toFixed(1).padStart(4, "0");
+  return h ? `${h}:${String(m).padStart(2, "0")}:${s.padStart(4, "0")}` : `${m}:${s}`;
+}
+const isVideo = (result) => result.kind === "video";
 
 function card(result, index) {
   const name = baseName(result.path);
@@ -165,6 +173,10 @@ function card(result, index) {
     onclick: () => openViewer(index),
   }, img, el("span", { class: "score", text: formatScore(result.score) }));
   if (result.keeper) thumb.append(el("span", { class: "badge", text: "keep" }));
+  if (isVideo(result) && result.frame_time != null) {
+    thumb.append(el("span", { class: "moment", text: `▶ ${formatTime(result.frame_time)}` }));
+    thumb.title += `\nvideo, best moment at ${formatTime(result.frame_time)}`;
+  }
   const tags = (result.tags || []).map((tag) => tag.label).join(", ");
   const similar = el("button", {
     type: "button",
@@ -264,7 +276,8 @@ function onGridKey(event) {
 const META_FIELDS = [
   ["path", "Path"], ["size", "File size"], ["dimensions", "Pixels"], ["format", "Format"],
   ["taken_at", "Taken"], ["camera", "Camera"], ["gps", "Location"], ["indexed_at", "Indexed"],
-  ["id", "Photo id"], ["tags", "Tags"], ["raw", "RAW file"],
+  ["id", "Photo id"], ["tags", "Tags"], ["raw", "RAW file"], ["duration", "Duration"],
+  ["codec", "Codec"],
 ];
 
 function describe(meta) {
@@ -279,6 +292,8 @@ function describe(meta) {
     gps: meta.gps_lat != null ? `${meta.gps_lat.toFixed(5)}, ${meta.gps_lon.toFixed(5)}` : "",
     indexed_at: meta.indexed_at ? meta.indexed_at.replace("T", " ").slice(0, 19) : "",
     id: String(meta.id),
+    duration: meta.duration != null ? formatTime(meta.duration) : "",
+    codec: meta.codec || "",
   };
 }
 
@@ -287,8 +302,7 @@ async function openViewer(index) {
   if (!result) return;
   view.current = index;
   const dialog = $("viewer");
-  $("viewer-img").src = `/api/images/${result.id}/thumbnail?size=1024`;
-  $("viewer-img").alt = baseName(result.path);
+  showMedia(result);
   $("viewer-title").textContent = baseName(result.path);
   $("viewer-score").textContent = `score ${formatScore(result.score)} · #${index + 1 + view.offset}`;
   $("viewer-open").href = result.image_url;
@@ -309,7 +323,27 @@ async function openViewer(index) {
   }
 }
 
+// A photo shows as a large thumbnail; a video plays from its best moment (the file is
+// served with range requests, so the browser fetches only what it plays).
+function showMedia(result) {
+  const img = $("viewer-img"), video = $("viewer-video");
+  video.pause();
+  img.hidden = isVideo(result);
+  video.hidden = !isVideo(result);
+  if (isVideo(result)) {
+    img.removeAttribute("src");
+    video.src = `${result.image_url}#t=${result.frame_time || 0}`;
+    video.poster = result.thumbnail_url.replace("size=256", "size=1024");
+  } else {
+    video.removeAttribute("src");
+    video.load();
+    img.src = `/api/images/${result.id}/thumbnail?size=1024`;
+    img.alt = baseName(result.path);
+  }
+}
+
 function closeViewer() {
+  $("viewer-video").pause();
   const dialog = $("viewer");
   if (dialog.open) dialog.close();
 }
