@@ -277,3 +277,52 @@ def test_a_schema_5_catalog_gains_the_video_columns_and_frames(tmp_path):
         assert list(catalog.frame_ids_of([1])) == []
     finally:
         catalog.close()
+
+
+def test_filters_date_sort_paging_cutoff_and_duplicates_for_videos(tmp_path, photo_folder):
+    import datetime as dt
+
+    from retrieval.search.errors import QueryError
+
+    folder = photo_folder
+    scenes = sorted(folder.glob("photo_*.jpg"))
+    write_video(folder / "new.mp4", scenes[:3], 1.0, creation_time=dt.datetime(2030, 1, 2))
+    old = dt.datetime(2001, 5, 6)
+    write_video(folder / "old.webm", scenes[3:], 1.0, kind="webm-vp9", creation_time=old)
+    shutil.copy(folder / "new.mp4", folder / "copy of new.mp4")
+    encoder = FakeEncoder()
+    with Collection.open(tmp_path / "lib", encoder=encoder) as media:
+        media.index(folder, _options())
+
+        def names(**options) -> list[str]:
+            page = media.search("anything", options=SearchOptions(**{"k": 20, **options}))
+            return [Path(r.path).name for r in page.results]
+
+        assert sorted(names(kind="video")) == ["copy of new.mp4", "new.mp4", "old.webm"]
+        assert len(names(kind="photos")) == 6
+        assert not any(".mp4" in n for n in names(kind="photo"))
+        with pytest.raises(QueryError, match="photo or video"):
+            SearchOptions(kind="films")
+        assert sorted(names(formats=("mp4",))) == ["copy of new.mp4", "new.mp4"]
+        assert sorted(names(after="2029")) == ["copy of new.mp4", "new.mp4"]
+        assert names(sort="date-asc", min_score=-1.0)[0] == "old.webm"  # its creation_time
+        assert names(sort="date", min_score=-1.0)[-1] == "old.webm"
+
+        everything = media.search("anything", options=SearchOptions(k=20, min_score=-1.0))
+        assert everything.total == 9 == len({r.id for r in everything.results})  # each once
+        pages = [names(k=4, offset=offset) for offset in (0, 4, 8)]
+        flat = [n for page in pages for n in page]
+        assert len(flat) == 9 and len(set(flat)) == 9
+
+        groups = media.duplicates(0.99)
+        by_name = [sorted(Path(m.path).name for m in g.members) for g in groups]
+        assert ["copy of new.mp4", "new.mp4"] in by_name
+        assert all(len(set(g)) == len(g) >= 2 for g in by_name)
+        assert media.info().images == 9  # a video counts once, not per frame
+
+        media.tag(labels="red,green,blue,sky", top=1, min_probability=0.0)
+        [video] = media.search(
+            "x", options=SearchOptions(k=1, kind="video", formats=("webm",))
+        ).results
+        [label] = [t["label"] for t in video.tags]
+        assert "old.webm" in names(tags=(label,))

@@ -75,6 +75,8 @@ def test_rest_hits_thumbnail_meta_and_ranges(library, fake_encoder):
             if h["kind"] == "photo"
         )
         assert photo["frame_time"] is None and "t=" not in photo["thumbnail_url"]
+        only = http.get("/api/search", params={"q": "x", "kind": "video"}).json()["results"]
+        assert [h["id"] for h in only] == [hit["id"]]
         for scene, name in enumerate(("photo_1.jpg", "photo_3.jpg", "photo_5.jpg")):
             moment = _video_hit(http, like=_photo_id(http, name))  # a photo finds its scene
             assert moment["frame_time"] == 1.5 * scene
@@ -111,3 +113,26 @@ def test_the_page_plays_a_video_from_its_moment(library, fake_encoder):
             assert "Duration" in tab.inner_text("#viewer-meta")
         finally:
             browser.close()
+
+
+def test_cli_search_kind_json_and_table(library, monkeypatch, fake_encoder):
+    import json
+
+    from typer.testing import CliRunner
+
+    import indexer.model.encoders
+    from retrieval.cli import app
+
+    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
+    runner = CliRunner()
+    base = ["search", "anything", "--library", str(library)]
+    found = json.loads(runner.invoke(app, [*base, "--kind", "video", "--json"]).stdout)
+    [video] = found["results"]
+    assert video["kind"] == "video" and video["frame_time"] in (0.0, 1.5, 3.0)
+    assert video["duration"] == pytest.approx(4.5)
+    table = runner.invoke(app, [*base, "--kind", "video"])
+    assert table.exit_code == 0 and "@ 0:0" in table.stdout, table.stdout  # the moment
+    photos = json.loads(runner.invoke(app, [*base, "--kind", "photo", "--json"]).stdout)
+    assert len(photos["results"]) == 6 and "kind" not in photos["results"][0]
+    refused = runner.invoke(app, [*base, "--kind", "film"])
+    assert refused.exit_code == 1 and "photo or video" in refused.stderr

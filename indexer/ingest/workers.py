@@ -53,7 +53,7 @@ class DecodeLimits:
     """Per-file bounds enforced in the workers."""
 
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
-    seconds: float = 30.0  # wall time to read + decode one file
+    seconds: float = 30.0  # wall time to read + decode one file (a video: to hash, then to sample)
     memory_mb: int = 2048  # address space a worker may add while decoding (Linux); 0: none
 
 
@@ -415,6 +415,8 @@ class DecodePool:
             worker.sha256 = message[1]
             known = self.lookup(worker.sha256)
             if known is None:
+                if is_video_path(worker.found.path):  # hashing gigabytes is not decoding:
+                    worker.deadline = time.monotonic() + self.limits.seconds  # a fresh limit
                 worker.send("decode")
             else:
                 worker.send("skip")

@@ -129,6 +129,7 @@ CameraOpt = Annotated[str | None, _opt("--camera", help="Camera make/model conta
 MinSizeOpt = Annotated[str | None, _opt("--min-size", help="At least WxH, either orientation.")]
 FormatOpt = Annotated[PhotoList, _opt("--format", help="jpeg, png, heic, ... (repeatable).")]
 TagOpt = Annotated[PhotoList, _opt("--tag", help="Has this `clipdex tag` label (repeatable).")]
+KindOpt = Annotated[str | None, _opt("--kind", help="photo or video: only that kind.")]
 CutoffOpt = Annotated[
     CutoffRule | None, _opt("--cutoff", help="auto: only results that stand out for the query.")
 ]
@@ -475,6 +476,7 @@ def search(
     min_size: MinSizeOpt = None,
     formats: FormatOpt = None,
     tag: TagOpt = None,
+    kind: KindOpt = None,
     cutoff: CutoffOpt = None,
     min_score: MinScoreOpt = None,
     sort: SortOpt = SortOrder.score,
@@ -504,6 +506,7 @@ def search(
         min_size=min_size,
         formats=formats,
         tags=tag,
+        kind=kind,
         cutoff=_value(cutoff),
         min_score=min_score,
         sort=sort.value,
@@ -528,6 +531,7 @@ def similar(
     min_size: MinSizeOpt = None,
     formats: FormatOpt = None,
     tag: TagOpt = None,
+    kind: KindOpt = None,
     cutoff: CutoffOpt = None,
     min_score: MinScoreOpt = None,
     sort: SortOpt = SortOrder.score,
@@ -554,6 +558,7 @@ def similar(
         min_size=min_size,
         formats=formats,
         tags=tag,
+        kind=kind,
         cutoff=_value(cutoff),
         min_score=min_score,
         sort=sort.value,
@@ -1009,8 +1014,17 @@ def print_page(query: str, page: SearchPage, json_out: bool, quiet: bool = False
         size, taken, path = f"{r.width}x{r.height}", r.taken_at or "", path_cell(r.path)
         if r.raw is not None:  # a RAW+JPEG pair shown once
             path.append(f" (+ RAW {display(Path(r.raw['path']).name)})")
+        if r.frame_time is not None:  # a video: the moment that scored
+            path.append(f" @ {_moment(r.frame_time)}", style="cyan")
         table.add_row(str(rank), f"{r.score:.3f}", str(r.id), path, size, taken, Text(labels))
     stdout.print(table)
+
+
+def _moment(seconds: float) -> str:
+    """Seconds into a video as m:ss.s (h:mm:ss.s past an hour)."""
+    minutes, rest = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{rest:04.1f}" if hours else f"{minutes}:{rest:04.1f}"
 
 
 def main() -> None:

@@ -324,6 +324,7 @@ def _tag_pending(catalog, digest, matrix, logit_scale, labelset, top, min_prob, 
     while ids := catalog.untagged(digest, last, batch):
         found, vectors = catalog.vectors(ids)
         probs = probabilities(vectors, matrix, logit_scale)
+        _best_over_frames(catalog, found, probs, matrix, logit_scale)
         assignments = {}
         for image_id, row in zip(found, probs):
             picked = top_predictions(row, labelset.labels, top, min_prob)
@@ -332,6 +333,20 @@ def _tag_pending(catalog, digest, matrix, logit_scale, labelset, top, min_prob, 
         done += len(assignments)
         last = ids[-1]
     return done
+
+
+def _best_over_frames(catalog, found, probs: np.ndarray, matrix, logit_scale) -> None:
+    """A video's label probabilities are each label's best over all its frames (a clip
+    with a beach scene is tagged "beach"); photos' rows are left as they are."""
+    frames = catalog.frame_ids_of(found.tolist())
+    if not len(frames):
+        return
+    owners = catalog.frame_owners(frames.tolist())
+    frame_ids, frame_vectors = catalog.vectors(frames)
+    row_of = {int(i): k for k, i in enumerate(found)}
+    for frame_id, row in zip(frame_ids, probabilities(frame_vectors, matrix, logit_scale)):
+        k = row_of[owners[int(frame_id)][0]]
+        probs[k] = np.maximum(probs[k], row)
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:

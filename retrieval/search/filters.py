@@ -19,6 +19,8 @@ The flags (CLI and REST alike)::
     --format FMT                   jpeg, png, heic, avif, webp, tiff, gif, ... (repeatable,
                                    any; jpg also matches multi-picture JPEGs, MPO).
     --tag LABEL                    a label stored by `clipdex tag` (repeatable, all).
+    --kind photo|video             only photos, or only videos (a video matches by its row:
+                                   its frames follow it).
 
 Resolution happens in SQL and yields the set of allowed ids, which the vector search
 applies *during* its scan: a filter that keeps 1% of the library still gets its top-k from
@@ -46,6 +48,8 @@ if TYPE_CHECKING:  # either catalog kind: the SQLAlchemy one or the stdlib reade
     from indexer.store.catalog import Catalog
     from indexer.store.catalog_reader import CatalogReader
 
+# The container labels videos are catalogued with (indexer/ingest/video.py).
+VIDEO_FORMATS = {"MP4", "M4V", "MOV", "3GP", "MKV", "WEBM", "AVI", "MPEG-TS", "MPEG-PS", "ASF"}
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX*\u00d7]\s*(\d{1,6})\s*$")
 _PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{1,2}))?$")
 FORMAT_ALIASES = {
@@ -84,6 +88,7 @@ class ImageFilter:
     min_short: int = 0
     formats: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
+    kind: str | None = None  # "photo" or "video"
 
     def is_empty(self) -> bool:
         """Whether the filter lets every photo through."""
@@ -101,6 +106,20 @@ class FilterArgs:
     min_size: str | None = None
     formats: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
+    kind: str | None = None
+
+
+KINDS = ("photo", "video")
+
+
+def parse_kind(text: str | None) -> str | None:
+    """``photo`` or ``video`` (plural and any case accepted); None for no filter."""
+    if text is None or not text.strip():
+        return None
+    kind = text.strip().lower().removesuffix("s")
+    if kind not in KINDS:
+        raise QueryError(f"kind must be photo or video, got {text!r}", setting="kind")
+    return kind
 
 
 def build_filter(args: FilterArgs, cwd: str | None = None) -> ImageFilter:
@@ -123,6 +142,7 @@ def build_filter(args: FilterArgs, cwd: str | None = None) -> ImageFilter:
         min_short=short_side,
         formats=parse_formats(args.formats),
         tags=tuple(dict.fromkeys(t.strip() for t in args.tags if t.strip())),
+        kind=parse_kind(args.kind),
     )
 
 
@@ -174,8 +194,8 @@ def parse_formats(values: Iterable[str]) -> tuple[str, ...]:
             names = FORMAT_ALIASES.get(name, (name,))
             if names[0] not in known:
                 raise QueryError(
-                    f"format {name.lower()} is not an image format clipdex reads: "
-                    "try jpeg, png, heic, avif, webp, tiff, gif or bmp",
+                    f"format {name.lower()} is not a format clipdex reads: "
+                    "try jpeg, png, heic, avif, webp, tiff, gif, bmp, mp4, mov or webm",
                     setting="format",
                 )
             out.extend(names)
@@ -250,6 +270,9 @@ def filter_sql(spec: ImageFilter) -> tuple[str, list[object]]:
     if spec.formats:
         terms.append(f"upper(images.format) IN ({', '.join('?' * len(spec.formats))})")
         params.extend(f.upper() for f in spec.formats)
+    if spec.kind is not None:
+        terms.append("images.kind = ?")
+        params.append(spec.kind)
     for label in spec.tags:  # tags.label is COLLATE NOCASE: `--tag Cat` finds "cat"
         terms.append("EXISTS (SELECT 1 FROM tags WHERE image_id = images.id AND label = ?)")
         params.append(label)
@@ -280,4 +303,5 @@ def _known_formats() -> set[str]:
     from PIL import Image
 
     Image.init()
-    return set(Image.ID) | {"HEIF", "AVIF", "MPO", "JPEG2000", "JXL"} | set(RAW_FORMATS.values())
+    known = {"HEIF", "AVIF", "MPO", "JPEG2000", "JXL"} | set(RAW_FORMATS.values())
+    return set(Image.ID) | known | VIDEO_FORMATS

@@ -34,8 +34,8 @@ class SearchOptions:
       ``YYYY[-MM[-DD]]`` / ISO; ``after`` inclusive, ``before`` exclusive), ``folders``
       (folders or globs, any; relative ones are resolved against the current directory
       here), ``camera`` (words of "make model"), ``min_size`` (``"WxH"`` or ``(w, h)``,
-      either orientation), ``formats`` (jpeg, png, heic, ...; any), ``tags`` (labels
-      stored by ``clipdex tag``; all).
+      either orientation), ``formats`` (jpeg, png, heic, mp4, ...; any), ``tags`` (labels
+      stored by ``clipdex tag``; all), ``kind`` (``"photo"`` or ``"video"``).
     - ``cutoff="auto"`` keeps only results that stand out for the query; ``min_score``
       keeps results scoring at least that; ``sort`` is ``score``, ``date`` (newest
       first) or ``date-asc``.
@@ -52,6 +52,7 @@ class SearchOptions:
     min_size: str | tuple[int, int] | None = None
     formats: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
+    kind: str | None = None  # "photo" | "video" | None (both)
     cutoff: str | None = None  # "auto" | "none" | None
     min_score: float | None = None
     sort: str = "score"
@@ -77,7 +78,7 @@ class SearchOptions:
 
     def _check_text(self) -> None:
         """Filter values must be usable text, folders usable paths (see .text)."""
-        for name in ("after", "before", "camera", "min_size"):
+        for name in ("after", "before", "camera", "min_size", "kind"):
             if isinstance(getattr(self, name), str):
                 check_text(getattr(self, name), name)
         for name in ("formats", "tags"):
@@ -98,6 +99,7 @@ class SearchOptions:
             min_size=size,
             formats=self.formats,
             tags=self.tags,
+            kind=self.kind,
         )
 
 

@@ -36,6 +36,9 @@ def search_options(
     min_size: Annotated[str | None, Query(max_length=20, description="At least WxH.")] = None,
     formats: Annotated[Many, Query(alias="format", description="jpeg, png, heic, ...")] = None,
     tags: Annotated[Many, Query(alias="tag", description="A `clipdex tag` label; all.")] = None,
+    kind: Annotated[
+        Literal["photo", "video"] | None, Query(description="Only photos, or only videos.")
+    ] = None,
     cutoff: Annotated[
         Literal["auto", "none"] | None,
         Query(description="auto: only results that stand out for this query."),
@@ -63,6 +66,7 @@ def search_options(
         min_size=min_size,
         formats=tuple(_no_nul(f) for f in formats or ())[:20],
         tags=tuple(_no_nul(t) for t in tags or ())[:20],
+        kind=kind,
         cutoff=cutoff,
         min_score=min_score,
         sort=sort,
