@@ -95,7 +95,7 @@ def test_sizes_formats_and_folders():
         parse_size("big")
     assert parse_formats(["jpg"]) == ("JPEG", "MPO")
     assert parse_formats(["png,heic", ".avif"]) == ("PNG", "HEIF", "AVIF")
-    with pytest.raises(QueryError, match="format jpgg is not an image format") as bad:
+    with pytest.raises(QueryError, match="format jpgg is not a format clipdex reads") as bad:
         parse_formats(["jpgg"])
     assert bad.value.setting == "format"
     assert folder_pattern("trips/2019", cwd="/base") == "/base/trips/2019"
