@@ -65,6 +65,7 @@ from indexer.store.vectorstore import (
 VectorFetch = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 RECALL_TARGET = 0.98  # recall@10 vs exact search that nprobe is tuned to reach
+TUNE_MARGIN = 0.005  # tuned to the target plus this: the held-out queries are a sample
 TUNE_QUERIES = 200  # held-out queries per query type (image-like, text-like)
 RERANK_EXTRA = 32  # candidates beyond k that are re-ranked exactly
 EXACT_FILTER_LIMIT = 20_000  # allowed photos up to which a filtered search is brute force
@@ -169,7 +170,8 @@ class IVFIndex:
     def tune(
         self, queries: np.ndarray, exclude: np.ndarray, truth: np.ndarray, fetch: VectorFetch
     ) -> None:
-        """Set nprobe to the smallest that reaches RECALL_TARGET recall@10 vs ``truth``.
+        """Set nprobe to the smallest that reaches RECALL_TARGET (+ TUNE_MARGIN) recall@10
+        vs ``truth``.
 
         ``truth`` holds each query's exact top-10 ids; ``exclude`` the id each query may not
         return (a held-out library vector is not its own neighbour), -1 for none.
@@ -182,7 +184,7 @@ class IVFIndex:
             found, approx_error = self._tuning_search(queries, exclude, nprobe, fetch)
             recall10 = _recall(found, truth, 10)
             chosen = (nprobe, recall10, _recall(found, truth, 1), approx_error)
-            if recall10 >= RECALL_TARGET:
+            if recall10 >= RECALL_TARGET + TUNE_MARGIN:
                 break
         nprobe, recall10, recall1, error = chosen
         self.index.nprobe = nprobe
@@ -505,6 +507,7 @@ def _new_index(dim: int, nlist: int) -> faiss.IndexIVFScalarQuantizer:
     quantizer.this.disown()  # owned by the IVF index now
     index.cp.spherical = True  # unit centroids: inner product is cosine
     index.cp.min_points_per_centroid = 1  # a small library gets few lists: no FAISS warning
+    index.cp.niter = 12  # k-means iterations (FAISS: 25); recall is measured after anyway
     return index
 
 
