@@ -110,3 +110,10 @@ class WatchUnavailable(ClipdexError):
 
     code = "watch_unavailable"
     http_status = 503
+
+
+class ClusterUnavailable(ClipdexError):
+    """The Ray cluster asked for (``--cluster``) cannot be used: not installed or not reachable."""
+
+    code = "cluster_unavailable"
+    http_status = 503

@@ -32,6 +32,7 @@ from retrieval.search.options import SearchOptions
 if TYPE_CHECKING:
     import numpy as np
 
+    from indexer.ingest.cluster import ClusterOptions
     from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress
     from indexer.ingest.repair import RepairReport
     from indexer.ingest.sync import BatchRecord, Syncer, SyncOptions
@@ -204,17 +205,28 @@ class Collection:
         paths: str | os.PathLike | Sequence[str | os.PathLike],
         options: IndexOptions | None = None,
         progress: Progress | ProgressCallback | None = None,
+        cluster: ClusterOptions | None = None,
     ) -> IndexReport:
         """Index folders or image files (recursively, incrementally), creating the library
         if needed. ``progress`` is a :class:`~indexer.ingest.pipeline.Progress` or a
-        callable ``(done, total)``; files that fail are in the report's ``failures``."""
-        from indexer.ingest.pipeline import index_paths
-
+        callable ``(done, total)``; files that fail are in the report's ``failures``.
+        ``cluster``: decode and encode on a Ray cluster (:mod:`indexer.ingest.cluster`;
+        Ray is imported only then), this process planning and committing."""
         library = self._writable_library(create=True)
         held = library.locked
         library.acquire_lock()  # a second writer is refused now, not after loading the model
         try:
             roots = [Path(p).expanduser() for p in _as_list(paths)]
+            if cluster is not None:
+                from indexer.ingest.cluster import index_on_cluster
+
+                # Each Ray actor builds its own model from this (once per actor).
+                source = cluster.encoder_source or self._encoder_source
+                return index_on_cluster(
+                    library, self.encoder, source, roots, options, cluster, _progress(progress)
+                )
+            from indexer.ingest.pipeline import index_paths
+
             return index_paths(library, self.encoder, roots, options, _progress(progress))
         finally:
             if not held:

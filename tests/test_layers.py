@@ -22,13 +22,17 @@ open_clip and timm only in the torch encoder and the ONNX exporter; onnx/onnxrun
 in the model layer; SQLAlchemy, sqlite3 and faiss only in the store layer; FastAPI,
 Starlette and uvicorn only in the server; typer and rich only in the CLI; watchfiles only in
 the sync's event source (indexer/ingest/watch.py); rawpy (LibRaw) only in ingest/raw.py and
-pillow_jxl only in ingest/jxl.py; PyAV (``av``) only in the video decoder (ingest/video.py).
+pillow_jxl only in ingest/jxl.py; PyAV (``av``) only in the video decoder (ingest/video.py);
+Ray and pyarrow only in the cluster path (ingest/cluster.py), and only once ``--cluster`` is
+given (a test imports the CLI, the server and that module and finds neither loaded).
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +80,8 @@ THIRD_PARTY = {
     "rawpy": ("indexer/ingest/raw.py",),  # camera RAW (LibRaw)
     "pillow_jxl": ("indexer/ingest/jxl.py",),  # JPEG XL (libjxl) Pillow plugin
     "av": ("indexer/ingest/video.py",),  # PyAV (FFmpeg): video frames
+    "ray": ("indexer/ingest/cluster.py",),  # Ray Data: `clipdex index --cluster`
+    "pyarrow": ("indexer/ingest/cluster.py",),  # the cluster's shards (comes with ray[data])
 }
 
 
@@ -280,3 +286,17 @@ def test_child_processes_import_this_copy_of_the_packages():
 
     first = Path(child_pythonpath().split(os.pathsep)[0])
     assert first == ROOT and (first / "indexer" / "__init__.py").is_file()
+
+
+def test_ray_is_imported_only_when_a_cluster_is_asked_for():
+    """The CLI, the server, the pipeline and even the cluster module itself load without
+    Ray or pyarrow: only connecting to a cluster imports them (cold start, install size)."""
+    code = (
+        "import sys, retrieval.cli.app, retrieval.server.state, indexer.ingest.pipeline, "
+        "indexer.ingest.cluster\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'pyarrow'}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

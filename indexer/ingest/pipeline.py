@@ -14,10 +14,11 @@ library that opens, and the next run resumes where it was.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,8 +72,13 @@ class IndexReport:
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
     index_rebuilt: str | None = None  # the kind the index was rebuilt as (switch, re-train)
+    # A cluster run (indexer.ingest.cluster): files per node, and files committed from the
+    # shards an interrupted run left (not encoded again). None/0 for a local run.
+    nodes: dict[str, int] | None = None
+    resumed: int = 0
 
     def as_dict(self) -> dict:
+        extra = {} if self.nodes is None else {"nodes": dict(self.nodes), "resumed": self.resumed}
         return {
             "indexed": self.indexed,
             "unchanged": self.unchanged,
@@ -82,6 +88,7 @@ class IndexReport:
             "frames": self.frames,
             "seconds": round(self.seconds, 3),
             "index_rebuilt": self.index_rebuilt,
+            **extra,
         }
 
 
@@ -170,18 +177,21 @@ def _identity_to_record(state: FileState, item: FoundFile) -> bool:
     return item.real_path is not None and state.real_path != item.real_path
 
 
-class _HashMemo:
-    """Content hashes encoded in this run or stored in the catalog (asked by the pool's thread)."""
+class HashMemo:
+    """Content hashes encoded in this run or, through ``find`` (e.g. the catalog's
+    ``find_by_hash``), stored before; asked by the decode pool's thread."""
 
-    def __init__(self, library: Library) -> None:
-        self._catalog = library.catalog
+    def __init__(self, find: Callable[[str], tuple[dict, np.ndarray] | None] | None = None):
+        self._find = find
         self._seen: dict[str, tuple[dict, np.ndarray]] = {}
         self._lock = threading.Lock()
 
     def lookup(self, sha256: str) -> tuple[dict, np.ndarray] | None:
         with self._lock:
             hit = self._seen.get(sha256)
-        return hit if hit is not None else self._catalog.find_by_hash(sha256)
+        if hit is not None or self._find is None:
+            return hit
+        return self._find(sha256)
 
     def remember(self, sha256: str, fields: dict, vector: np.ndarray) -> None:
         with self._lock:
@@ -272,7 +282,8 @@ def index_paths(
         writer = _Writer(library, work, options)
         for path, reason in work.problems:
             report.failures.append((path, reason))
-        _run(work.todo, library, encoder, options, writer, report, progress)
+        memo = HashMemo(library.catalog.find_by_hash)
+        run_files(work.todo, memo, encoder, options, writer, report, progress)
         writer.checkpoint(removed=work.vanished)
         report.removed = len(work.vanished)
         # The kind the library asks for (switch or re-train: from the catalog, no encoding).
@@ -312,7 +323,8 @@ def index_changes(
         report.failures.extend(work.problems)
         progress.start(len(work.todo))
         writer = _Writer(library, work, options)
-        _run(work.todo, library, encoder, options, writer, report, progress)
+        memo = HashMemo(library.catalog.find_by_hash)
+        run_files(work.todo, memo, encoder, options, writer, report, progress)
         # Gone paths also drop their failure rows (a failed file that was deleted).
         writer.checkpoint(removed=list(dict.fromkeys(work.vanished + gone)))
         report.removed = len(work.vanished)
@@ -376,27 +388,29 @@ def _merge_plan(into: _Plan, other: _Plan) -> None:
     into.old_ids.update(other.old_ids)
 
 
-def _run(
+def run_files(
     todo: list[FoundFile],
-    library: Library,
+    memo: HashMemo,
     encoder: Encoder,
     options: IndexOptions,
     writer: _Writer,
     report: IndexReport,
     progress: Progress,
+    pool: DecodePool | None = None,
 ) -> None:
+    """Read, hash, decode and encode ``todo`` into ``writer`` (its ``add``, ``fail`` and
+    ``maybe_checkpoint``): the one path every file takes, locally and on a cluster's
+    workers (:mod:`indexer.ingest.cluster`), so both apply the same rules and limits.
+
+    ``pool``: a :func:`decode_pool` kept by the caller for several runs (left open);
+    None: one for this run, closed at its end.
+    """
     if not todo:
         return
-    memo = _HashMemo(library)
     batch: list[Outcome] = []
-    pool = DecodePool(
-        options.workers,
-        options.limits(),
-        memo.lookup,
-        capacity=options.batch_size + 2 * options.workers,
-        decoder=options.decoder,
-    )
-    with pool:
+    owned = pool is None
+    pool = pool or decode_pool(options, memo)
+    with pool if owned else contextlib.nullcontext():
         pool.start(todo)
         # Load the model (a first-time ONNX export included) while the workers start up.
         prepare = getattr(encoder, "prepare", None)
@@ -414,6 +428,18 @@ def _run(
             writer.maybe_checkpoint()
     if batch:
         _encode(batch, encoder, memo, writer, report, progress)
+
+
+def decode_pool(options: IndexOptions, memo: HashMemo) -> DecodePool:
+    """The decode worker processes for a run with these options, asking ``memo`` whether a
+    content is already known (such a file is not decoded)."""
+    return DecodePool(
+        options.workers,
+        options.limits(),
+        memo.lookup,
+        capacity=options.batch_size + 2 * options.workers,
+        decoder=options.decoder,
+    )
 
 
 def _route(
@@ -442,7 +468,7 @@ def _encode_video(
     item: Outcome,
     encoder: Encoder,
     batch_size: int,
-    memo: _HashMemo,
+    memo: HashMemo,
     writer: _Writer,
     report: IndexReport,
     progress: Progress,
@@ -490,7 +516,7 @@ def _unstable(found: FoundFile) -> str | None:
 def _encode(
     batch: list[Outcome],
     encoder: Encoder,
-    memo: _HashMemo,
+    memo: HashMemo,
     writer: _Writer,
     report: IndexReport,
     progress: Progress,

@@ -146,6 +146,15 @@ def _read_and_hash(path: str) -> tuple[bytes | None, str]:
         return None, digest.hexdigest()
 
 
+def hash_file(path: str) -> str:
+    """The SHA-256 of a file's content, read in chunks (the same digest the workers take)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _read_failure(exc: OSError, path: str) -> str:
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return describe_failure(exc, path)
@@ -309,9 +318,10 @@ class DecodePool:
 
     def start(self, files: Iterable[FoundFile]) -> None:
         """Start the workers and the supervisor on ``files``; they run ahead of the consumer
-        up to ``capacity`` files. Pair with :meth:`close` (or use the pool as a context);
-        a pool runs once."""
-        for _ in range(self.size):
+        up to ``capacity`` files. Pair with :meth:`close` (or use the pool as a context).
+        Once :meth:`outcomes` has ended, ``start`` may run the pool again on more files with
+        the same worker processes (a cluster actor's pool serves shard after shard)."""
+        while len(self._workers) < self.size:
             self._workers.append(_Worker(self.decoder, self.limits))
         self._supervisor = threading.Thread(
             target=self._supervise, args=(iter(files),), name="clipdex-decode", daemon=True

@@ -8,6 +8,7 @@ Layout (this class is the only code that spells these names; everything else ask
     LIBRARY/write.lock            held (flock) by the one process allowed to write
     LIBRARY/label_vectors/        cached text vectors of label sets (zero-shot classify, tag)
     LIBRARY/thumbnails/           JPEG thumbnails the server renders (derived, deletable)
+    LIBRARY/shards/               results of a cluster run waiting to be committed (Parquet)
 
 Opening reconciles the two stores: catalog rows missing from the index are added from
 their stored vectors, index ids without a row are dropped. Writers checkpoint by
@@ -53,6 +54,7 @@ CATALOG_FILE = "catalog.sqlite"
 LOCK_FILE = "write.lock"
 LABEL_CACHE_DIR = "label_vectors"
 THUMBNAIL_DIR = "thumbnails"
+SHARD_DIR = "shards"
 INDEX_PATTERN = re.compile(r"^vectors\.(\d+)\.faiss$")
 # The index files, their stamps and the temporary files of interrupted writes.
 INDEX_FAMILY = re.compile(r"^vectors\.(\d+)\.faiss(\.check)?(\.[^.]+\.tmp)?$")
@@ -103,6 +105,12 @@ class Library:
     def index(self, store: VectorStore) -> None:
         self._index = store
         attach_source(store, lambda ids: self.catalog.vectors(ids))
+
+    @property
+    def shard_dir(self) -> Path:
+        """The folder where a cluster run's result shards wait to be committed (created on
+        first write; what is left there after a killed run is committed by the next one)."""
+        return self.root / SHARD_DIR
 
     def _index_path(self, generation: int) -> Path:
         return self.root / f"vectors.{generation}.faiss"

@@ -265,6 +265,19 @@ def index(
             "Default: keep the library's choice (auto).",
         ),
     ] = None,
+    cluster: Annotated[
+        str | None,
+        _opt(
+            "--cluster",
+            envvar="CLIPDEX_CLUSTER",
+            help="Decode and encode on a Ray cluster: auto (the running one, RAY_ADDRESS), "
+            "local (start one here) or its address, e.g. 10.0.0.5:6379 (needs clipdex[ray]).",
+        ),
+    ] = None,
+    shard_size: Annotated[
+        int,
+        typer.Option(min=1, max=100_000, help="With --cluster: files per shard (and commit)."),
+    ] = 64,
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
@@ -298,9 +311,14 @@ def index(
         options.workers = workers
     bar = BarProgress(stderr, enabled=not (json_out or quiet))
     photos = open_collection(library, weights, device, backend, cache_dir, quiet=quiet)
+    on_cluster = None
+    if cluster is not None:
+        from indexer.ingest.cluster import ClusterOptions  # Ray itself loads when it connects
+
+        on_cluster = ClusterOptions(cluster, shard_size=shard_size)
     with photos:
         with bar:
-            report = photos.index(paths, options, bar)
+            report = photos.index(paths, options, bar, on_cluster)
         print_index_report(report, json_out, quiet)
         if prepare_labels and report.indexed:  # the writer lock is already released
             prepare_default_labels(photos, quiet or json_out)
@@ -822,6 +840,15 @@ def serve(
             help="With --watch: rescan every SECONDS instead of following file-system events.",
         ),
     ] = None,
+    cluster: Annotated[
+        str | None,
+        _opt(
+            "--cluster",
+            envvar="CLIPDEX_CLUSTER",
+            help="POST /api/index decodes and encodes on this Ray cluster: auto (the running "
+            "one), local, or its address (needs clipdex[ray]).",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
@@ -859,6 +886,7 @@ def serve(
         session_hours=session_hours,
         watch_paths=tuple(watch_folder or ()),
         watch_poll=poll,
+        cluster=cluster,
     )
     warning = exposure_warning(host, settings.token)
     if warning:  # a security warning is never silenced

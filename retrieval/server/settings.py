@@ -44,6 +44,9 @@ class Settings:
     auth_free_failures: int = 5  # wrong tokens per client address before the back-off
     auth_backoff: float = 1.0  # first wait after those, in seconds; doubles with each
     prepare_labels: bool = True  # after each index job, prepare the default label vectors
+    # `serve --cluster`: POST /api/index decodes and encodes on this Ray cluster ("auto",
+    # "local" or an address; indexer.ingest.cluster). None: in this process's workers.
+    cluster: str | None = None
     # Folders the server keeps the library in sync with (`serve --watch`, indexer.ingest.sync):
     # events, or a rescan every watch_poll seconds; the timers are SyncOptions'.
     watch_paths: tuple[Path, ...] = field(default_factory=tuple)

@@ -308,10 +308,19 @@ class ServerState:
         )
         root = self.require_library().root
         with self._writer, Collection.open(root, create=True, encoder=encoder) as collection:
-            report = collection.index(paths, options, progress)
+            report = collection.index(paths, options, progress, self._cluster_options())
         if self.settings.prepare_labels:
             self._prepare_default_labels()
         return report
+
+    def _cluster_options(self):
+        """Where index jobs encode: this process (None), or the Ray cluster of ``serve
+        --cluster``, whose actors build their own model from the server's encoder source."""
+        if self.settings.cluster is None:
+            return None
+        from indexer.ingest.cluster import ClusterOptions
+
+        return ClusterOptions(self.settings.cluster, encoder_source=self._encoder_source)
 
     def _prepare_default_labels(self) -> None:
         """Start computing the default label set's vectors in the background, if missing,

@@ -1,0 +1,198 @@
+"""The Ray path's own cost: the same files indexed locally and through Ray Data, one run.
+
+``--files`` real photos (copies of the corpus JPEGs, default 64) are indexed twice into
+fresh libraries with the same model (real MobileCLIP-S2 architecture, the ONNX backend,
+random weights unless ``--weights``): once by the local pipeline (``--workers`` decode
+processes, default 2), once with ``--cluster local``: a one-node Ray instance started here
+with one actor that gets the same CPUs (its decode pool has the same worker count). Both
+paths run the same decode and model code, so the gap is the engine: Ray Data's scheduling,
+Arrow transfers, the Parquet shards and the per-shard commits.
+
+Printed, from the same run:
+
+- end to end: seconds and img/s of each path, Ray start-up included (actors load the
+  model once) and without it (*steady*: from the first committed file to the last);
+- the overhead of Ray at steady state (target: <= 15 %);
+- the coordinator's commit cost per file (shard write + catalog transaction + index), which
+  bounds what any number of workers can reach, and a projection table for N workers from the
+  measured per-worker rate: ``min(N * per_worker, commit_limit)``.
+
+Usage: ``python bench/bench_ray.py [--files 64] [--workers 2] [--shard-size 32]
+[--weights FILE] [--workdir DIR]``. The machine is shared: read the same-run ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+class Clock:
+    """A pipeline Progress that notes when files were committed: the *steady* rate counts
+    the files after the first commit (a model batch locally, a shard on Ray: files within
+    0.2 s of the first) over the time from it to the last."""
+
+    def __init__(self) -> None:
+        self.first = self.last = None
+        self.done = self.in_first = 0
+
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, count: int = 1) -> None:
+        now = time.monotonic()
+        self.first = self.first or now
+        self.last = now
+        self.done += count
+        if now - self.first < 0.2:
+            self.in_first += count
+
+    def steady_rate(self) -> float:
+        span = (self.last or 0) - (self.first or 0)
+        return (self.done - self.in_first) / span if span > 0 else float("nan")
+
+    def fail(self, path: str, reason: str) -> None:
+        pass
+
+
+def make_folder(target: Path, count: int) -> Path:
+    """``count`` real JPEGs from the corpus (copied round-robin under distinct names; each
+    copy gets one changed byte in a comment so no content repeats)."""
+    corpus = Path(os.environ.get("CLIPDEX_CORPUS", REPO.parent / "shared" / "imgcorpus"))
+    sources = sorted(p for p in (corpus / "photos").rglob("*.jpg") if p.stat().st_size < 3e6)
+    if not sources:
+        sys.exit(f"no corpus photos under {corpus}/photos: set CLIPDEX_CORPUS")
+    target.mkdir(parents=True)
+    for i in range(count):
+        data = sources[i % len(sources)].read_bytes()
+        (target / f"IMG_{i:05d}.jpg").write_bytes(data + f"copy {i}".encode())  # after EOI
+    return target
+
+
+def weights_file(args, work: Path) -> Path:
+    if args.weights:
+        return Path(args.weights)
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    path = work / "random.pt"
+    torch.save(open_clip.create_model("MobileCLIP-S2", pretrained=None).state_dict(), path)
+    return path
+
+
+def run(folder: Path, library: Path, loader, workers: int, cluster=None) -> dict:
+    from indexer.ingest.pipeline import IndexOptions
+    from retrieval.collection import Collection
+
+    clock = Clock()
+    started = time.monotonic()
+    with Collection.open(library, encoder=loader) as photos:
+        report = photos.index(folder, IndexOptions(workers=workers), clock, cluster)
+    total = time.monotonic() - started
+    return {
+        "files": report.indexed,
+        "seconds": total,
+        "rate": report.indexed / total,
+        "steady_rate": clock.steady_rate(),
+        "nodes": report.nodes,
+    }
+
+
+def commit_cost(shard_size: int, dim: int = 512, rounds: int = 5) -> float:
+    """Seconds per file the coordinator spends on a shard: Parquet write + commit."""
+    import numpy as np
+
+    from indexer.ingest import cluster as cl
+    from indexer.ingest.discover import FoundFile
+    from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress, _Plan, _Writer
+    from indexer.model.identity import ModelIdentity
+    from indexer.store.library import Library
+
+    work = Path(tempfile.mkdtemp(prefix="clipdex-commit-"))
+    rng = np.random.default_rng(0)
+    spent = 0.0
+    with Library.open(work / "library", create=True) as library, library.writing():
+        library.bind_model(ModelIdentity(weights="bench"))
+        writer = _Writer(library, _Plan(), IndexOptions())
+        sink = cl.Committer(writer, IndexReport(nodes={}), Progress())
+        for r in range(rounds):
+            shard = cl._ShardWriter()
+            for i in range(shard_size):
+                found = FoundFile(f"/photos/{r}/{i}.jpg", 1000 + i, 1, None, None, None)
+                item = cl.Outcome(found, f"{r:08d}{i:056d}", fields={"width": 640, "height": 480})
+                vector = rng.standard_normal(dim).astype(np.float32)
+                shard.add(item, vector / np.linalg.norm(vector))
+            table = shard.table({row["path"]: n for n, row in enumerate(shard.rows)}, "bench")
+            started = time.monotonic()
+            cl.write_shard(work / "shards" / f"{r}.parquet", table)
+            sink.commit(cl.shard_rows(table))
+            spent += time.monotonic() - started
+    shutil.rmtree(work, ignore_errors=True)
+    return spent / (rounds * shard_size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--files", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--weights")
+    parser.add_argument("--workdir")
+    args = parser.parse_args()
+
+    import ray
+
+    from indexer.ingest.cluster import ClusterOptions
+    from retrieval.collection import EncoderLoader
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="clipdex-bench-ray-"))
+    folder = make_folder(work / "photos", args.files)
+    loader = EncoderLoader(weights_file(args, work), "cpu", "onnx", work / "cache")
+    loader()  # the one-time ONNX export, outside both timings
+
+    local = run(folder, work / "local", loader, args.workers)
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    cluster = ClusterOptions(
+        "local", shard_size=args.shard_size, actors=1, cpus_per_actor=args.workers
+    )
+    remote = run(folder, work / "ray", loader, args.workers, cluster)
+    ray.shutdown()
+    per_file = commit_cost(args.shard_size)
+
+    print(f"{args.files} photos, {args.workers} CPUs each way, shard {args.shard_size} files")
+    print(f"{'path':<8} {'seconds':>8} {'img/s':>7} {'steady img/s':>13}")
+    for name, result in (("local", local), ("ray", remote)):
+        print(
+            f"{name:<8} {result['seconds']:8.1f} {result['rate']:7.2f} "
+            f"{result['steady_rate']:13.2f}"
+        )
+    overhead = 1 - remote["steady_rate"] / local["steady_rate"]
+    print(f"Ray overhead at steady state: {overhead:+.1%} (target <= 15%)")
+    print(f"end to end, start-up included: {1 - remote['rate'] / local['rate']:+.1%}")
+    limit = 1 / per_file
+    print(f"coordinator commit: {per_file * 1e3:.2f} ms/file -> at most {limit:,.0f} img/s")
+    per_worker = remote["steady_rate"]
+    print(f"\nprojection from {per_worker:.2f} img/s per {args.workers}-CPU worker:")
+    print(f"{'workers':>8} {'img/s':>10} {'1M photos':>12} {'10M photos':>12}")
+    for n in (1, 2, 4, 8, 16, 32, 64, 128):
+        rate = min(n * per_worker, limit)
+        print(f"{n:>8} {rate:10.1f} {_days(1e6 / rate):>12} {_days(1e7 / rate):>12}")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86400:.1f} d" if seconds >= 86400 else f"{seconds / 3600:.1f} h"
+
+
+if __name__ == "__main__":
+    main()

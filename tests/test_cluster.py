@@ -1,0 +1,190 @@
+"""Indexing on a Ray cluster (indexer.ingest.cluster) against a local index of the same files.
+
+The tests start their own two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``,
+one CPU per node, small object stores) and skip when Ray is not installed
+(``pip install 'clipdex[ray]'``). They check that a cluster run builds the same library as a
+local run (same ids, vectors, failures and reasons), that a coordinator killed after its first
+shard resumes from the shards without encoding them again, and that an actor that dies
+mid-shard is restarted by Ray with every file still indexed exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, FakeEncoder
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'clipdex[ray]'")
+pytest.importorskip("pyarrow")
+
+from indexer.ingest.cluster import ClusterOptions  # noqa: E402
+from indexer.ingest.pipeline import IndexOptions  # noqa: E402
+from retrieval.collection import Collection, EncoderLoader  # noqa: E402
+
+pytestmark = pytest.mark.ray
+# Each Ray run costs ~10-30 s of actor start-up on a 2-core machine: the fault tests (a
+# killed coordinator, a killed actor) run when CLIPDEX_RAY_FAULTS=1, as before a release.
+faults = pytest.mark.skipif(
+    os.environ.get("CLIPDEX_RAY_FAULTS") != "1",
+    reason="Ray fault tests are slow: set CLIPDEX_RAY_FAULTS=1 to run them",
+)
+
+GOOD, BROKEN = 8, 2  # corpus files that index, and that fail with a reason
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two Ray nodes on this machine, one CPU each; this process is connected as a driver."""
+    from ray.cluster_utils import Cluster
+
+    small = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={**small, "include_dashboard": False})
+    cluster.add_node(**small)
+    cluster.wait_for_nodes()
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus_sample(corpus, tmp_path_factory) -> Path:
+    """A few small real photos and two files the MANIFEST says must fail, in one folder."""
+    good, broken = [], []
+    with open(corpus / "MANIFEST.tsv", newline="") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            path = corpus / row["path"]
+            if not path.is_file() or path.stat().st_size > 400_000:
+                continue
+            if row["expected"].startswith("should-index") and path.suffix.lower() == ".jpg":
+                good.append(path)
+            elif row["expected"].startswith("should-reject") and path.suffix.lower() == ".png":
+                broken.append(path)
+    folder = tmp_path_factory.mktemp("sample")
+    for i, path in enumerate(sorted(good)[:GOOD] + sorted(broken)[:BROKEN]):
+        shutil.copy(path, folder / f"{i:02d}_{path.name}")
+    return folder
+
+
+def library_rows(root: Path) -> tuple[dict, dict]:
+    """path -> (id, sha256, width, height, format, vector) and path -> failure reason."""
+    with sqlite3.connect(root / "catalog.sqlite") as db:
+        images = db.execute(
+            "SELECT path, id, sha256, width, height, format, vector FROM images"
+        ).fetchall()
+        failures = db.execute("SELECT path, error FROM failures").fetchall()
+    rows = {r[0]: (*r[1:6], np.frombuffer(r[6], np.float32)) for r in images}
+    return rows, dict(failures)
+
+
+def test_cluster_builds_the_same_library_as_a_local_run(
+    ray_cluster, corpus_sample, spread_checkpoint, model_cache, tmp_path
+):
+    loader = EncoderLoader(spread_checkpoint, "cpu", "onnx", model_cache)
+    with Collection.open(tmp_path / "local", encoder=loader) as photos:
+        local = photos.index(corpus_sample, IndexOptions(workers=1))
+    cluster = ClusterOptions(ray_cluster.address, shard_size=3)
+    with Collection.open(tmp_path / "ray", encoder=loader) as photos:
+        remote = photos.index(corpus_sample, IndexOptions(workers=1), cluster=cluster)
+
+    assert (remote.indexed, remote.failed) == (local.indexed, local.failed) == (GOOD, BROKEN)
+    assert sum(remote.nodes.values()) == GOOD + BROKEN
+    local_rows, local_failures = library_rows(tmp_path / "local")
+    remote_rows, remote_failures = library_rows(tmp_path / "ray")
+    assert remote_failures == local_failures and len(local_failures) == BROKEN
+    assert remote_rows.keys() == local_rows.keys()
+    for path, (*fields, vector) in local_rows.items():
+        *remote_fields, remote_vector = remote_rows[path]
+        assert remote_fields == fields, path  # same id, hash and metadata
+        np.testing.assert_allclose(remote_vector, vector, atol=2e-5)
+    with Collection.open(tmp_path / "ray", encoder=loader) as photos:  # a no-op second run
+        again = photos.index(corpus_sample, cluster=cluster)
+    assert (again.unchanged, again.indexed, again.nodes) == (GOOD, 0, {})
+
+
+def cli_index(folder: Path, library: Path, address: str, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "retrieval.cli", "index", str(folder), "--json"]
+    command += ["--library", str(library), "--cluster", address, "--shard-size", "2", *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@faults
+def test_a_killed_coordinator_resumes_from_its_shards(
+    ray_cluster, corpus_sample, spread_checkpoint, tmp_path
+):
+    library = tmp_path / "library"
+    args = ("--weights", str(spread_checkpoint), "--backend", "onnx", "--workers", "1")
+    first = cli_index(corpus_sample, library, ray_cluster.address, *args)
+    shards = library / "shards"
+    deadline = time.monotonic() + 120
+    while not any(shards.glob("*.parquet")) and first.poll() is None:
+        assert time.monotonic() < deadline, "no shard was written"
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    import pyarrow.parquet as pq
+
+    in_shards = {p for f in shards.glob("*.parquet") for p in pq.read_table(f)["path"].to_pylist()}
+    committed = set(library_rows(library)[0]) | set(library_rows(library)[1])
+    assert in_shards, "the coordinator was killed before its first shard"
+
+    second = cli_index(corpus_sample, library, ray_cluster.address, *args)
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err.decode()
+    report = json.loads(out)
+    resumed = in_shards - committed
+    assert report["resumed"] == len(resumed)  # taken from the shards, not encoded again
+    assert report["unchanged"] == len({p for p in committed if p in library_rows(library)[0]})
+    assert sum(report["nodes"].values()) == GOOD + BROKEN - len(committed) - len(resumed)
+    rows, failures = library_rows(library)
+    assert len(rows) == GOOD and len(failures) == BROKEN  # every file exactly once
+    assert not shards.exists()  # a completed run leaves no shards
+
+
+class DyingOnce:
+    """An encoder factory whose first model call, in any actor, kills that actor's process."""
+
+    def __init__(self, flag: Path) -> None:
+        self.flag = flag
+
+    def __call__(self):
+        return _DyingEncoder(self.flag)
+
+
+class _DyingEncoder(FakeEncoder):
+    def __init__(self, flag: Path) -> None:
+        super().__init__()
+        self.flag = flag
+
+    def encode_images(self, batch):
+        try:
+            os.close(os.open(self.flag, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return super().encode_images(batch)
+        os._exit(1)  # the actor dies mid-shard, as a lost worker would
+
+
+@faults
+def test_an_actor_killed_mid_shard_is_retried(ray_cluster, photo_folder, tmp_path):
+    flag = tmp_path / "died"
+    cluster = ClusterOptions(ray_cluster.address, shard_size=2, encoder_source=DyingOnce(flag))
+    with Collection.open(tmp_path / "library", encoder=FakeEncoder()) as photos:
+        report = photos.index(photo_folder, IndexOptions(workers=1), cluster=cluster)
+    files = sorted(str(p) for p in photo_folder.rglob("*") if p.is_file())
+    rows, failures = library_rows(tmp_path / "library")
+    assert flag.exists()  # an actor did die
+    assert sorted(rows) == files and not failures and report.indexed == len(files)
