@@ -110,9 +110,6 @@ def test_cluster_builds_the_same_library_as_a_local_run(
         *remote_fields, remote_vector = remote_rows[path]
         assert remote_fields == fields, path  # same id, hash and metadata
         np.testing.assert_allclose(remote_vector, vector, atol=2e-5)
-    with Collection.open(tmp_path / "ray", encoder=loader) as photos:  # a no-op second run
-        again = photos.index(corpus_sample, cluster=cluster)
-    assert (again.unchanged, again.indexed, again.nodes) == (GOOD, 0, {})
 
 
 def cli_index(folder: Path, library: Path, address: str, *extra: str) -> subprocess.Popen:

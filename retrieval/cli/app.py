@@ -271,7 +271,8 @@ def index(
             "--cluster",
             envvar="CLIPDEX_CLUSTER",
             help="Decode and encode on a Ray cluster: auto (the running one, RAY_ADDRESS), "
-            "local (start one here) or its address, e.g. 10.0.0.5:6379 (needs clipdex[ray]).",
+            "local (start one here) or its address, e.g. 10.0.0.5:6379 (needs the ray extra "
+            "of clipdex).",
         ),
     ] = None,
     shard_size: Annotated[
@@ -846,7 +847,7 @@ def serve(
             "--cluster",
             envvar="CLIPDEX_CLUSTER",
             help="POST /api/index decodes and encodes on this Ray cluster: auto (the running "
-            "one), local, or its address (needs clipdex[ray]).",
+            "one), local, or its address (needs the ray extra of clipdex).",
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
