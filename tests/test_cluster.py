@@ -187,3 +187,54 @@ def test_an_actor_killed_mid_shard_is_retried(ray_cluster, photo_folder, tmp_pat
     rows, failures = library_rows(tmp_path / "library")
     assert flag.exists()  # an actor did die
     assert sorted(rows) == files and not failures and report.indexed == len(files)
+
+
+def test_shard_rows_round_trip_into_the_catalog_without_ray(fake_encoder, tmp_path):
+    """A shard as an actor writes it (metadata with a datetime, caption texts, a video's
+    frames, a failure) is committed from disk as if a killed run had left it; a row whose
+    file changed since is not used (that file is encoded again)."""
+    import datetime as dt
+
+    from indexer.ingest import cluster as cl
+    from indexer.ingest.discover import FoundFile
+    from indexer.ingest.pipeline import IndexReport, Progress, _Plan, _Writer
+    from indexer.ingest.workers import Outcome
+    from indexer.store.library import Library
+
+    rng = np.random.default_rng(0)
+    frames = rng.standard_normal((3, 512)).astype(np.float32)
+    frames /= np.linalg.norm(frames, axis=1, keepdims=True)
+    taken = dt.datetime(2024, 5, 1, 12, 30)
+    photo = FoundFile("/p/a.jpg", 10, 1, 5, 7, None)
+    video = FoundFile("/p/b.mp4", 20, 2, 5, 8, None)
+    broken = FoundFile("/p/c.png", 30, 3, None, None, None)
+    changed = FoundFile("/p/d.jpg", 40, 4, 5, 9, None)
+    shard = cl._ShardWriter()
+    fields = {"width": 64, "height": 48, "format": "JPEG", "taken_at": taken,
+              "texts": [("description", "a kite", None)]}  # fmt: skip
+    shard.add(Outcome(photo, "a" * 64, fields=fields), frames[0])
+    video_fields = {"width": 64, "height": 48, "kind": "video", "frame_time": 0.0,
+                    "frame_times": [0.0, 1.0, 2.0], "frame_vectors": frames}  # fmt: skip
+    shard.add(Outcome(video, "b" * 64, fields=video_fields), frames[0])
+    shard.fail(broken, "not an image: truncated")
+    shard.add(Outcome(changed, "d" * 64, fields={"width": 1, "height": 1}), frames[1])
+    table = shard.table({f.path: i for i, f in enumerate([photo, video, broken, changed])}, "n")
+    cl.write_shard(tmp_path / "library" / "shards" / "x-000000.parquet", table)
+
+    now_changed = FoundFile("/p/d.jpg", 41, 5, 5, 9, None)  # rewritten since the shard
+    with Library.open(tmp_path / "library", create=True) as library, library.writing():
+        library.bind_model(fake_encoder.identity)
+        report = IndexReport(nodes={})
+        sink = cl.Committer(_Writer(library, _Plan(), IndexOptions()), report, Progress())
+        todo = [photo, video, broken, now_changed]
+        left = cl.commit_leftover_shards(library.shard_dir, todo, sink)
+        assert left == [now_changed] and report.resumed == 3
+        assert report.failures == [("/p/c.png", "not an image: truncated")]
+        catalog = library.catalog
+        assert catalog.count() == 2
+        row_fields, vector = catalog.find_by_hash("a" * 64)
+        assert row_fields["taken_at"] == taken and row_fields["format"] == "JPEG"
+        np.testing.assert_array_equal(vector, frames[0])
+        video_fields, _ = catalog.find_by_hash("b" * 64)
+        np.testing.assert_array_equal(video_fields["frame_vectors"], frames)
+        assert len(library.index) == 2 + 2  # two rows and the video's two other frames

@@ -51,6 +51,7 @@ from indexer.ingest.pipeline import (
 )
 from indexer.ingest.workers import Outcome, hash_file
 from indexer.model.identity import Encoder
+from indexer.store.kindchoice import check_choice, ensure_kind
 from indexer.store.library import Library
 
 SHARD_SUFFIX = ".parquet"
@@ -139,6 +140,7 @@ def index_on_cluster(
     report = IndexReport(nodes={})
     with library.writing():
         library.bind_model(encoder.identity)
+        library.catalog.add_text_roots(str(r if r.is_dir() else r.parent) for r in roots)
         work = plan(library, roots, options.excludes, options.within)
         report.unchanged = work.unchanged
         report.failures.extend(work.problems)
@@ -153,6 +155,8 @@ def index_on_cluster(
         writer.checkpoint(removed=work.vanished)
         report.removed = len(work.vanished)
         clear_shards(shards)
+        # The kind the library asks for (switch or re-train: from the catalog), as locally.
+        report.index_rebuilt = ensure_kind(library, check_choice(options.index_kind))
     report.failed = len(report.failures)
     report.seconds = time.monotonic() - started
     return report
