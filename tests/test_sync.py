@@ -179,6 +179,23 @@ def test_a_burst_of_500_files_is_indexed_in_few_batches(photos, tmp_path):
     assert len(catalog_paths(photos.root)) == 500
 
 
+def test_an_import_that_never_pauses_is_indexed_while_it_goes_on(photos, tmp_path):
+    folder = tmp_path / "import"
+    folder.mkdir()
+    # Files arrive 5x faster than the quiet period: only the maximum wait starts a batch.
+    options = SyncOptions(**{**FAST, "quiet_seconds": 1.0, "max_wait_seconds": 1.0})
+    syncer = photos.syncer([folder], INDEX, options)
+    with syncing(syncer):
+        deadline = time.monotonic() + 30
+        written = 0
+        while totals(syncer, "indexed") == 0 and time.monotonic() < deadline:
+            write_photo(folder / f"IMG_{written:04d}.jpg", 2000 + written, size=16)
+            written += 1
+            time.sleep(0.2)
+        assert totals(syncer, "indexed") > 0, "nothing indexed while the import went on"
+        wait_for(lambda: totals(syncer, "indexed") == written, 20)
+
+
 def test_a_file_written_slowly_is_indexed_once_complete(photos, tmp_path):
     folder = tmp_path / "camera"
     folder.mkdir()
