@@ -82,6 +82,7 @@ _FLIP_TO_ORIENTATION = {0: 1, 1: 2, 3: 3, 2: 4, 4: 5, 6: 6, 7: 7, 5: 8}
 # 3 bits per pixel or more.
 _MIN_BITS_PER_PIXEL = 1
 _ASPECT_TOLERANCE = 0.05  # a preview this close to the sensor's shape shows the whole frame
+_TAG_WINDOW = 1 << 20  # bytes of a TIFF-based RAW read for its tags (after its first IFD)
 _LIBRAW_DAMAGE = ("unexpected end of file", "data corrupted", "data error")
 _CAPTURE_LOCK = threading.Lock()
 
@@ -311,18 +312,22 @@ def _tiff_exif(data: bytes) -> Image.Exif | None:
     """The RAW's first IFD read as EXIF, for the TIFF-based RAWs; None for the others.
 
     Olympus (IIRO/IIRS/MMOR) and Panasonic (IIU) write a TIFF with their own magic number:
-    read as TIFF once the standard one is put in its place.
+    read as TIFF once the standard one is put in its place. Only the file's first part is
+    handed to Pillow (copying a 50 MB RAW to read a few tags cost more than the preview's
+    decode): the tags and their values sit there, before the sensor data.
     """
     from PIL import Image
 
     head = data[:4]
     standard = {b"IIRO": b"II*\x00", b"IIRS": b"II*\x00", b"IIU\x00": b"II*\x00"}
     standard |= {b"MMOR": b"MM\x00*", b"II*\x00": head, b"MM\x00*": head}
-    if head not in standard:
+    if head not in standard or len(data) < 8:
         return None
+    first_ifd = int.from_bytes(data[4:8], "little" if head.startswith(b"II") else "big")
+    window = max(_TAG_WINDOW, first_ifd + _TAG_WINDOW)
     exif = Image.Exif()
     try:
-        exif.load(standard[head] + data[4:])
+        exif.load(standard[head] + data[4:window])
     except Exception:  # a broken IFD never blocks indexing
         return None
     return exif
