@@ -18,7 +18,8 @@ Printed, from the same run:
   measured per-worker rate: ``min(N * per_worker, commit_limit)``.
 
 Usage: ``python bench/bench_ray.py [--files 64] [--workers 2] [--shard-size 32]
-[--weights FILE] [--workdir DIR]``. The machine is shared: read the same-run ratios.
+[--weights FILE] [--cache-dir DIR] [--workdir DIR]``. The machine is shared: read the
+same-run ratios.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument("--weights")
+    parser.add_argument("--cache-dir", help="ONNX export cache (default: a fresh one)")
     parser.add_argument("--workdir")
     args = parser.parse_args()
 
@@ -156,11 +158,12 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clipdex-bench-ray-"))
     folder = make_folder(work / "photos", args.files)
-    loader = EncoderLoader(weights_file(args, work), "cpu", "onnx", work / "cache")
+    cache = Path(args.cache_dir) if args.cache_dir else work / "cache"
+    loader = EncoderLoader(weights_file(args, work), "cpu", "onnx", cache)
     loader()  # the one-time ONNX export, outside both timings
 
     local = run(folder, work / "local", loader, args.workers)
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     cluster = ClusterOptions(
         "local", shard_size=args.shard_size, actors=1, cpus_per_actor=args.workers
     )

@@ -238,3 +238,13 @@ def test_shard_rows_round_trip_into_the_catalog_without_ray(fake_encoder, tmp_pa
         video_fields, _ = catalog.find_by_hash("b" * 64)
         np.testing.assert_array_equal(video_fields["frame_vectors"], frames)
         assert len(library.index) == 2 + 2  # two rows and the video's two other frames
+
+
+def test_without_ray_the_error_names_the_extra(monkeypatch):
+    from indexer.errors import ClusterUnavailable
+    from indexer.ingest.cluster import connect
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(ClusterUnavailable, match=r"pip install 'clipdex\[ray\]'") as caught:
+        connect("auto")
+    assert caught.value.setting == "cluster"

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.errors import ClusterUnavailable, ConfigError
+from indexer.errors import ClipdexError, ClusterUnavailable, ConfigError
 from indexer.fsutil import child_pythonpath, write_atomic
 from indexer.ingest.discover import FoundFile, resolve_root
 from indexer.ingest.pipeline import (
@@ -93,8 +93,8 @@ def _init(ray, address: str) -> None:
     runtime_env = {"env_vars": {"PYTHONPATH": child_pythonpath()}}
     settings = {"runtime_env": runtime_env, "log_to_driver": False, "logging_level": "ERROR"}
     try:
-        if address == "local":
-            ray.init(include_dashboard=False, **settings)
+        if address == "local":  # a new private instance, even beside a running cluster
+            ray.init(address="local", include_dashboard=False, **settings)
         else:
             ray.init(address=address, **settings)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -216,9 +216,31 @@ def _run_on_cluster(
         fn_constructor_kwargs={"make_encoder": make_encoder, "options": worker_options},
     )
     run = f"{int(time.time() * 1000):x}"
-    for number, table in enumerate(dataset.iter_batches(batch_size=None, batch_format="pyarrow")):
+    results = dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+    for number, table in enumerate(_translated(results)):
         write_shard(shard_dir / f"{run}-{number:06d}{SHARD_SUFFIX}", table)
         sink.commit(shard_rows(table))
+
+
+def _translated(results):
+    """Ray's errors (an actor that cannot load the model, a lost cluster) as clipdex's: a
+    ClipdexError raised in an actor keeps its type and message; anything else is named."""
+    try:
+        yield from results
+    except ClipdexError:
+        raise
+    except Exception as exc:  # the boundary with Ray: no traceback for the user
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, ClipdexError):
+            raise cause from exc
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
+        raise ClusterUnavailable(
+            f"the Ray run failed ({type(cause).__name__}: {first}); the shards committed so far "
+            "are kept, and the next run resumes from them",
+            setting="cluster",
+        ) from exc
 
 
 def actor_shape(ray, cluster: ClusterOptions, shards: int) -> tuple[int, float, float]:
