@@ -2,9 +2,10 @@
 "one frame per second" and "one frame per video", on the same clips in one run.
 
 Clips are written here with PyAV from the corpus photos (tests/videogen.py), one scene per
-photo with known cut times: a 3 s clip (one scene), a 20 s phone clip (4 scenes) and a
-3-minute video (12 scenes of 5-25 s, long enough to be probed by keyframe seeking). For
-each clip and each way of choosing frames the script measures, in the same run:
+photo with known cut times and a slow pan within each scene: a 3 s clip (one scene), a 20 s
+phone clip (4 scenes) and a 2-minute video (12 scenes of 4-16 s, long enough to be probed
+by keyframe seeking). For each clip and each way of choosing frames the script measures,
+in the same run:
 
 - frames encoded, per video minute;
 - seconds to choose and decode the frames (PyAV) and to encode them (the model), per
@@ -16,7 +17,7 @@ The model is MobileCLIP-S2 (torch, CPU) with random "spread" weights (tests/spre
 the real architecture and cost, with embeddings that depend on the picture (or the real
 weights with --weights). The machine is shared: read the same-run ratios.
 
-Usage: ``python bench/bench_video.py [--long 180] [--weights FILE] [--workdir DIR]``.
+Usage: ``python bench/bench_video.py [--long 120] [--weights FILE] [--workdir DIR]``.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def make_clips(work: Path, long_seconds: float) -> list[Clip]:
     clips = []
     for i, (name, scenes, seconds, fps, gop) in enumerate(plans):
         path = work / f"clip{i}.mp4"
-        starts = write_video(path, scenes, seconds, size=SIZE, fps=fps, gop=gop)
+        starts = write_video(path, scenes, seconds, size=SIZE, fps=fps, gop=gop, noise=0, pan=1)
         clips.append(Clip(name, path, scenes, starts, float(sum(seconds))))
     return clips
 
@@ -118,7 +119,7 @@ def run(clip: Clip, strategy: Sampling | None, encoder, queries: np.ndarray) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--long", type=float, default=180.0, help="Seconds of the long clip.")
+    parser.add_argument("--long", type=float, default=120.0, help="Seconds of the long clip.")
     parser.add_argument("--weights", type=Path, help="A MobileCLIP-S2 checkpoint.")
     parser.add_argument("--workdir", type=Path, help="Where clips are written (default: tmp).")
     args = parser.parse_args()

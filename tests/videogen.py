@@ -47,12 +47,16 @@ def write_video(
     rotation: int = 0,
     creation_time: dt.datetime | None = None,
     gop: int = 10,
+    noise: int = 3,
+    pan: int = 0,
 ) -> list[float]:
     """Write one scene per photo; returns the start time of each scene (seconds).
 
     ``rotation``: counter-clockwise degrees a player must turn the stored picture; the
     photos are stored turned the other way, so a player that honours it shows them upright
-    (as a phone does with a portrait clip).
+    (as a phone does with a portrait clip). ``noise``: +- this much random noise per pixel
+    and frame (motion for the encoder; 0 for none); ``pan``: pixels the view moves right per
+    frame within a scene (a slow camera pan, cheap to write).
     """
     path = Path(path)
     suffix, codec = FORMATS[kind]
@@ -76,16 +80,20 @@ def write_video(
             stream.set_display_rotation(rotation)
         for photo, duration in zip(photos, durations):
             starts.append(at)
-            picture = scene_image(photo, size)
-            if rotation:
-                picture = picture.rotate(-rotation, expand=True)
-            base = np.asarray(picture, dtype=np.int16)
-            for _ in range(max(1, round(duration * fps))):
-                noisy = np.clip(base + rng.integers(-3, 4, base.shape), 0, 255).astype(np.uint8)
-                frame = av.VideoFrame.from_ndarray(noisy, format="rgb24")
+            count = max(1, round(duration * fps))
+            wide = scene_image(photo, (size[0] + pan * count, size[1]))
+            for i in range(count):
+                picture = wide.crop((pan * i, 0, pan * i + size[0], size[1]))
+                if rotation:
+                    picture = picture.rotate(-rotation, expand=True)
+                pixels = np.asarray(picture)
+                if noise:
+                    jitter = rng.integers(-noise, noise + 1, pixels.shape)
+                    pixels = np.clip(pixels.astype(np.int16) + jitter, 0, 255).astype(np.uint8)
+                frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
                 for packet in stream.encode(frame):
                     container.mux(packet)
-            at += max(1, round(duration * fps)) / fps
+            at += count / fps
         for packet in stream.encode():
             container.mux(packet)
     return starts
