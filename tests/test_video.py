@@ -326,3 +326,28 @@ def test_filters_date_sort_paging_cutoff_and_duplicates_for_videos(tmp_path, pho
         ).results
         [label] = [t["label"] for t in video.tags]
         assert "old.webm" in names(tags=(label,))
+
+
+def test_a_new_photo_never_takes_a_frame_id(tmp_path, scenes):
+    """A salvaged catalog's id sequence is rebuilt from the images table alone: the next
+    row must still get an id above every frame's."""
+    import sqlite3
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    write_video(folder / "clip.mp4", scenes[:3], 1.0)
+    encoder = FakeEncoder()
+    with Library.open(tmp_path / "lib", create=True) as library:
+        index_paths(library, encoder, [folder], _options())
+        frames = set(library.catalog.frame_ids_of(library.catalog.ids()).tolist())
+        assert len(frames) == 2
+    with sqlite3.connect(tmp_path / "lib" / "catalog.sqlite") as conn:
+        conn.execute("UPDATE sqlite_sequence SET seq = 1 WHERE name = 'images'")
+    conn.close()
+    shutil.copy(scenes[4], folder / "new.jpg")
+    with Library.open(tmp_path / "lib") as library:
+        index_paths(library, encoder, [folder], _options())
+        new = library.catalog.id_for_path(str(folder / "new.jpg"))
+        assert new not in frames
+        ids = library.catalog.ids()
+        assert len(set(ids.tolist())) == len(ids) == 4 == len(library.index)

@@ -785,6 +785,8 @@ class Catalog:
         with self.engine.begin() as conn:
             paths = [r.path for r in records] + [f[0] for f in failed] + list(removed_paths)
             self._delete_paths(conn, paths)
+            if records:
+                self._sequence_past_frames(conn)
             roots = self._text_roots(conn)
             for record in records:
                 values = {name: getattr(record, name) for name in IMAGE_FIELDS}
@@ -817,6 +819,15 @@ class Catalog:
                 )
             self._bump(conn)
         return new_ids
+
+    @staticmethod
+    def _sequence_past_frames(conn: Connection) -> None:
+        """Keep the images id sequence above every frame id, so a new row never takes a
+        frame's id (a salvaged catalog's sequence is rebuilt from the images table alone)."""
+        conn.exec_driver_sql(
+            "UPDATE sqlite_sequence SET seq = (SELECT max(id) FROM frames) "
+            "WHERE name = 'images' AND seq < (SELECT coalesce(max(id), 0) FROM frames)"
+        )
 
     @staticmethod
     def _insert_frames(conn: Connection, image_id: int, record: ImageRecord) -> None:
