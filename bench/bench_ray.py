@@ -17,7 +17,10 @@ Printed, from the same run:
   bounds what any number of workers can reach, and a projection table for N workers from the
   measured per-worker rate: ``min(N * per_worker, commit_limit)``.
 
-Usage: ``python bench/bench_ray.py [--files 64] [--workers 2] [--shard-size 32]
+Each round runs both paths (the order alternates: the machine's load drifts); the ratios
+are medians of the per-round ratios.
+
+Usage: ``python bench/bench_ray.py [--files 64] [--workers 2] [--shard-size 32] [--rounds 2]
 [--weights FILE] [--cache-dir DIR] [--workdir DIR]``. The machine is shared: read the
 same-run ratios.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -146,6 +150,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--weights")
     parser.add_argument("--cache-dir", help="ONNX export cache (default: a fresh one)")
     parser.add_argument("--workdir")
@@ -162,28 +167,37 @@ def main() -> None:
     loader = EncoderLoader(weights_file(args, work), "cpu", "onnx", cache)
     loader()  # the one-time ONNX export, outside both timings
 
-    local = run(folder, work / "local", loader, args.workers)
     ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     cluster = ClusterOptions(
         "local", shard_size=args.shard_size, actors=1, cpus_per_actor=args.workers
     )
-    remote = run(folder, work / "ray", loader, args.workers, cluster)
+    rounds = []  # (local, ray) per round; the order alternates (the machine's load drifts)
+    for r in range(args.rounds):
+        pair = {}
+        for name in ("local", "ray") if r % 2 == 0 else ("ray", "local"):
+            library = work / f"{name}-{r}"
+            on_cluster = cluster if name == "ray" else None
+            pair[name] = run(folder, library, loader, args.workers, on_cluster)
+        rounds.append(pair)
     ray.shutdown()
     per_file = commit_cost(args.shard_size)
 
     print(f"{args.files} photos, {args.workers} CPUs each way, shard {args.shard_size} files")
-    print(f"{'path':<8} {'seconds':>8} {'img/s':>7} {'steady img/s':>13}")
-    for name, result in (("local", local), ("ray", remote)):
-        print(
-            f"{name:<8} {result['seconds']:8.1f} {result['rate']:7.2f} "
-            f"{result['steady_rate']:13.2f}"
-        )
-    overhead = 1 - remote["steady_rate"] / local["steady_rate"]
-    print(f"Ray overhead at steady state: {overhead:+.1%} (target <= 15%)")
-    print(f"end to end, start-up included: {1 - remote['rate'] / local['rate']:+.1%}")
+    print(f"{'round':<6} {'path':<6} {'seconds':>8} {'img/s':>7} {'steady img/s':>13}")
+    for r, pair in enumerate(rounds):
+        for name in ("local", "ray"):
+            result = pair[name]
+            print(
+                f"{r:<6} {name:<6} {result['seconds']:8.1f} {result['rate']:7.2f} "
+                f"{result['steady_rate']:13.2f}"
+            )
+    steady = statistics.median(p["ray"]["steady_rate"] / p["local"]["steady_rate"] for p in rounds)
+    whole = statistics.median(p["ray"]["rate"] / p["local"]["rate"] for p in rounds)
+    print(f"Ray overhead at steady state: {1 - steady:+.1%} (median of rounds; target <= 15%)")
+    print(f"end to end, actor start-up included: {1 - whole:+.1%}")
     limit = 1 / per_file
     print(f"coordinator commit: {per_file * 1e3:.2f} ms/file -> at most {limit:,.0f} img/s")
-    per_worker = remote["steady_rate"]
+    per_worker = statistics.median(p["ray"]["steady_rate"] for p in rounds)
     print(f"\nprojection from {per_worker:.2f} img/s per {args.workers}-CPU worker:")
     print(f"{'workers':>8} {'img/s':>10} {'1M photos':>12} {'10M photos':>12}")
     for n in (1, 2, 4, 8, 16, 32, 64, 128):
