@@ -55,6 +55,10 @@ def isolated_env(tmp_path_factory, monkeypatch, model_cache):
     # `clipdex index` would then encode the default labels (a minute with real-size models);
     # the tests of that step turn it back on.
     monkeypatch.setenv("CLIPDEX_PREPARE_LABELS", "0")
+    # Reading text (OCR) costs ~0.5 s a photo, and with test models the gate is noise: off
+    # by default in tests (in-process runs and spawned CLIs/servers); the OCR tests ask for it.
+    monkeypatch.setenv("CLIPDEX_OCR", "never")
+    monkeypatch.setattr("indexer.ingest.ocr.DEFAULT_MODE", "never")
     monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / "cache"))
 

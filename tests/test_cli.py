@@ -51,6 +51,9 @@ def test_index_then_search_json(fake_model, photo_folder):
         "frames",
         "seconds",
         "index_rebuilt",
+        "ocr_read",
+        "ocr_with_text",
+        "ocr_seconds",
     }
     found = json.loads(run("search", "a red ball", "-k", "3", "--json").stdout)
     assert found["query"] == "a red ball" and len(found["results"]) == 3

@@ -25,6 +25,7 @@ the sync's event source (indexer/ingest/watch.py); rawpy (LibRaw) only in ingest
 pillow_jxl only in ingest/jxl.py; PyAV (``av``) only in the video decoder (ingest/video.py);
 Ray and pyarrow only in the cluster path (ingest/cluster.py), and only once ``--cluster`` is
 given (a test imports the CLI, the server and that module and finds neither loaded).
+RapidOCR (and OpenCV, which it brings) only in the OCR engine (model/ocr.py).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ THIRD_PARTY = {
     "av": ("indexer/ingest/video.py",),  # PyAV (FFmpeg): video frames
     "ray": ("indexer/ingest/cluster.py",),  # Ray Data: `clipdex index --cluster`
     "pyarrow": ("indexer/ingest/cluster.py",),  # the cluster's shards (comes with ray[data])
+    "rapidocr_onnxruntime": ("indexer/model/ocr.py",),  # OCR (PP-OCR models in the wheel)
+    "cv2": ("indexer/model/ocr.py",),  # OpenCV: RapidOCR's dependency, used for its resize
 }
 
 

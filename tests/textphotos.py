@@ -240,8 +240,9 @@ def make_text_set(
     angles: Sequence[float] = (0.0, 0.0, 5.0, -8.0),
     contrasts: Sequence[str] = ("high", "high", "low"),
     kinds: Sequence[str] = ("sign", "receipt", "screenshot"),
+    image_size: tuple[int, int] = (1024, 768),
 ) -> list[TextPhoto]:
-    """``count`` JPEGs of 1024 x 768 with 2-4 words each, cycling kinds, sizes, angles,
+    """``count`` JPEGs of ``image_size`` with 2-4 words each, cycling kinds, sizes, angles,
     contrasts and fonts; backgrounds from ``backgrounds`` (photos) or synthetic."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -249,14 +250,14 @@ def make_text_set(
     made: list[TextPhoto] = []
     for i in range(count):
         words = tuple(rng.sample(WORDS, rng.randint(2, 4)))
-        kind, size = kinds[i % len(kinds)], sizes[i % len(sizes)]
-        angle, contrast = angles[i % len(angles)], contrasts[i % len(contrasts)]
-        font_name, font_file = font_list[i % len(font_list)]
+        kind = kinds[i % len(kinds)]  # the other traits drawn independently of the kind
+        size, angle, contrast = rng.choice(sizes), rng.choice(angles), rng.choice(contrasts)
+        font_name, font_file = rng.choice(font_list)
         if backgrounds:
             with Image.open(backgrounds[i % len(backgrounds)]) as bg:
-                base = bg.convert("RGB").resize((1024, 768))
+                base = bg.convert("RGB").resize(image_size)
         else:
-            base = synthetic_background(1024, 768, seed=seed * 1000 + i)
+            base = synthetic_background(*image_size, seed=seed * 1000 + i)
         image = render_text(
             base, words, kind=kind, size=size, angle=angle, contrast=contrast, font_file=font_file
         )
@@ -266,12 +267,15 @@ def make_text_set(
     return made
 
 
-def make_plain_set(folder: Path, count: int, *, seed: int = 0) -> list[Path]:
-    """``count`` synthetic 1024 x 768 JPEGs with no text at all."""
+def make_plain_set(
+    folder: Path, count: int, *, seed: int = 0, image_size: tuple[int, int] = (1024, 768)
+) -> list[Path]:
+    """``count`` synthetic JPEGs of ``image_size`` with no text at all."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
         path = folder / f"plain_{i:04d}.jpg"
-        synthetic_background(1024, 768, seed=seed * 1000 + 500 + i).save(path, "JPEG", quality=90)
+        background = synthetic_background(*image_size, seed=seed * 1000 + 500 + i)
+        background.save(path, "JPEG", quality=90)
         paths.append(path)
     return paths

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.fsutil import file_key
+from indexer.ingest import ocr as ocr_module
 from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS
 from indexer.ingest.discover import (
     FoundFile,
@@ -32,6 +33,7 @@ from indexer.ingest.discover import (
     has_indexable_suffix,
     resolve_root,
 )
+from indexer.ingest.ocr import OcrStage, OcrStats
 from indexer.ingest.workers import DEFAULT_DECODER, DecodeLimits, DecodePool, Outcome
 from indexer.model.identity import Encoder
 from indexer.store.catalog import FileState, ImageRecord
@@ -54,6 +56,8 @@ class IndexOptions:
     decode_memory_mb: int = 2048  # per-file memory a decode worker may add (Linux)
     decoder: str = DEFAULT_DECODER  # "module:function" run by the workers; tests swap it
     index_kind: str | None = None  # auto | exact | ivf (None: keep the library's choice)
+    ocr: str | None = None  # auto | always | never (None: indexer.ingest.ocr.DEFAULT_MODE)
+    ocr_threshold: float = ocr_module.DEFAULT_THRESHOLD  # the gate's text likelihood
 
     def limits(self) -> DecodeLimits:
         return DecodeLimits(self.max_megapixels, self.decode_seconds, self.decode_memory_mb)
@@ -76,6 +80,7 @@ class IndexReport:
     # shards an interrupted run left (not encoded again). None/0 for a local run.
     nodes: dict[str, int] | None = None
     resumed: int = 0
+    ocr: OcrStats = field(default_factory=OcrStats)  # photos read for text, and the cost
 
     def as_dict(self) -> dict:
         extra = {} if self.nodes is None else {"nodes": dict(self.nodes), "resumed": self.resumed}
@@ -89,6 +94,9 @@ class IndexReport:
             "seconds": round(self.seconds, 3),
             "index_rebuilt": self.index_rebuilt,
             **extra,
+            "ocr_read": self.ocr.read,
+            "ocr_with_text": self.ocr.with_text,
+            "ocr_seconds": round(self.ocr.seconds, 3),
         }
 
 
@@ -283,7 +291,8 @@ def index_paths(
         for path, reason in work.problems:
             report.failures.append((path, reason))
         memo = HashMemo(library.catalog.find_by_hash)
-        run_files(work.todo, memo, encoder, options, writer, report, progress)
+        ocr = ocr_stage(library, encoder, options)
+        run_files(work.todo, memo, encoder, options, writer, report, progress, ocr=ocr)
         writer.checkpoint(removed=work.vanished)
         report.removed = len(work.vanished)
         # The kind the library asks for (switch or re-train: from the catalog, no encoding).
@@ -324,7 +333,8 @@ def index_changes(
         progress.start(len(work.todo))
         writer = _Writer(library, work, options)
         memo = HashMemo(library.catalog.find_by_hash)
-        run_files(work.todo, memo, encoder, options, writer, report, progress)
+        ocr = ocr_stage(library, encoder, options)
+        run_files(work.todo, memo, encoder, options, writer, report, progress, ocr=ocr)
         # Gone paths also drop their failure rows (a failed file that was deleted).
         writer.checkpoint(removed=list(dict.fromkeys(work.vanished + gone)))
         report.removed = len(work.vanished)
@@ -397,17 +407,30 @@ def run_files(
     report: IndexReport,
     progress: Progress,
     pool: DecodePool | None = None,
+    ocr: OcrStage | None = None,
 ) -> None:
     """Read, hash, decode and encode ``todo`` into ``writer`` (its ``add``, ``fail`` and
     ``maybe_checkpoint``): the one path every file takes, locally and on a cluster's
     workers (:mod:`indexer.ingest.cluster`), so both apply the same rules and limits.
 
     ``pool``: a :func:`decode_pool` kept by the caller for several runs (left open);
-    None: one for this run, closed at its end.
+    None: one for this run, closed at its end. ``ocr``: the text-reading stage
+    (:func:`indexer.ingest.ocr.make_stage`, ideally with the library's cache for the gate's
+    prompt vectors, and kept across runs); None: one from ``options`` without a cache.
+    Its counts go to ``report.ocr``.
     """
     if not todo:
         return
     batch: list[Outcome] = []
+    if ocr is None:
+        ocr = ocr_module.make_stage(
+            ocr_module.check_mode(options.ocr or ocr_module.DEFAULT_MODE),
+            encoder,
+            None,
+            options.ocr_threshold,
+            options.max_megapixels,
+        )
+    ocr.stats = report.ocr
     owned = pool is None
     pool = pool or decode_pool(options, memo)
     with pool if owned else contextlib.nullcontext():
@@ -423,11 +446,19 @@ def run_files(
                 continue
             _route(item, batch, writer, report, progress)
             if len(batch) >= options.batch_size:
-                _encode(batch, encoder, memo, writer, report, progress)
+                _encode(batch, encoder, memo, writer, report, progress, ocr)
                 batch = []
             writer.maybe_checkpoint()
     if batch:
-        _encode(batch, encoder, memo, writer, report, progress)
+        _encode(batch, encoder, memo, writer, report, progress, ocr)
+
+
+def ocr_stage(library: Library, encoder: Encoder, options: IndexOptions) -> OcrStage:
+    """The OCR stage for a run into ``library`` (the gate's prompt vectors cached there)."""
+    mode = ocr_module.check_mode(options.ocr or ocr_module.DEFAULT_MODE)
+    return ocr_module.make_stage(
+        mode, encoder, library.label_cache_dir, options.ocr_threshold, options.max_megapixels
+    )
 
 
 def decode_pool(options: IndexOptions, memo: HashMemo) -> DecodePool:
@@ -520,12 +551,20 @@ def _encode(
     writer: _Writer,
     report: IndexReport,
     progress: Progress,
+    ocr: OcrStage,
 ) -> None:
-    """Encode each distinct content once; copies decoded in the same batch share the vector."""
+    """Encode each distinct content once; copies decoded in the same batch share the vector
+    (and the text OCR read in it, when the gate chose it)."""
     unique: dict[str, Outcome] = {}
     for item in batch:
         unique.setdefault(item.sha256, item)
     vectors = encoder.encode_images(np.stack([item.pixels for item in unique.values()]))
+    firsts = list(unique.values())
+    for item in firsts:
+        item.fields = dict(item.fields or {})
+    ocr.add_texts([i.found.path for i in firsts], [i.fields for i in firsts], vectors)
+    for item in batch:  # copies in the batch take the first's fields (its OCR text)
+        item.fields = unique[item.sha256].fields
     by_hash = dict(zip(unique, vectors))
     for sha256, vector in by_hash.items():
         memo.remember(sha256, unique[sha256].fields, vector)

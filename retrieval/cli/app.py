@@ -279,6 +279,25 @@ def index(
         int,
         typer.Option(min=1, max=100_000, help="With --cluster: files per shard (and commit)."),
     ] = 64,
+    ocr: Annotated[
+        str,
+        typer.Option(
+            "--ocr",
+            envvar="CLIPDEX_OCR",
+            help="Read text in photos (OCR, offline, on the CPU): auto (only photos the model "
+            "finds likely to hold text: documents, screenshots, signs, receipts), always, or "
+            "never. Applies to photos indexed in this run; renamed photos keep their text.",
+        ),
+    ] = "auto",
+    ocr_threshold: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            envvar="CLIPDEX_OCR_THRESHOLD",
+            help="With --ocr auto: read a photo when its text likelihood (0-1) is at least this.",
+        ),
+    ] = 0.2,
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
@@ -297,6 +316,7 @@ def index(
     json_out: JsonOpt = False,
 ) -> None:
     """Index photos (recursively, incrementally) into the library."""
+    from indexer.ingest.ocr import check_mode
     from indexer.ingest.pipeline import IndexOptions
     from indexer.store.kindchoice import check_choice
     from retrieval.cli.progress import BarProgress
@@ -307,6 +327,8 @@ def index(
         max_megapixels=max_megapixels,
         checkpoint_every=checkpoint_every,
         index_kind=check_choice(index_kind),
+        ocr=check_mode(ocr),
+        ocr_threshold=ocr_threshold,
     )
     if workers:
         options.workers = workers
@@ -477,6 +499,11 @@ def print_index_report(report, json_out: bool, quiet: bool) -> None:
     )
     if report.index_rebuilt:
         stdout.print(f"vector index rebuilt from the catalog as {report.index_rebuilt}")
+    if report.ocr.read:
+        stdout.print(
+            f"text read (OCR) in {report.ocr.read} photos, found in {report.ocr.with_text} "
+            f"({report.ocr.seconds:.1f}s)"
+        )
 
 
 @cli_command
@@ -823,6 +850,15 @@ def serve(
             "if missing, so a first classify answers at once.",
         ),
     ] = True,
+    ocr: Annotated[
+        str | None,
+        _opt(
+            "--ocr",
+            envvar="CLIPDEX_OCR",
+            help="Index jobs and --watch read text in photos: auto (photos likely to hold "
+            "text), always or never (a job may ask otherwise). Default: auto.",
+        ),
+    ] = None,
     watch_folder: Annotated[
         list[Path] | None,
         _opt(
@@ -859,6 +895,7 @@ def serve(
     quiet: QuietOpt = False,
 ) -> None:
     """Serve the REST API, the OpenAI-compatible embeddings and the web page."""
+    from indexer.ingest.ocr import check_mode
     from retrieval.collection import default_library_dir
     from retrieval.server import Settings, create_app
     from retrieval.server.serving import run_server
@@ -883,6 +920,7 @@ def serve(
         max_request_inputs=max_request_inputs,
         max_request_megapixels=max_request_megapixels,
         prepare_labels=prepare_labels,
+        ocr=check_mode(ocr) if ocr is not None else None,
         allowed_hosts=(*(allowed_host or ()), host),  # a listen address that is a name
         session_hours=session_hours,
         watch_paths=tuple(watch_folder or ()),

@@ -265,7 +265,7 @@ def thumbnail(
 )
 def start_index(request: Request, state: State, body: IndexRequest) -> dict:
     """Index folders (inside the server's --index-root) in the background; returns the job."""
-    return job_document(request, state.submit_index(body.paths, body.index))
+    return job_document(request, state.submit_index(body.paths, body.index, body.ocr))
 
 
 @router.get("/api/index", response_model=JobList, tags=["library"])

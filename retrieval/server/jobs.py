@@ -48,6 +48,7 @@ class IndexJob:
     started_at: float | None = None
     finished_at: float | None = None
     index_kind: str | None = None  # auto | exact | ivf asked for (None: keep the library's)
+    ocr: str | None = None  # auto | always | never asked for (None: the server's setting)
 
     def as_dict(self) -> dict:
         end = self.finished_at or time.time()
@@ -104,8 +105,10 @@ class IndexJobs:
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None  # started by the first job
 
-    def submit(self, paths: list[str], index_kind: str | None = None) -> IndexJob:
-        job = IndexJob(uuid.uuid4().hex[:16], list(paths), index_kind=index_kind)
+    def submit(
+        self, paths: list[str], index_kind: str | None = None, ocr: str | None = None
+    ) -> IndexJob:
+        job = IndexJob(uuid.uuid4().hex[:16], list(paths), index_kind=index_kind, ocr=ocr)
         with self._lock:
             active = sum(j.state in ("queued", "running") for j in self._jobs.values())
             if active >= MAX_ACTIVE_JOBS:
@@ -162,11 +165,9 @@ class IndexJobs:
         job.state, job.started_at = "running", time.time()
         try:
             progress = JobProgress(job, self._cancelled)
-            report = (
-                self._run(job.paths, progress, job.index_kind)
-                if job.index_kind is not None
-                else self._run(job.paths, progress)
-            )
+            kind = (job.index_kind,) if job.index_kind is not None else ()
+            ocr = {"ocr": job.ocr} if job.ocr is not None else {}
+            report = self._run(job.paths, progress, *kind, **ocr)
         except JobCancelled:
             job.state = "cancelled"
         except ClipdexError as exc:

@@ -141,6 +141,11 @@ class IndexRequest(BaseModel):
         "exact or ivf (8-bit codes, exact re-rank, recall@10 >= 0.98); switching rebuilds "
         "from the catalog without re-encoding. Default: keep the library's choice.",
     )
+    ocr: Literal["auto", "always", "never"] | None = Field(
+        default=None,
+        description="Read text in the photos indexed (OCR): auto (only photos the model finds "
+        "likely to hold text), always or never. Default: the server's --ocr (auto).",
+    )
 
 
 class JobStatus(BaseModel):

@@ -47,6 +47,7 @@ class Settings:
     # `serve --cluster`: POST /api/index decodes and encodes on this Ray cluster ("auto",
     # "local" or an address; indexer.ingest.cluster). None: in this process's workers.
     cluster: str | None = None
+    ocr: str | None = None  # index jobs' and the sync's --ocr (None: the library's default)
     # Folders the server keeps the library in sync with (`serve --watch`, indexer.ingest.sync):
     # events, or a rescan every watch_poll seconds; the timers are SyncOptions'.
     watch_paths: tuple[Path, ...] = field(default_factory=tuple)

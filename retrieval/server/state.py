@@ -28,6 +28,7 @@ from importlib import metadata
 import numpy as np
 
 from indexer.errors import ClipdexError, NotFound
+from indexer.ingest.ocr import check_mode
 from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress
 from indexer.ingest.sync import Syncer, SyncOptions
 from indexer.model.identity import Encoder
@@ -287,24 +288,36 @@ class ServerState:
         return encoder.encode_images(np.stack(pixels))
 
     # -- indexing -----------------------------------------------------------------------
-    def submit_index(self, paths: list[str], index_kind: str | None = None) -> IndexJob:
+    def submit_index(
+        self, paths: list[str], index_kind: str | None = None, ocr: str | None = None
+    ) -> IndexJob:
         """Queue an index job for paths confined to the --index-root folders; ``index_kind``
-        (auto | exact | ivf) switches the library's vector index kind afterwards."""
+        (auto | exact | ivf) switches the library's vector index kind afterwards; ``ocr``
+        (auto | always | never) overrides the server's --ocr for this job."""
         if not paths:
             raise QueryError("give at least one path to index")
         confined = [confine(path, self.settings.index_roots) for path in paths]
         self.require_library()
         self.require_encoder()
-        return self.jobs.submit(confined, check_choice(index_kind))
+        return self.jobs.submit(
+            confined, check_choice(index_kind), check_mode(ocr) if ocr is not None else None
+        )
 
     def _run_index(
-        self, paths: list[str], progress: Progress, index_kind: str | None = None
+        self,
+        paths: list[str],
+        progress: Progress,
+        index_kind: str | None = None,
+        ocr: str | None = None,
     ) -> IndexReport:
         encoder = self.require_encoder().without_timeout()
         roots = [os.path.realpath(root) for root in self.settings.index_roots]
         # Symlinks met while walking may not lead out of the roots either.
         options = IndexOptions(
-            max_megapixels=self.settings.max_megapixels, within=roots, index_kind=index_kind
+            max_megapixels=self.settings.max_megapixels,
+            within=roots,
+            index_kind=index_kind,
+            ocr=ocr or self.settings.ocr,
         )
         root = self.require_library().root
         with self._writer, Collection.open(root, create=True, encoder=encoder) as collection:
@@ -420,7 +433,7 @@ class ServerSync:
     def _follow(self) -> None:
         state, settings = self._state, self._state.settings
         encoder = state.require_encoder().without_timeout()
-        options = IndexOptions(max_megapixels=settings.max_megapixels)
+        options = IndexOptions(max_megapixels=settings.max_megapixels, ocr=settings.ocr)
         sync_options = SyncOptions(
             quiet_seconds=settings.watch_debounce,
             settle_seconds=settings.watch_settle,
