@@ -307,11 +307,15 @@ class Collection:
         like: Sequence[PhotoRef] = (),
         unlike: Sequence[PhotoRef] = (),
         options: SearchOptions | None = None,
+        fusion: str = "calibrated",
     ) -> SearchPage:
         """Photos matching a text in clipdex's query grammar ("beach + sunset - people",
-        "2:dog + cat") plus or minus photos (ids, indexed paths or image files)."""
+        "2:dog + cat", '"out of order"', "name:italy") plus or minus photos (ids, indexed
+        paths or image files). Where the library stores words (names, keywords, text in
+        the photos) they are searched too and fused (``fusion``: calibrated | rrf); each
+        result then says why it matched (``matched``)."""
         vector, terms = self.query_vector(text, like=like, unlike=unlike)
-        page = self.search_vector(vector, options)
+        page = self.search_vector(vector, options, terms=terms, fusion=fusion)
         page.terms = terms
         return page
 
@@ -321,12 +325,21 @@ class Collection:
         """Photos that look like an image file or image bytes."""
         return self.search_vector(self.embed_image(source), options)
 
-    def search_vector(self, vector: np.ndarray, options: SearchOptions | None = None) -> SearchPage:
-        """Photos nearest to a unit vector (e.g. from :meth:`embed_text`)."""
+    def search_vector(
+        self,
+        vector: np.ndarray | None,
+        options: SearchOptions | None = None,
+        *,
+        terms: Sequence[Term] | None = None,
+        fusion: str = "calibrated",
+    ) -> SearchPage:
+        """Photos nearest to a unit vector (e.g. from :meth:`embed_text`); with the
+        ``terms`` it was made from (:meth:`query_vector`), their words are searched too
+        (``vector`` may then be None: a query of ``text:``/``name:`` terms only)."""
         import numpy as np
 
-        query = np.asarray(vector, dtype=np.float32).reshape(-1)
-        return self.engine.search(query, options or SearchOptions())
+        query = None if vector is None else np.asarray(vector, dtype=np.float32).reshape(-1)
+        return self.engine.search(query, options or SearchOptions(), terms, fusion)
 
     def similar(self, photo: PhotoRef, options: SearchOptions | None = None) -> SearchPage:
         """Photos like an indexed photo (id or path: no model call) or any image file."""
@@ -338,8 +351,9 @@ class Collection:
         *,
         like: Sequence[PhotoRef] = (),
         unlike: Sequence[PhotoRef] = (),
-    ) -> tuple[np.ndarray, list[Term]]:
-        """The one unit vector a :meth:`search` ranks by, and the terms it parsed."""
+    ) -> tuple[np.ndarray | None, list[Term]]:
+        """The one unit vector a :meth:`search` ranks by, and the terms it parsed (the
+        vector is None for a query of ``text:``/``name:`` terms only)."""
         return self.engine.query_vector(
             text, [str(p) for p in _as_list(like)], [str(p) for p in _as_list(unlike)]
         )

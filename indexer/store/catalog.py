@@ -46,7 +46,7 @@ from sqlalchemy.exc import DatabaseError, DisconnectionError, OperationalError
 from indexer.errors import LibraryDamaged, LibraryError
 from indexer.fsutil import file_key
 from indexer.paths import ESCAPE, from_db, to_db
-from indexer.store import textindex
+from indexer.store import textindex, textsearch
 from indexer.store.catalog_reader import (  # the checks both catalog kinds share
     FRAME_IDS_OF,
     FRAME_OWNERS,
@@ -58,6 +58,7 @@ from indexer.store.catalog_reader import (  # the checks both catalog kinds shar
     sqlite_error,
     vector_is_sound,
 )
+from indexer.store.textsearch import TextHit, TextTerm
 
 SCHEMA_VERSION = 7  # == len(MIGRATIONS)
 metadata = MetaData()
@@ -693,6 +694,29 @@ class Catalog:
         query = select(images.c.format).distinct().where(images.c.format.is_not(None))
         with self.engine.connect() as conn:
             return sorted(conn.execute(query).scalars().all())
+
+    # -- words (FTS5; see indexer.store.textsearch) ----------------------------------------
+    def _run(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        with self.engine.connect() as conn:
+            return [tuple(row) for row in conn.exec_driver_sql(sql, tuple(params)).all()]
+
+    def has_text(self) -> bool:
+        """Whether any photo has words stored (names, keywords, OCR...)."""
+        return textsearch.has_text(self._run)
+
+    def text_search(
+        self, terms: Sequence[TextTerm], limit: int, allowed_ids: np.ndarray | None = None
+    ) -> list[TextHit]:
+        """Photos whose words match any of ``terms``, best first (bm25), at most ``limit``."""
+        return textsearch.text_search(self._run, terms, limit, allowed_ids)
+
+    def text_ids(self, term: TextTerm, allowed_ids: np.ndarray | None = None) -> np.ndarray:
+        """Ids of every photo whose words hold ``term`` (a phrase as a whole)."""
+        return textsearch.ids_with(self._run, term, allowed_ids)
+
+    def text_snippets(self, image_id: int, terms: Sequence[TextTerm]) -> list[dict]:
+        """Where ``terms`` matched in one photo's words, marked ``[[...]]``."""
+        return textsearch.snippets(self._run, image_id, terms)
 
     # -- tags -----------------------------------------------------------------------------
     def tag_counts(self) -> list[tuple[str, int]]:

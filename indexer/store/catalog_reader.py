@@ -27,6 +27,8 @@ import numpy as np
 from indexer.errors import DiskFull, LibraryDamaged, LibraryError
 from indexer.model.identity import EMBED_DIM
 from indexer.paths import from_db, to_db
+from indexer.store import textsearch
+from indexer.store.textsearch import TextHit, TextTerm
 
 # Schema versions whose tables this reader's SQL was checked against (the catalog's
 # SCHEMA_VERSION must be one of them: tests/test_catalog_reader.py says so).
@@ -406,6 +408,25 @@ class CatalogReader:
         for image_id, label, score in self._in(sql, ids):
             out.setdefault(image_id, []).append((label, float(score)))
         return out
+
+    # -- words (FTS5; see indexer.store.textsearch) ----------------------------------------
+    def has_text(self) -> bool:
+        """Whether any photo has words stored (names, keywords, OCR...)."""
+        return textsearch.has_text(self._rows)
+
+    def text_search(
+        self, terms: Sequence[TextTerm], limit: int, allowed_ids: np.ndarray | None = None
+    ) -> list[TextHit]:
+        """Photos whose words match any of ``terms``, best first (bm25), at most ``limit``."""
+        return textsearch.text_search(self._rows, terms, limit, allowed_ids)
+
+    def text_ids(self, term: TextTerm, allowed_ids: np.ndarray | None = None) -> np.ndarray:
+        """Ids of every photo whose words hold ``term`` (a phrase as a whole)."""
+        return textsearch.ids_with(self._rows, term, allowed_ids)
+
+    def text_snippets(self, image_id: int, terms: Sequence[TextTerm]) -> list[dict]:
+        """Where ``terms`` matched in one photo's words, marked ``[[...]]``."""
+        return textsearch.snippets(self._rows, image_id, terms)
 
     # -- helpers --------------------------------------------------------------------------
     def _in(self, sql: str, ids: Iterable[int]) -> list[tuple]:

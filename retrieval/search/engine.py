@@ -22,10 +22,11 @@ from indexer.model.identity import Encoder
 from indexer.store.library import Library
 from retrieval.search.cutoff import Cutoff
 from retrieval.search.errors import QueryError
+from retrieval.search.fusion import add_snippets, rank_fused, restrict, word_query
 from retrieval.search.options import MAX_K, SearchOptions
 from retrieval.search.pairs import RawPairs
 from retrieval.search.query import Term, combine, parse_query, photo_terms
-from retrieval.search.ranking import rank
+from retrieval.search.ranking import Ranking, rank
 from retrieval.search.text import check_text
 
 
@@ -44,11 +45,13 @@ class SearchResult:
     frame_time: float | None = None  # videos: seconds into the video of the best frame
     duration: float | None = None  # videos: seconds
     raw: dict | None = None  # {"id", "path"} of the RAW shot with this photo (pairs.py)
+    matched: dict | None = None  # fused searches: why it matched (retrieval.search.fusion)
 
     def as_dict(self) -> dict:
-        """The result as JSON; a video's carries ``kind``, ``frame_time`` and ``duration``."""
+        """The result as JSON; a video's carries ``kind``, ``frame_time`` and ``duration``;
+        a result of a search that also read words carries ``matched``."""
         document = asdict(self)
-        for optional in ("tags", "raw"):
+        for optional in ("tags", "raw", "matched"):
             if document[optional] is None:
                 del document[optional]
         if self.kind == "photo":  # photos keep their original shape
@@ -66,6 +69,7 @@ class SearchPage:
     cutoff: Cutoff | None
     options: SearchOptions
     terms: list[Term] | None = None  # the parsed query, when the page answers one
+    fusion: str | None = None  # how meaning and words were fused; None: meaning only
 
     def as_dict(self) -> dict:
         return {
@@ -76,6 +80,7 @@ class SearchPage:
             "sort": self.options.sort,
             "cutoff": self.cutoff.as_dict() if self.cutoff else None,
             **({"terms": [t.as_dict() for t in self.terms]} if self.terms is not None else {}),
+            **({"fusion": self.fusion} if self.fusion is not None else {}),
         }
 
 
@@ -139,40 +144,83 @@ class SearchEngine:
 
     def query_vector(
         self, text: str | None, like: Sequence[str] = (), unlike: Sequence[str] = ()
-    ) -> tuple[np.ndarray, list[Term]]:
+    ) -> tuple[np.ndarray | None, list[Term]]:
         """One re-normalised vector for a query in the grammar of :mod:`retrieval.search.query`
-        plus ``--like``/``--unlike`` photos; also returns the parsed terms."""
+        plus ``--like``/``--unlike`` photos; also returns the parsed terms. The vector is None
+        for a query of word terms only (``name:italy``): nothing to encode."""
         terms = (parse_query(text) if text is not None else []) + photo_terms(like, unlike)
         if not terms:
             raise QueryError(
                 "nothing to search for: give a text query or a photo to search like",
                 setting="like",
             )
-        texts = list(dict.fromkeys(t.text for t in terms if t.kind == "text"))
+        encoded_terms = [t for t in terms if t.encoded]
+        if not any(t.weight > 0 for t in encoded_terms) and any(
+            t.weight > 0 for t in terms if not t.encoded
+        ):
+            return None, terms
+        texts = list(dict.fromkeys(t.text for t in encoded_terms if t.kind == "text"))
         encoded = dict(zip(texts, self.encoder.encode_texts(texts))) if texts else {}
         vectors = [
-            encoded[t.text] if t.kind == "text" else self.photo_vector(t.text) for t in terms
+            encoded[t.text] if t.kind == "text" else self.photo_vector(t.text)
+            for t in encoded_terms
         ]
-        return combine(np.vstack(vectors), [t.weight for t in terms]), terms
+        if not vectors:
+            combine(np.zeros((0, 1), np.float32), [])  # raises: nothing positive
+        return combine(np.vstack(vectors), [t.weight for t in encoded_terms]), terms
 
     # -- the query ----------------------------------------------------------------------
-    def search(self, vector: np.ndarray, options: SearchOptions) -> SearchPage:
-        """One page of photos for a query vector under filters, cut-off, sort and offset."""
+    def search(
+        self,
+        vector: np.ndarray | None,
+        options: SearchOptions,
+        terms: Sequence[Term] | None = None,
+        fusion: str = "calibrated",
+    ) -> SearchPage:
+        """One page of photos for a query vector under filters, cut-off, sort and offset.
+
+        With the parsed ``terms`` of a text query and a library that stores words, the
+        words are searched too and fused with the vector's ranking (:mod:`.fusion`);
+        ``vector`` may then be None (a query of ``text:``/``name:`` terms only)."""
         self.library.refresh()
-        ranking = rank(self.library, vector, options, MAX_K, self.pairs)
+        ranking, used = self._rank(vector, options, terms, fusion)
         catalog = self.library.catalog
         rows = ranking.rows if ranking.rows is not None else catalog.get_images(ranking.ids)
         tags = catalog.tags_for(ranking.ids) if catalog.has_tags() else None
         times = ranking.frame_times or {}
+        matched = ranking.matched or {}
         results = [
             _result(
-                rows[i], score, None if tags is None else _tag_list(tags.get(i, [])), times.get(i)
+                rows[i],
+                score,
+                None if tags is None else _tag_list(tags.get(i, [])),
+                times.get(i),
+                matched.get(i),
             )
             for i, score in zip(ranking.ids, ranking.scores)
             if i in rows
         ]
         _note_raws(results, ranking.raws or {}, catalog)
-        return SearchPage(results, ranking.total, ranking.cutoff, options)
+        return SearchPage(results, ranking.total, ranking.cutoff, options, fusion=used)
+
+    def _rank(
+        self, vector: np.ndarray | None, options: SearchOptions, terms, fusion: str
+    ) -> tuple[Ranking, str | None]:
+        """Today's ranking when there are no words to read; else the fused one."""
+        words = word_query(terms) if terms else None
+        if words is None or words.is_empty() or not self.library.catalog.has_text():
+            if vector is None:
+                raise QueryError(
+                    "text: and name: look in the words stored with the photos, and this "
+                    "library has none yet: index the photos again with this clipdex to "
+                    "store them, or search without the prefix",
+                    setting="query",
+                )
+            return rank(self.library, vector, options, MAX_K, self.pairs), None
+        allowed = restrict(self.library, words, options)
+        ranking = rank_fused(self.library, vector, words, options, MAX_K, allowed, fusion)
+        add_snippets(self.library, ranking, words)
+        return ranking, fusion
 
 
 def embed_text(encoder: Encoder, text: str) -> np.ndarray:
@@ -215,7 +263,11 @@ def _tag_list(pairs: list[tuple[str, float]]) -> list[dict]:
 
 
 def _result(
-    row: dict, score: float, tags: list[dict] | None = None, frame_time: float | None = None
+    row: dict,
+    score: float,
+    tags: list[dict] | None = None,
+    frame_time: float | None = None,
+    matched: dict | None = None,
 ) -> SearchResult:
     taken = row.get("taken_at")
     kind = row.get("kind") or "photo"
@@ -232,4 +284,5 @@ def _result(
         kind=kind,
         frame_time=frame_time if kind == "video" else None,
         duration=row.get("duration") if kind == "video" else None,
+        matched=matched,
     )

@@ -4,8 +4,9 @@ Grammar (whitespace between tokens is free)::
 
     query    := [sign] term (sign term)*
     sign     := "+" | "-"
-    term     := [weight ":"] phrase
+    term     := [weight ":"] [field ":"] phrase
     weight   := a decimal number from 0.01 to 100: 2, 0.5, 1.25, .5, 1e2
+    field    := "text" | "name"                  (any case) look for the words only there
     phrase   := '"' any text but '"' '"'        a quoted phrase, taken literally
               | bare words                        up to the next operator
 
@@ -19,6 +20,16 @@ Examples::
     beach + sunset - people      three terms, weights +1, +1, -1
     2:dog + cat                  dog counts twice as much as cat
     "salt + pepper" - 0.5:blurry
+
+Words (when the library has stored words: file and folder names, keywords, captions, text
+read in the photos; see :mod:`retrieval.search.fusion`): the words of every positive term are
+also looked up in that text and the two rankings are fused. A quoted phrase must appear as
+written (``"out of order"``: only photos whose text holds those words in that order; with
+``-`` in front: no photo that holds them). ``text:`` and ``name:`` make a term a word term
+only, looked up in one kind of text and not encoded: ``text:`` = text read in the photo,
+descriptions and keywords; ``name:`` = file and folder names (``name:italy``,
+``text:"total due"``). A library without stored words ignores the difference: quoted
+phrases are plain terms, and a query of only ``text:``/``name:`` terms is refused.
 
 Every term is encoded on its own (unit vector ``e_i``), photos given with ``--like`` /
 ``--unlike`` join with weight +1 / -1, and the query is ``normalise(sum w_i e_i)``. A
@@ -49,6 +60,8 @@ from retrieval.search.text import check_text
 MAX_TERMS = 16
 MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0
 _WEIGHT = re.compile(r"((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*:")  # 2, .5, 1e2
+FIELDS = ("text", "name")
+_FIELD = re.compile(r"(text|name):", re.IGNORECASE)
 
 
 class QuerySyntaxError(QueryError):
@@ -69,9 +82,21 @@ class Term:
     text: str
     weight: float
     kind: str = "text"  # "text" | "photo"
+    quoted: bool = False  # a quoted phrase: its words must appear (when words are stored)
+    field: str | None = None  # "text" | "name": a word term looked up there only
+
+    @property
+    def encoded(self) -> bool:
+        """Whether the term joins the query vector (a ``text:``/``name:`` term does not)."""
+        return self.field is None
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "text": self.text, "weight": self.weight}
+        document = {"kind": self.kind, "text": self.text, "weight": self.weight}
+        if self.quoted:
+            document["quoted"] = True
+        if self.field is not None:
+            document["field"] = self.field
+        return document
 
 
 class _Scanner:
@@ -111,6 +136,17 @@ class _Scanner:
         if self.at_end() or self.peek() in "+-":
             raise self.error(f"expected a phrase after the weight '{match.group(1)}:'")
         return value
+
+    def field(self) -> str | None:
+        """A ``text:`` or ``name:`` prefix (then a phrase must follow), or None."""
+        match = _FIELD.match(self.query, self.pos)
+        if not match:
+            return None
+        self.pos = match.end()
+        self.skip_space()
+        if self.at_end() or self._operator_here() or self.peek() in "+-":
+            raise self.error(f"expected a phrase after '{match.group(0)}'")
+        return match.group(1).lower()
 
     def phrase(self) -> str:
         if self.peek() == '"':
@@ -156,7 +192,9 @@ def parse_query(query: str) -> list[Term]:
         if scan.peek() in "+-":
             raise scan.error("two operators in a row")
         weight = scan.weight()
-        terms.append(Term(scan.phrase(), sign * weight))
+        field = scan.field()
+        quoted = scan.peek() == '"'
+        terms.append(Term(scan.phrase(), sign * weight, quoted=quoted, field=field))
         if len(terms) > MAX_TERMS:
             raise scan.error(f"more than {MAX_TERMS} terms")
         scan.skip_space()
@@ -215,12 +253,16 @@ def describe(terms: Sequence[Term]) -> str:
     for i, term in enumerate(terms):
         sign = "-" if term.weight < 0 else "+"
         weight = abs(term.weight)
-        body = f"photo:{term.text}" if term.kind == "photo" else _quoted_if_needed(term.text)
+        if term.kind == "photo":
+            body = f"photo:{term.text}"
+        else:
+            body = f'"{term.text}"' if term.quoted else _quoted_if_needed(term.text)
+            body = f"{term.field}:{body}" if term.field else body
         text = body if weight == 1 else f"{weight:g}:{body}"
         parts.append(text if i == 0 and sign == "+" else f"{sign} {text}")
     return " ".join(parts)
 
 
 def _quoted_if_needed(text: str) -> str:
-    needs = re.search(r"(^|\s)[+-]", text) or _WEIGHT.match(text)
+    needs = re.search(r"(^|\s)[+-]", text) or _WEIGHT.match(text) or _FIELD.match(text)
     return f'"{text}"' if needs else text

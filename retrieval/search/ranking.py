@@ -50,6 +50,10 @@ class Ranking:
     frame_times: dict[int, float] | None = None  # video id -> time of its best frame, when
     # that frame is not the one its row holds (whose time is the row's "frame_time")
     raws: dict[int, int] | None = None  # face id -> the RAW folded into it (pairs.py)
+    matched: dict[int, dict] | None = None  # fused pages: id -> why it matched (.fusion)
+
+
+_FILTERS = object()  # rank()'s default: the ids the options' filters allow
 
 
 def rank(
@@ -58,12 +62,16 @@ def rank(
     options: SearchOptions,
     max_k: int,
     pairs: RawPairs | None = None,
+    allowed: np.ndarray | object | None = _FILTERS,
 ) -> Ranking:
     """Rank the library for ``vector`` under ``options`` and cut out the requested page.
 
     With ``pairs`` (and not ``options.raw_pairs``) a RAW+JPEG pair counts as one photo.
+    ``allowed``: the ids that may be returned, when the caller already knows them (None:
+    all); by default those of the options' filters.
     """
-    allowed = allowed_ids(library.catalog, options.filter)
+    if allowed is _FILTERS:
+        allowed = allowed_ids(library.catalog, options.filter)
     auto, min_score = resolve_cutoff(options.cutoff, options.min_score, options.sort)
     if allowed is not None and not len(allowed):
         return Ranking([], [], 0 if auto or min_score is not None else None, None)
@@ -80,11 +88,11 @@ def rank(
             )
         # Folding pairs can halve the list: fetch twice as many when there are pairs.
         wanted = (options.offset + options.k) * (2 if faces else 1)
-        ids, scores, times = _top(library, vector, wanted, allowed)
+        ids, scores, times = top_hits(library, vector, wanted, allowed)
     else:
         ids, scores = _above(library, vector, cut.threshold, allowed)
         ids, scores, times = collapse_frames(library, ids, scores)
-    ids, scores, rows = _order(library, ids, scores, options.sort)
+    ids, scores, rows = order_ranked(library, ids, scores, options.sort)
     ids, scores, raws = fold_pairs(ids, scores, faces, allowed)
     page = slice(options.offset, options.offset + options.k)
     total = len(ids) if cut is not None else None
@@ -128,7 +136,7 @@ def _auto(library: Library, vector: np.ndarray, population: int) -> Cutoff:
     return auto_cutoff(scores, population)
 
 
-def _top(library: Library, vector: np.ndarray, n: int, allowed):
+def top_hits(library: Library, vector: np.ndarray, n: int, allowed):
     """The best ``n`` photos and videos: asks the index for more hits while frames of the
     same videos fill the list (at most until the whole library was asked for)."""
     want = n
@@ -147,7 +155,7 @@ def _above(library: Library, vector: np.ndarray, threshold: float, allowed):
     return ids, scores
 
 
-def _order(library: Library, ids: np.ndarray, scores: np.ndarray, sort: str):
+def order_ranked(library: Library, ids: np.ndarray, scores: np.ndarray, sort: str):
     """Stable total order: score desc, id asc; or capture time, then score, then id."""
     order = np.lexsort((ids, -scores))
     ids, scores = ids[order], scores[order]

@@ -1,0 +1,245 @@
+"""Reading the catalog's word index (SQLite FTS5): which photos contain a query's words.
+
+The indexer stores the words of each photo in ``image_text`` (one row per photo and source:
+``name``, ``folder``, ``ocr``, ``description``, ``keywords``) and indexes them in the FTS5
+table ``text_fts`` whose rowid is the ``image_text`` row's. This module only reads them, with
+plain SQL that both catalog kinds run (:class:`~indexer.store.catalog.Catalog` through
+SQLAlchemy, :class:`~indexer.store.catalog_reader.CatalogReader` through stdlib sqlite3):
+each hands in a ``run(sql, params) -> rows`` callable.
+
+User words never reach FTS5's query syntax: every term is written as an FTS5 *string*
+(``"..."``, inner quotes doubled), which FTS5 tokenizes as a phrase of plain words, so
+``*``, ``-``, ``NEAR(``, ``OR``, ``:`` and unbalanced quotes are only characters. A term
+with no word characters at all (``"€"``, ``"*"``) is dropped here, never sent. The
+ranking function is FTS5's ``bm25()`` (lower is better there; :class:`TextHit` turns it
+into a score where higher is better).
+
+Allowed ids (the filters of a search) are bound as one JSON array (``json_each``), so any
+number of them takes one parameter and the reader's connection stays read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SOURCES = ("name", "folder", "ocr", "description", "keywords")
+Run = Callable[[str, Sequence[object]], list[tuple]]
+
+_WORD = re.compile(r"\w+")
+_OPEN, _CLOSE = "\x01", "\x02"  # highlight() marks; control characters never in a query
+_MAX_TERM_CHARS = 512  # a longer "word" is in no index: cut, not refused
+_SNIPPET_TOKENS = 12
+_TABLES = "SELECT count(*) FROM sqlite_master WHERE name IN ('image_text', 'text_fts')"
+
+
+@dataclass(frozen=True)
+class TextTerm:
+    """One part of a word query.
+
+    ``text``: the words; ``phrase``: they must appear together, in this order (else any of
+    them counts); ``sources``: the ``image_text`` sources to look in (None: all).
+    """
+
+    text: str
+    phrase: bool = False
+    sources: frozenset[str] | None = None
+
+    def words(self) -> list[str]:
+        """The normalised words of the term, as the index compares them."""
+        return words_of(self.text[:_MAX_TERM_CHARS])
+
+
+@dataclass
+class TextHit:
+    """A photo whose text matched: its score (sum of -bm25 over its matching texts,
+    higher is better), the query terms found (query order) and the sources they were in."""
+
+    image_id: int
+    score: float
+    terms: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+
+def words_of(text: str) -> list[str]:
+    """Words as FTS5's ``unicode61 remove_diacritics 2`` tokenizer sees them (near enough):
+    case folded, accents removed, split on anything that is not a letter or a digit."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return [w for w in _WORD.findall(plain) if w != "_"]
+
+
+def fts_string(words: Sequence[str]) -> str:
+    """Words as one FTS5 string (a phrase); safe for any characters."""
+    return '"' + " ".join(words).replace('"', '""') + '"'
+
+
+def match_expression(terms: Iterable[TextTerm]) -> str | None:
+    """The FTS5 MATCH text that finds any of ``terms`` (a phrase as a whole, a term's
+    words each); None when no term has a word."""
+    parts: list[str] = []
+    for term in terms:
+        words = term.words()
+        if term.phrase and words:
+            parts.append(fts_string(words))
+        else:
+            parts.extend(fts_string([w]) for w in words)
+    parts = list(dict.fromkeys(parts))
+    return " OR ".join(parts) if parts else None
+
+
+def has_text(run: Run) -> bool:
+    """Whether the catalog has a word index with at least one row (cheap: two lookups)."""
+    if run(_TABLES, ())[0][0] < 2:
+        return False
+    return bool(run("SELECT 1 FROM image_text LIMIT 1", ()))
+
+
+def text_search(
+    run: Run, terms: Sequence[TextTerm], limit: int, allowed_ids: np.ndarray | None = None
+) -> list[TextHit]:
+    """Photos whose text matches any of ``terms``, best first, at most ``limit``.
+
+    Terms with different sources are looked up separately and their hits merged per photo
+    (scores add up). ``allowed_ids``: only these photos (None: all).
+    """
+    if not terms or limit <= 0 or not has_text(run):
+        return []
+    merged: dict[int, TextHit] = {}
+    for sources, group in _by_sources(terms).items():
+        for hit in _search_group(run, group, sources, limit, allowed_ids):
+            seen = merged.setdefault(hit.image_id, TextHit(hit.image_id, 0.0))
+            seen.score += hit.score
+            seen.terms = _union(seen.terms, hit.terms)
+            seen.sources = _union(seen.sources, hit.sources)
+    order = _query_order(terms)
+    for hit in merged.values():
+        hit.terms.sort(key=lambda t: order.get(t, len(order)))
+    hits = sorted(merged.values(), key=lambda h: (-h.score, h.image_id))
+    return hits[:limit]
+
+
+def ids_with(run: Run, term: TextTerm, allowed_ids: np.ndarray | None = None) -> np.ndarray:
+    """The ids of every photo whose text holds ``term`` (a phrase: as a whole), ascending.
+    A term without any word matches nothing."""
+    expression = match_expression([TextTerm(term.text, True, term.sources)])
+    if expression is None or not has_text(run):
+        return np.zeros(0, dtype=np.int64)
+    where, params = _conditions(expression, term.sources, allowed_ids)
+    sql = (
+        "SELECT DISTINCT t.image_id FROM text_fts JOIN image_text t ON t.rowid = text_fts.rowid "
+        f"WHERE {where}"
+    )
+    return np.sort(np.asarray([row[0] for row in run(sql, params)], dtype=np.int64))
+
+
+def snippets(run: Run, image_id: int, terms: Sequence[TextTerm]) -> list[dict]:
+    """Where the terms matched in one photo's texts: ``{"source", "text"}`` with each
+    match between ``[[`` and ``]]`` (for a page to highlight), best match first."""
+    expression = match_expression(terms)
+    if expression is None or not has_text(run):
+        return []
+    sql = (
+        f"SELECT t.source, snippet(text_fts, 0, '{_OPEN}', '{_CLOSE}', '…', {_SNIPPET_TOKENS}) "
+        "FROM text_fts JOIN image_text t ON t.rowid = text_fts.rowid "
+        "WHERE text_fts MATCH ? AND t.image_id = ? ORDER BY bm25(text_fts) LIMIT 8"
+    )
+    return [
+        {"source": source, "text": text.replace(_OPEN, "[[").replace(_CLOSE, "]]")}
+        for source, text in run(sql, (expression, int(image_id)))
+    ]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _by_sources(terms: Sequence[TextTerm]) -> dict[frozenset[str] | None, list[TextTerm]]:
+    groups: dict[frozenset[str] | None, list[TextTerm]] = {}
+    for term in terms:
+        groups.setdefault(term.sources, []).append(term)
+    return groups
+
+
+def _conditions(
+    expression: str, sources: frozenset[str] | None, allowed_ids: np.ndarray | None
+) -> tuple[str, list[object]]:
+    where = ["text_fts MATCH ?"]
+    params: list[object] = [expression]
+    if sources is not None:
+        where.append(f"t.source IN ({', '.join('?' * len(sources))})")
+        params.extend(sorted(sources))
+    if allowed_ids is not None:
+        where.append("t.image_id IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps([int(i) for i in np.asarray(allowed_ids).tolist()]))
+    return " AND ".join(where), params
+
+
+def _search_group(
+    run: Run,
+    terms: list[TextTerm],
+    sources: frozenset[str] | None,
+    limit: int,
+    allowed_ids: np.ndarray | None,
+) -> list[TextHit]:
+    """One MATCH over one group of terms: the best rows (a few per photo), merged per photo."""
+    expression = match_expression(terms)
+    if expression is None:
+        return []
+    where, params = _conditions(expression, sources, allowed_ids)
+    rows_wanted = 4 * limit  # a photo has a few texts (name, folder, ocr...)
+    if sources is None and allowed_ids is None:  # FTS5 orders and cuts by itself: fastest
+        sql = (
+            f"SELECT t.image_id, t.source, m.score, m.marked FROM (SELECT rowid, -rank AS score, "
+            f"highlight(text_fts, 0, '{_OPEN}', '{_CLOSE}') AS marked FROM text_fts "
+            f"WHERE {where} ORDER BY rank LIMIT ?) m JOIN image_text t ON t.rowid = m.rowid"
+        )
+    else:
+        sql = (
+            "SELECT t.image_id, t.source, -bm25(text_fts), "
+            f"highlight(text_fts, 0, '{_OPEN}', '{_CLOSE}') FROM text_fts "
+            f"JOIN image_text t ON t.rowid = text_fts.rowid WHERE {where} "
+            "ORDER BY bm25(text_fts) LIMIT ?"
+        )
+    hits: dict[int, TextHit] = {}
+    for image_id, source, score, marked in run(sql, [*params, rows_wanted]):
+        hit = hits.setdefault(image_id, TextHit(image_id, 0.0))
+        hit.score += float(score)
+        hit.terms = _union(hit.terms, _found(terms, marked or ""))
+        hit.sources = _union(hit.sources, [source])
+    return list(hits.values())
+
+
+def _found(terms: Sequence[TextTerm], marked: str) -> list[str]:
+    """Which terms a highlighted text holds: a phrase within one marked span, a word as
+    (part of) a span; the terms' own text is returned (as the user typed it)."""
+    spans = [words_of(span) for span in re.findall(f"{_OPEN}(.*?){_CLOSE}", marked, re.S)]
+    found: list[str] = []
+    for term in terms:
+        words = term.words()
+        if term.phrase:
+            if any(_contains(span, words) for span in spans):
+                found.append(term.text)
+        else:
+            found.extend(w for w in words if any(w in span for span in spans))
+    return found
+
+
+def _query_order(terms: Sequence[TextTerm]) -> dict[str, int]:
+    """Where each reported term (a phrase's text, a plain term's words) stands in the query."""
+    order: dict[str, int] = {}
+    for term in terms:
+        for key in [term.text] if term.phrase else term.words():
+            order.setdefault(key, len(order))
+    return order
+
+
+def _contains(span: list[str], words: list[str]) -> bool:
+    n = len(words)
+    return n > 0 and any(span[i : i + n] == words for i in range(len(span) - n + 1))
+
+
+def _union(a: list[str], b: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys([*a, *b]))

@@ -1,0 +1,315 @@
+"""One query, meaning and words: the word index reader, the grammar's phrases and prefixes,
+fused ranking with its "matched" explanation, the cut-off on the fused list, hostile words.
+
+The word side is decided by the stored words alone, so a FakeEncoder (noise for meaning) is
+what these tests rank with: an exact word match must come first whatever the noise says.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import indexer.model.encoders
+from indexer.ingest.pipeline import index_paths
+from indexer.store.catalog_reader import CatalogReader
+from indexer.store.library import Library
+from indexer.store.textsearch import TextTerm, match_expression, words_of
+from retrieval.cli import app
+from retrieval.search.engine import SearchEngine
+from retrieval.search.errors import QueryError
+from retrieval.search.fusion import word_query
+from retrieval.search.options import SearchOptions
+from retrieval.search.query import QuerySyntaxError, describe, parse_query
+from tests.conftest import FakeEncoder
+from tests.textfixtures import add_text
+
+runner = CliRunner()
+HOSTILE = [
+    '"',
+    '"unbalanced',
+    "*",
+    "receipt*",
+    "NEAR(receipt total)",
+    "NEAR(",
+    "- receipt",
+    "receipt OR total",
+    "OR",
+    "AND NOT",
+    "text:*",
+    'name:"',
+    "{source}: receipt",
+    "^receipt",
+    "receipt:total",
+    "€ £ ¥",
+    "a" * 10_000,
+    "receipt " * 2_000,
+    "col:umn\"'; DROP TABLE images; --",
+]
+
+
+def make_photos(folder: Path, n: int = 12) -> Path:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for i in range(n):
+        image = Image.new("RGB", (200, 160), tuple(int(c) for c in rng.integers(0, 255, 3)))
+        ImageDraw.Draw(image).rectangle(
+            (10 * i, 20, 60 + 10 * i, 120), fill=tuple(int(c) for c in rng.integers(0, 255, 3))
+        )
+        image.save(folder / f"img_{i:02d}.jpg", quality=90)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def texts_library(tmp_path_factory):
+    """Twelve photos; a few with words stored (built once: tests only read it).
+    Returns (root, {name: id})."""
+    tmp_path = tmp_path_factory.mktemp("fusion")
+    root = tmp_path / "lib"
+    photos = make_photos(tmp_path / "photos")
+    with Library.open(root, create=True) as library:
+        index_paths(library, FakeEncoder(), [photos])
+        ids = {Path(p).name: i for i, p in ((i, r["path"]) for i, r in _rows(library).items())}
+    add_text(
+        root,
+        [
+            (ids["img_03.jpg"], "ocr", "CAFÉ DU MONDE receipt total 12.50 EUR"),
+            (ids["img_05.jpg"], "ocr", "OUT OF ORDER please use the other machine"),
+            (ids["img_06.jpg"], "ocr", "order out of the box"),
+            (ids["img_07.jpg"], "name", "receipt scan"),
+            (ids["img_08.jpg"], "folder", "Italy 2019"),
+            (ids["img_09.jpg"], "keywords", "italy venice gondola"),
+        ],
+    )
+    return root, ids
+
+
+def _rows(library) -> dict:
+    return library.catalog.get_images(library.catalog.ids().tolist())
+
+
+@pytest.fixture
+def engine(texts_library, fake_encoder):
+    root, _ = texts_library
+    with Library.open(root, read_only=True) as library:
+        yield SearchEngine(library, fake_encoder)
+
+
+def search(engine: SearchEngine, query: str, **options):
+    vector, terms = engine.query_vector(query)
+    return engine.search(vector, SearchOptions(**options), terms)
+
+
+# -- the reader ---------------------------------------------------------------------------
+def test_reader_finds_words_with_bm25_sources_and_matched_terms(texts_library):
+    root, ids = texts_library
+    reader = CatalogReader(root / "catalog.sqlite")
+    hits = reader.text_search([TextTerm("receipt cafe")], limit=10)
+    assert [h.image_id for h in hits][:1] == [ids["img_03.jpg"]]  # both words beat one
+    assert {h.image_id for h in hits} == {ids["img_03.jpg"], ids["img_07.jpg"]}
+    assert hits[0].terms == ["receipt", "cafe"] and hits[0].sources == ["ocr"]
+    assert hits[0].score > hits[1].score > 0
+    only_names = reader.text_search([TextTerm("receipt", sources=frozenset({"name"}))], 10)
+    assert [h.image_id for h in only_names] == [ids["img_07.jpg"]]
+    allowed = np.asarray([ids["img_07.jpg"]])
+    assert [h.image_id for h in reader.text_search([TextTerm("receipt")], 10, allowed)] == [
+        ids["img_07.jpg"]
+    ]
+    phrase = reader.text_ids(TextTerm("out of order", phrase=True))
+    assert phrase.tolist() == [ids["img_05.jpg"]]  # img_06 has the words, not the phrase
+    assert "[[receipt]]" in reader.text_snippets(ids["img_03.jpg"], [TextTerm("receipt")])[0]["text"]
+    reader.close()
+
+
+def test_user_words_never_reach_fts_syntax():
+    assert match_expression([TextTerm('a"b OR NEAR(c')]) == '"a" OR "b" OR "or" OR "near" OR "c"'
+    assert match_expression([TextTerm("*")]) is None  # no word: nothing is sent
+    assert match_expression([TextTerm('say "hi"', phrase=True)]) == '"say hi"'
+    assert words_of("Ça-va_Été") == ["ca", "va_ete"]
+
+
+def test_no_text_tables_means_no_hits_and_no_cost(tmp_path, photo_folder, fake_encoder):
+    with Library.open(tmp_path / "lib", create=True) as library:
+        index_paths(library, fake_encoder, [photo_folder])
+        assert not library.catalog.has_text()
+        assert library.catalog.text_search([TextTerm("receipt")], 10) == []
+
+
+# -- grammar --------------------------------------------------------------------------------
+def test_grammar_phrases_and_prefixes():
+    terms = parse_query('"out of order" + text:receipt - name:"tmp files" + 2:Name:Italy')
+    assert [(t.text, t.weight, t.quoted, t.field) for t in terms] == [
+        ("out of order", 1.0, True, None),
+        ("receipt", 1.0, False, "text"),
+        ("tmp files", -1.0, True, "name"),
+        ("Italy", 2.0, False, "name"),
+    ]
+    assert parse_query(describe(terms)) == terms
+    assert [t.encoded for t in terms] == [True, False, False, False]
+    words = word_query(terms)
+    assert [t.text for t in words.required] == ["out of order"]
+    assert [t.text for t in words.excluded] == ["tmp files"]
+    assert words.scoring[1].sources == frozenset({"ocr", "description", "keywords"})
+    assert words.scoring[2].sources == frozenset({"name", "folder"})
+    # Filler words are not looked up: "a photo of the beach" looks for "beach".
+    assert [t.text for t in word_query(parse_query("a photo of the beach")).scoring] == ["beach"]
+
+
+@pytest.mark.parametrize("query", ["text:", "beach + name:", "text: - dog", "text:+dog"])
+def test_a_prefix_needs_a_phrase(query):
+    with pytest.raises(QuerySyntaxError, match="expected a phrase after"):
+        parse_query(query)
+
+
+# -- fused ranking --------------------------------------------------------------------------
+def test_exact_word_match_comes_first_over_semantic_noise(engine, texts_library):
+    _, ids = texts_library
+    page = search(engine, "gondola", k=12)
+    assert [r.id for r in search(engine, "text:gondola").results] == [ids["img_09.jpg"]]
+    assert search(engine, "name:gondola").results == []
+    assert page.results[0].id == ids["img_09.jpg"]
+    assert page.fusion == "calibrated"
+    first = page.results[0].matched
+    assert first["text"] == ["gondola"] and first["sources"] == ["keywords"]
+    assert -1 <= first["semantic"] <= 1
+    assert first["snippets"][0]["text"] == "italy venice [[gondola]]"
+    # Photos without the word keep their cosine as score and say so.
+    rest = page.results[1]
+    assert rest.matched == {"semantic": pytest.approx(rest.score, abs=1e-4), "text": [], "sources": []}
+    assert len(page.results) == 12
+
+
+def test_the_word_match_would_not_be_first_by_meaning_alone(engine, texts_library):
+    """The test above can fail: without the words the target ranks elsewhere."""
+    _, ids = texts_library
+    vector, _ = engine.query_vector("gondola")
+    plain = engine.search(vector, SearchOptions(k=12))  # no terms: meaning only
+    assert plain.fusion is None and plain.results[0].matched is None
+    assert plain.results[0].id != ids["img_09.jpg"]
+
+
+def test_quoted_phrase_is_required(engine, texts_library):
+    _, ids = texts_library
+    page = search(engine, '"out of order"', k=12)
+    assert [r.id for r in page.results] == [ids["img_05.jpg"]]
+    assert page.results[0].matched["text"] == ["out of order"]
+    excluded = search(engine, 'machine - "out of order"', k=12)
+    assert ids["img_05.jpg"] not in [r.id for r in excluded.results]
+    assert len(excluded.results) == 11
+
+
+def test_prefixes_restrict_the_sources(engine, texts_library):
+    _, ids = texts_library
+    assert [r.id for r in search(engine, "name:receipt", k=12).results] == [ids["img_07.jpg"]]
+    assert [r.id for r in search(engine, "text:receipt", k=12).results] == [ids["img_03.jpg"]]
+    names = search(engine, "name:italy", k=12)  # folder names count as names
+    assert [r.id for r in names.results] == [ids["img_08.jpg"]]
+    assert names.results[0].matched == {
+        "semantic": None,
+        "text": ["italy"],
+        "sources": ["folder"],
+        "snippets": [{"source": "folder", "text": "[[Italy]] 2019"}],
+    }
+    both = search(engine, "italy", k=2)
+    assert {r.id for r in both.results} == {ids["img_08.jpg"], ids["img_09.jpg"]}
+
+
+def test_cutoff_on_the_fused_list_keeps_the_word_matches(engine, texts_library):
+    _, ids = texts_library
+    page = search(engine, "receipt", cutoff="auto")
+    kept = [r.id for r in page.results]
+    assert kept[:2] == [ids["img_03.jpg"], ids["img_07.jpg"]] or kept[:2] == [
+        ids["img_07.jpg"],
+        ids["img_03.jpg"],
+    ]
+    assert page.total == len(kept) and page.cutoff is not None
+    assert all(r.score >= page.cutoff.threshold for r in page.results)
+    filtered = search(engine, "receipt", cutoff="auto", min_size="10000x10000")
+    assert filtered.results == [] and filtered.total == 0
+
+
+def test_filters_apply_to_the_word_side(engine, texts_library, tmp_path):
+    _, ids = texts_library
+    page = search(engine, "name:receipt", k=5, folders=(str(tmp_path / "elsewhere"),))
+    assert page.results == []
+
+
+def test_library_without_words_searches_as_before(tmp_path, photo_folder, fake_encoder):
+    with Library.open(tmp_path / "lib", create=True) as library:
+        index_paths(library, fake_encoder, [photo_folder])
+        engine = SearchEngine(library, fake_encoder)
+        vector, terms = engine.query_vector('"out of order" + beach')
+        with_terms = engine.search(vector, SearchOptions(k=6), terms)
+        without = engine.search(vector, SearchOptions(k=6))
+        assert with_terms.as_dict() == without.as_dict()
+        assert "fusion" not in with_terms.as_dict()
+        assert all("matched" not in r for r in with_terms.as_dict()["results"])
+        with pytest.raises(QueryError, match="has none yet"):
+            search(engine, "name:italy")
+
+
+@pytest.mark.parametrize("query", HOSTILE)
+def test_hostile_words_give_results_or_a_query_error(engine, query):
+    try:
+        page = search(engine, query, k=5)
+    except QueryError as error:
+        assert str(error)  # a clear message, never an SQLite or FTS5 error
+        return
+    assert len(page.results) <= 5
+
+
+def test_rrf_is_available_for_comparison(engine, texts_library):
+    _, ids = texts_library
+    vector, terms = engine.query_vector("gondola")
+    page = engine.search(vector, SearchOptions(k=3), terms, fusion="rrf")
+    assert page.fusion == "rrf" and page.results[0].id == ids["img_09.jpg"]
+    with pytest.raises(QueryError, match="fusion"):
+        engine.search(vector, SearchOptions(k=3), terms, fusion="nope")
+
+
+# -- interfaces -----------------------------------------------------------------------------
+@pytest.fixture
+def fake_model(monkeypatch, fake_encoder):
+    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
+    return fake_encoder
+
+
+def test_cli_search_json_carries_matched(fake_model, texts_library, monkeypatch):
+    root, ids = texts_library
+    result = runner.invoke(app, ["search", "gondola", "--library", str(root), "--json", "-k", "3"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["fusion"] == "calibrated"
+    assert document["results"][0]["id"] == ids["img_09.jpg"]
+    assert document["results"][0]["matched"]["text"] == ["gondola"]
+    assert document["terms"] == [{"kind": "text", "text": "gondola", "weight": 1.0}]
+    table = runner.invoke(app, ["search", "name:italy", "--library", str(root)])
+    assert table.exit_code == 0 and "italy" in table.stdout and "folder" in table.stdout
+    bad = runner.invoke(app, ["search", "text:", "--library", str(root)])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+
+
+def test_rest_search_carries_matched(texts_library, fake_encoder):
+    from tests.live_server import served
+
+    root, ids = texts_library
+    with served(root, fake_encoder) as (_, http):
+        answer = http.get("/api/search", params={"q": '"out of order"', "k": 5})
+        assert answer.status_code == 200, answer.text
+        document = answer.json()
+        assert document["fusion"] == "calibrated"
+        assert [r["id"] for r in document["results"]] == [ids["img_05.jpg"]]
+        matched = document["results"][0]["matched"]
+        assert matched["text"] == ["out of order"] and matched["sources"] == ["ocr"]
+        assert matched["snippets"][0]["text"].startswith("[[OUT OF ORDER]]")
+        for query in HOSTILE[:8]:
+            response = http.get("/api/search", params={"q": query})
+            assert response.status_code in (200, 400), (query, response.text)
+            if response.status_code == 400:
+                assert response.json()["error"]["code"] == "bad_query"
