@@ -510,7 +510,12 @@ def print_index_report(report, json_out: bool, quiet: bool) -> None:
 def search(
     query: Annotated[
         str | None,
-        typer.Argument(help='What the photos show, e.g. "beach + sunset - people".'),
+        typer.Argument(
+            help='What the photos show, e.g. "beach + sunset - people". Where words are '
+            "stored (names, keywords, text in photos) they are searched too: '\"out of "
+            "order\"' must appear; text:WORD looks in text in photos, captions and keywords "
+            "only, name:WORD in file and folder names only."
+        ),
     ] = None,
     k: KOpt = 20,
     like: LikeOpt = None,
@@ -1075,7 +1080,10 @@ def print_page(query: str, page: SearchPage, json_out: bool, quiet: bool = False
         if page.cutoff is None:
             stdout.print("no results (is the library empty, or are the filters too strict?)")
         return
-    table = Table("#", "score", "id", "path", "size", "taken", "tags")
+    words = page.fusion is not None  # the library stores words: say which ones matched
+    table = Table(
+        "#", "score", "id", "path", "size", "taken", "tags", *(["words"] if words else [])
+    )
     for rank, r in enumerate(page.results, page.options.offset + 1):
         labels = ", ".join(t["label"] for t in r.tags or [])
         size, taken, path = f"{r.width}x{r.height}", r.taken_at or "", path_cell(r.path)
@@ -1083,7 +1091,8 @@ def print_page(query: str, page: SearchPage, json_out: bool, quiet: bool = False
             path.append(f" (+ RAW {display(Path(r.raw['path']).name)})")
         if r.frame_time is not None:  # a video: the moment that scored
             path.append(f" @ {_moment(r.frame_time)}", style="cyan")
-        table.add_row(str(rank), f"{r.score:.3f}", str(r.id), path, size, taken, Text(labels))
+        cells = [str(rank), f"{r.score:.3f}", str(r.id), path, size, taken, Text(labels)]
+        table.add_row(*cells, *([Text(matched_cell(r.matched))] if words else []))
     stdout.print(table)
 
 
@@ -1092,6 +1101,13 @@ def _moment(seconds: float) -> str:
     minutes, rest = divmod(seconds, 60)
     hours, minutes = divmod(int(minutes), 60)
     return f"{hours}:{minutes:02d}:{rest:04.1f}" if hours else f"{minutes}:{rest:04.1f}"
+
+
+def matched_cell(matched: dict | None) -> str:
+    """The words a result matched and where: 'receipt, total (ocr)'."""
+    if not matched or not matched["text"]:
+        return ""
+    return f"{', '.join(matched['text'])} ({', '.join(matched['sources'])})"
 
 
 def main() -> None:

@@ -101,4 +101,5 @@ def page_fields(page) -> dict:
         "sort": page.options.sort,
         "total": page.total,
         "cutoff": page.cutoff.as_dict() if page.cutoff else None,
+        **({"fusion": page.fusion} if page.fusion is not None else {}),
     }

@@ -59,10 +59,29 @@ class RawCompanion(BaseModel):
     image_url: str
 
 
+class Snippet(BaseModel):
+    source: str = Field(description="name, folder, ocr, description or keywords.")
+    text: str = Field(description="Part of that text, each matched word between [[ and ]].")
+
+
+class Matched(BaseModel):
+    semantic: float | None = Field(
+        description="Cosine of the photo to the query's meaning (null: a words-only query)."
+    )
+    text: list[str] = Field(description="The query's words and quoted phrases found.")
+    sources: list[str] = Field(description="Where they were found: name, folder, ocr, ...")
+    snippets: list[Snippet] | None = Field(
+        default=None, description="Where the words stand in that text (first results)."
+    )
+
+
 class SearchHit(BaseModel):
     id: int
     path: str
-    score: float = Field(description="Cosine similarity to the query, -1..1.")
+    score: float = Field(
+        description="Cosine similarity to the query, -1..1; with fusion the cosine moved up "
+        "by the words found (see README: Words and meaning)."
+    )
     width: int
     height: int
     taken_at: str | None
@@ -73,6 +92,9 @@ class SearchHit(BaseModel):
         default=None,
         description="The camera RAW of the same shot (same folder and name stem), listed "
         "with this photo instead of on its own (absent with raw_pairs=true).",
+    )
+    matched: Matched | None = Field(
+        default=None, description="Why it matched: present when the library stores words."
     )
     kind: Literal["photo", "video"] = Field(
         default="photo", description="A video is one hit, at its best-scoring frame."
@@ -99,6 +121,9 @@ class SearchResponse(BaseModel):
         default=None, description="How many photos passed the cut-off (null without one)."
     )
     cutoff: CutoffInfo | None = None
+    fusion: Literal["calibrated", "rrf"] | None = Field(
+        default=None, description="How meaning and words were fused (absent: meaning only)."
+    )
     results: list[SearchHit]
 
 

@@ -40,6 +40,7 @@ from retrieval.collection import Collection, EncoderLoader
 from retrieval.search.engine import SearchPage
 from retrieval.search.errors import QueryError
 from retrieval.search.options import SearchOptions
+from retrieval.search.query import Term
 from retrieval.server.errors import NotReady
 from retrieval.server.jobs import IndexJob, IndexJobs, JobCancelled
 from retrieval.server.labels import LabelJob, LabelPreparer
@@ -95,7 +96,7 @@ class ServerState:
         self._decode_slots = threading.BoundedSemaphore(slots)
         # Uploads take all but one of them: a thumbnail never waits behind a burst of bombs.
         self._upload_slots = threading.BoundedSemaphore(slots - 1)
-        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._text_cache: OrderedDict[str, tuple] = OrderedDict()  # text -> (vector, terms)
         self._text_cache_lock = threading.Lock()
         self._queued: set[int] = set()  # photos this run queued for re-indexing
         # One writer at a time within this process: index jobs and sync batches take turns
@@ -192,8 +193,11 @@ class ServerState:
 
     # -- queries ------------------------------------------------------------------------
     def search_text(self, text: str, options: SearchOptions) -> SearchPage:
-        """Photos for a text in the query grammar ("beach + sunset - people")."""
-        return self._search(self._text_vector(self.require_collection(), text), options)
+        """Photos for a text in the query grammar ("beach + sunset - people"); its words are
+        searched too where the library stores words (names, keywords, text in photos)."""
+        collection = self.require_collection()
+        vector, terms = self._text_vector(collection, text)
+        return self.in_search_thread(lambda: collection.search_vector(vector, options, terms=terms))
 
     def search_image(self, data: bytes, options: SearchOptions) -> SearchPage:
         """Photos that look like uploaded image bytes."""
@@ -237,18 +241,21 @@ class ServerState:
         collection = self.require_collection()
         return self.in_search_thread(collection.search_vector, vector, options)
 
-    def _text_vector(self, collection: Collection, text: str) -> np.ndarray:
-        """A text's vector, from a small LRU cache so paging does not re-run the model."""
+    def _text_vector(
+        self, collection: Collection, text: str
+    ) -> tuple[np.ndarray | None, list[Term]]:
+        """A text's vector and parsed terms, from a small LRU cache so paging does not
+        re-run the model."""
         with self._text_cache_lock:
             if text in self._text_cache:
                 self._text_cache.move_to_end(text)
                 return self._text_cache[text]
-        vector = collection.query_vector(text)[0]  # the query grammar: "beach + sunset - people"
+        parsed = collection.query_vector(text)  # the query grammar: "beach + sunset - people"
         with self._text_cache_lock:
-            self._text_cache[text] = vector
+            self._text_cache[text] = parsed
             while len(self._text_cache) > self.settings.text_cache_size:
                 self._text_cache.popitem(last=False)
-        return vector
+        return parsed
 
     def image_row(self, image_id: int) -> dict:
         """The catalog row (no vector) of one photo; NotFound for an unknown id."""
