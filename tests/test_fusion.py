@@ -123,7 +123,10 @@ def test_reader_finds_words_with_bm25_sources_and_matched_terms(texts_library):
     ]
     phrase = reader.text_ids(TextTerm("out of order", phrase=True))
     assert phrase.tolist() == [ids["img_05.jpg"]]  # img_06 has the words, not the phrase
-    assert "[[receipt]]" in reader.text_snippets(ids["img_03.jpg"], [TextTerm("receipt")])[0]["text"]
+    snippets = reader.text_snippets([ids["img_03.jpg"]], [TextTerm("receipt")])
+    assert snippets == {
+        ids["img_03.jpg"]: [{"source": "ocr", "text": "CAFÉ DU MONDE [[receipt]] total 12.50 EUR"}]
+    }
     reader.close()
 
 
@@ -131,7 +134,8 @@ def test_user_words_never_reach_fts_syntax():
     assert match_expression([TextTerm('a"b OR NEAR(c')]) == '"a" OR "b" OR "or" OR "near" OR "c"'
     assert match_expression([TextTerm("*")]) is None  # no word: nothing is sent
     assert match_expression([TextTerm('say "hi"', phrase=True)]) == '"say hi"'
-    assert words_of("Ça-va_Été") == ["ca", "va_ete"]
+    assert words_of("Ça-va_Été") == ["ca", "va", "ete"]
+    assert match_expression([TextTerm("東京 tower")]) == '"東 京" OR "tower"'  # CJK: per character
 
 
 def test_no_text_tables_means_no_hits_and_no_cost(tmp_path, photo_folder, fake_encoder):
@@ -181,7 +185,11 @@ def test_exact_word_match_comes_first_over_semantic_noise(engine, texts_library)
     assert first["snippets"][0]["text"] == "italy venice [[gondola]]"
     # Photos without the word keep their cosine as score and say so.
     rest = page.results[1]
-    assert rest.matched == {"semantic": pytest.approx(rest.score, abs=1e-4), "text": [], "sources": []}
+    assert rest.matched == {
+        "semantic": pytest.approx(rest.score, abs=1e-4),
+        "text": [],
+        "sources": [],
+    }
     assert len(page.results) == 12
 
 
@@ -234,10 +242,12 @@ def test_cutoff_on_the_fused_list_keeps_the_word_matches(engine, texts_library):
     assert filtered.results == [] and filtered.total == 0
 
 
-def test_filters_apply_to_the_word_side(engine, texts_library, tmp_path):
-    _, ids = texts_library
-    page = search(engine, "name:receipt", k=5, folders=(str(tmp_path / "elsewhere"),))
-    assert page.results == []
+def test_filters_apply_to_the_word_side(engine, texts_library):
+    root, ids = texts_library
+    inside = search(engine, "name:receipt", folders=(str(root.parent / "photos"),))
+    assert [r.id for r in inside.results] == [ids["img_07.jpg"]]
+    assert search(engine, "name:receipt", folders=(str(root.parent / "elsewhere"),)).results == []
+    assert search(engine, "receipt", k=12, min_size="10000x10000").results == []
 
 
 def test_library_without_words_searches_as_before(tmp_path, photo_folder, fake_encoder):

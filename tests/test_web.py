@@ -290,3 +290,27 @@ def test_status_line_shows_the_sync_of_watched_folders(browser, photos, tmp_path
         wait_text(tab, "#status", "26 photos")  # the page asks again every few seconds
         assert "last batch" in tab.inner_text("#status")
         context.close()
+
+
+def test_a_word_match_says_why_and_the_viewer_marks_the_words(browser, library, fake_encoder):
+    from tests.textfixtures import add_text
+
+    with Library.open(library, read_only=True) as lib:
+        target = lib.catalog.id_for_path(str(Path(library).parent / "photos" / "photo_17.jpg"))
+    add_text(library, [(target, "ocr", "CLOSED <b>for</b> renovation until May")])
+    with served(library, fake_encoder) as (server, _):
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        tab = context.new_page()
+        tab.goto(server.url)
+        tab.wait_for_selector("#status[data-state='ready']")
+        search(tab, "renovation")
+        assert card_ids(tab)[0] == target
+        first = tab.locator("#results .card").first
+        assert first.locator(".words").inner_text() == "renovation (ocr)"
+        first.locator(".thumb").click()
+        tab.wait_for_selector("#viewer-meta .snippet mark")
+        assert tab.inner_text("#viewer-meta .snippet mark") == "renovation"
+        # The photo's text is shown as text: its "<b>" is not markup.
+        assert "<b>for</b>" in tab.inner_text("#viewer-meta .snippet")
+        assert "Text in photo" in tab.inner_text("#viewer-meta")
+        context.close()

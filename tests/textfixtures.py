@@ -18,6 +18,7 @@ CREATE TABLE IF NOT EXISTS image_text (
     text TEXT NOT NULL,
     confidence REAL
 );
+CREATE INDEX IF NOT EXISTS ix_image_text_image_id ON image_text (image_id);
 CREATE VIRTUAL TABLE IF NOT EXISTS text_fts USING fts5(
     text, content='image_text', content_rowid='rowid',
     tokenize='unicode61 remove_diacritics 2'

@@ -714,9 +714,11 @@ class Catalog:
         """Ids of every photo whose words hold ``term`` (a phrase as a whole)."""
         return textsearch.ids_with(self._run, term, allowed_ids)
 
-    def text_snippets(self, image_id: int, terms: Sequence[TextTerm]) -> list[dict]:
-        """Where ``terms`` matched in one photo's words, marked ``[[...]]``."""
-        return textsearch.snippets(self._run, image_id, terms)
+    def text_snippets(
+        self, image_ids: Sequence[int], terms: Sequence[TextTerm]
+    ) -> dict[int, list[dict]]:
+        """Where ``terms`` stand in the given photos' words, marked ``[[...]]``."""
+        return textsearch.snippets(self._run, image_ids, terms)
 
     # -- tags -----------------------------------------------------------------------------
     def tag_counts(self) -> list[tuple[str, int]]:

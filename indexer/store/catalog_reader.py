@@ -424,9 +424,11 @@ class CatalogReader:
         """Ids of every photo whose words hold ``term`` (a phrase as a whole)."""
         return textsearch.ids_with(self._rows, term, allowed_ids)
 
-    def text_snippets(self, image_id: int, terms: Sequence[TextTerm]) -> list[dict]:
-        """Where ``terms`` matched in one photo's words, marked ``[[...]]``."""
-        return textsearch.snippets(self._rows, image_id, terms)
+    def text_snippets(
+        self, image_ids: Sequence[int], terms: Sequence[TextTerm]
+    ) -> dict[int, list[dict]]:
+        """Where ``terms`` stand in the given photos' words, marked ``[[...]]``."""
+        return textsearch.snippets(self._rows, image_ids, terms)
 
     # -- helpers --------------------------------------------------------------------------
     def _in(self, sql: str, ids: Iterable[int]) -> list[tuple]:

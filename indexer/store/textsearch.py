@@ -31,7 +31,16 @@ import numpy as np
 SOURCES = ("name", "folder", "ocr", "description", "keywords")
 Run = Callable[[str, Sequence[object]], list[tuple]]
 
-_WORD = re.compile(r"\w+")
+# Han, Kana, Hangul (and CJK punctuation, full-width forms): the indexer spaces each of
+# these characters apart before FTS5 sees the text (CJK has no spaces between words), so a
+# CJK word is looked up as the phrase of its characters.
+_CJK_CLASS = (
+    "[\u1100-\u11ff\u2e80-\u2fdf\u3000-\u30ff\u3100-\u31ff\u3200-\u4dbf\u4e00-\u9fff"
+    "\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003ffff]"
+)
+_CJK = re.compile(f"({_CJK_CLASS})")
+_WORD = re.compile(r"[^\W_]+")  # letters and digits: FTS5's unicode61 splits on the rest
+_TOKEN = re.compile(f"{_CJK_CLASS}|(?:(?!{_CJK_CLASS})[^\\W_])+")  # a token where it stands
 _OPEN, _CLOSE = "\x01", "\x02"  # highlight() marks; control characters never in a query
 _MAX_TERM_CHARS = 512  # a longer "word" is in no index: cut, not refused
 _SNIPPET_TOKENS = 12
@@ -51,8 +60,15 @@ class TextTerm:
     sources: frozenset[str] | None = None
 
     def words(self) -> list[str]:
-        """The normalised words of the term, as the index compares them."""
+        """The user's words of the term, normalised (a CJK run stays one word)."""
         return words_of(self.text[:_MAX_TERM_CHARS])
+
+    def targets(self) -> list[list[str]]:
+        """The token sequences to find: a phrase's tokens, or each word's."""
+        if self.phrase:
+            tokens = tokens_of(self.text[:_MAX_TERM_CHARS])
+            return [tokens] if tokens else []
+        return [tokens_of(word) for word in self.words()]
 
 
 @dataclass
@@ -66,29 +82,33 @@ class TextHit:
     sources: list[str] = field(default_factory=list)
 
 
-def words_of(text: str) -> list[str]:
-    """Words as FTS5's ``unicode61 remove_diacritics 2`` tokenizer sees them (near enough):
-    case folded, accents removed, split on anything that is not a letter or a digit."""
+def normalise(text: str) -> str:
+    """Case folded, accents removed (as ``unicode61 remove_diacritics 2`` compares)."""
+    if text.isascii():  # the usual case, and 10x faster
+        return text.lower()
     decomposed = unicodedata.normalize("NFKD", text.casefold())
-    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
-    return [w for w in _WORD.findall(plain) if w != "_"]
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
-def fts_string(words: Sequence[str]) -> str:
-    """Words as one FTS5 string (a phrase); safe for any characters."""
-    return '"' + " ".join(words).replace('"', '""') + '"'
+def words_of(text: str) -> list[str]:
+    """A text's words, normalised: runs of letters and digits (a CJK run is one word)."""
+    return _WORD.findall(normalise(text))
+
+
+def tokens_of(text: str) -> list[str]:
+    """A text's tokens as the FTS5 index holds them: its words, CJK characters one by one."""
+    return words_of(_CJK.sub(r" \1 ", text))
+
+
+def fts_string(tokens: Sequence[str]) -> str:
+    """Tokens as one FTS5 string (a phrase); safe for any characters."""
+    return '"' + " ".join(tokens).replace('"', '""') + '"'
 
 
 def match_expression(terms: Iterable[TextTerm]) -> str | None:
     """The FTS5 MATCH text that finds any of ``terms`` (a phrase as a whole, a term's
     words each); None when no term has a word."""
-    parts: list[str] = []
-    for term in terms:
-        words = term.words()
-        if term.phrase and words:
-            parts.append(fts_string(words))
-        else:
-            parts.extend(fts_string([w]) for w in words)
+    parts = [fts_string(target) for term in terms for target in term.targets() if target]
     parts = list(dict.fromkeys(parts))
     return " OR ".join(parts) if parts else None
 
@@ -138,21 +158,59 @@ def ids_with(run: Run, term: TextTerm, allowed_ids: np.ndarray | None = None) ->
     return np.sort(np.asarray([row[0] for row in run(sql, params)], dtype=np.int64))
 
 
-def snippets(run: Run, image_id: int, terms: Sequence[TextTerm]) -> list[dict]:
-    """Where the terms matched in one photo's texts: ``{"source", "text"}`` with each
-    match between ``[[`` and ``]]`` (for a page to highlight), best match first."""
-    expression = match_expression(terms)
-    if expression is None or not has_text(run):
-        return []
-    sql = (
-        f"SELECT t.source, snippet(text_fts, 0, '{_OPEN}', '{_CLOSE}', '…', {_SNIPPET_TOKENS}) "
-        "FROM text_fts JOIN image_text t ON t.rowid = text_fts.rowid "
-        "WHERE text_fts MATCH ? AND t.image_id = ? ORDER BY bm25(text_fts) LIMIT 8"
-    )
-    return [
-        {"source": source, "text": text.replace(_OPEN, "[[").replace(_CLOSE, "]]")}
-        for source, text in run(sql, (expression, int(image_id)))
-    ]
+def snippets(
+    run: Run, image_ids: Sequence[int], terms: Sequence[TextTerm]
+) -> dict[int, list[dict]]:
+    """Where the terms stand in the given photos' texts: per photo, ``{"source", "text"}``
+    with each match between ``[[`` and ``]]`` (for a page to highlight), around the first
+    match of each text. One query for all the photos; the marking is done here, on the text
+    as stored (not on FTS5's copy of it)."""
+    targets = [target for term in terms for target in term.targets() if target]
+    if not targets or not image_ids or not has_text(run):
+        return {}
+    sql = "SELECT image_id, source, text FROM image_text WHERE image_id IN ({}) ORDER BY rowid"
+    rows: list[tuple] = []
+    ids = [int(i) for i in image_ids]
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        rows += run(sql.format(", ".join("?" * len(chunk))), chunk)
+    out: dict[int, list[dict]] = {}
+    for image_id, source, text in rows:
+        marked = mark(text or "", targets)
+        if marked is not None:
+            out.setdefault(image_id, []).append({"source": source, "text": marked})
+    return out
+
+
+def mark(text: str, targets: Sequence[list[str]], context: int = _SNIPPET_TOKENS) -> str | None:
+    """``text`` with every occurrence of a target (a word sequence) between ``[[`` ``]]``,
+    cut to ``context`` words around the first one; None when no target occurs."""
+    text = text[:20_000]
+    plain = normalise(text)
+    if not any(target[0] in plain for target in targets):  # the usual case: cheap
+        return None
+    spans = [(m.start(), m.end(), words_of(m.group(0))) for m in _TOKEN.finditer(text)]
+    flat = [(start, end, word) for start, end, words in spans for word in words]
+    tokens = [word for _, _, word in flat]
+    marks: list[tuple[int, int]] = []
+    for i in range(len(tokens)):
+        for target in targets:
+            if tokens[i : i + len(target)] == target:
+                marks.append((i, i + len(target) - 1))
+    if not marks:
+        return None
+    first = marks[0][0]
+    low, high = max(0, first - context // 2), min(len(flat), first + context)
+    pieces, cursor = [], flat[low][0]
+    for begin, last in sorted(set(marks)):
+        if begin < low or last >= high or flat[begin][0] < cursor:
+            continue
+        pieces += [text[cursor : flat[begin][0]], "[[", text[flat[begin][0] : flat[last][1]], "]]"]
+        cursor = flat[last][1]
+    pieces.append(text[cursor : flat[high - 1][1]])
+    prefix = "…" if low > 0 else ""
+    suffix = "…" if high < len(flat) else ""
+    return prefix + "".join(pieces).strip() + suffix
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -189,41 +247,50 @@ def _search_group(
     if expression is None:
         return []
     where, params = _conditions(expression, sources, allowed_ids)
-    rows_wanted = 4 * limit  # a photo has a few texts (name, folder, ocr...)
+    rows_wanted = 2 * limit  # a photo has a few texts (name, folder, ocr...)
+    # One word or phrase: every matching text holds it, no need to mark where.
+    single = [t for term in terms for t in term.targets() if t]
+    marks = "NULL" if len(single) == 1 else f"highlight(text_fts, 0, '{_OPEN}', '{_CLOSE}')"
     if sources is None and allowed_ids is None:  # FTS5 orders and cuts by itself: fastest
         sql = (
-            f"SELECT t.image_id, t.source, m.score, m.marked FROM (SELECT rowid, -rank AS score, "
-            f"highlight(text_fts, 0, '{_OPEN}', '{_CLOSE}') AS marked FROM text_fts "
-            f"WHERE {where} ORDER BY rank LIMIT ?) m JOIN image_text t ON t.rowid = m.rowid"
+            "SELECT t.image_id, t.source, m.score, m.marked FROM (SELECT rowid, -rank AS score, "
+            f"{marks} AS marked FROM text_fts WHERE {where} ORDER BY rank LIMIT ?) m "
+            "JOIN image_text t ON t.rowid = m.rowid"
         )
     else:
         sql = (
-            "SELECT t.image_id, t.source, -bm25(text_fts), "
-            f"highlight(text_fts, 0, '{_OPEN}', '{_CLOSE}') FROM text_fts "
+            f"SELECT t.image_id, t.source, -bm25(text_fts), {marks} FROM text_fts "
             f"JOIN image_text t ON t.rowid = text_fts.rowid WHERE {where} "
             "ORDER BY bm25(text_fts) LIMIT ?"
         )
+    every = _every_term(terms) if len(single) == 1 else None
     hits: dict[int, TextHit] = {}
     for image_id, source, score, marked in run(sql, [*params, rows_wanted]):
         hit = hits.setdefault(image_id, TextHit(image_id, 0.0))
         hit.score += float(score)
-        hit.terms = _union(hit.terms, _found(terms, marked or ""))
+        hit.terms = _union(hit.terms, every if every is not None else _found(terms, marked or ""))
         hit.sources = _union(hit.sources, [source])
     return list(hits.values())
 
 
+def _every_term(terms: Sequence[TextTerm]) -> list[str]:
+    """What a hit of a one-target group matched: that phrase, or that word."""
+    return [t.text if t.phrase else w for t in terms for w in (t.words()[:1] or [t.text])]
+
+
 def _found(terms: Sequence[TextTerm], marked: str) -> list[str]:
     """Which terms a highlighted text holds: a phrase within one marked span, a word as
-    (part of) a span; the terms' own text is returned (as the user typed it)."""
-    spans = [words_of(span) for span in re.findall(f"{_OPEN}(.*?){_CLOSE}", marked, re.S)]
+    (part of) a span; reported as the phrase's text or the word (normalised)."""
+    spans = [tokens_of(span) for span in re.findall(f"{_OPEN}(.*?){_CLOSE}", marked, re.S)]
     found: list[str] = []
     for term in terms:
-        words = term.words()
         if term.phrase:
-            if any(_contains(span, words) for span in spans):
+            if any(_contains(span, target) for target in term.targets() for span in spans):
                 found.append(term.text)
-        else:
-            found.extend(w for w in words if any(w in span for span in spans))
+            continue
+        for word, target in zip(term.words(), term.targets()):
+            if any(_contains(span, target) for span in spans):
+                found.append(word)
     return found
 
 

@@ -194,9 +194,45 @@ function card(result, index) {
     }));
   }
   if (tags) bar.append(el("span", { class: "tags", title: tags, text: tags }));
+  const words = matchedWords(result.matched);
+  if (words) bar.append(el("span", { class: "words", title: `matched ${words}`, text: words }));
   bar.append(similar);
   const classes = ["card", result.keeper ? "keeper" : "", result.group % 2 ? "group-odd" : ""];
   return el("li", { class: classes.join(" ").trim(), "data-id": result.id }, thumb, bar);
+}
+
+// -- why a result matched (searches that also read words) -------------------------------
+const SOURCE_LABELS = {
+  name: "File name", folder: "Folder", ocr: "Text in photo", description: "Caption",
+  keywords: "Keywords",
+};
+
+function matchedWords(matched) {
+  if (!matched || !matched.text.length) return "";
+  return `${matched.text.join(", ")} (${matched.sources.join(", ")})`;
+}
+
+// A snippet with the matched words between [[ and ]] as nodes, those words in <mark>
+// (text nodes only: a photo's text is never parsed as HTML).
+function marked(text) {
+  return text.split(/\[\[|\]\]/).map((part, i) =>
+    (i % 2 ? el("mark", { text: part }) : document.createTextNode(part)));
+}
+
+function matchedRows(matched) {
+  if (!matched) return [];
+  const rows = [];
+  if (matched.semantic != null) {
+    rows.push(el("dt", { text: "Meaning" }), el("dd", { text: `cosine ${formatScore(matched.semantic)}` }));
+  }
+  if (matched.text.length) {
+    rows.push(el("dt", { text: "Words" }), el("dd", { class: "matched-words", text: matchedWords(matched) }));
+  }
+  for (const snippet of matched.snippets || []) {
+    rows.push(el("dt", { text: SOURCE_LABELS[snippet.source] || snippet.source }),
+      el("dd", { class: "snippet" }, ...marked(snippet.text)));
+  }
+  return rows;
 }
 
 function render() {
@@ -308,7 +344,7 @@ async function openViewer(index) {
   $("viewer-open").href = result.image_url;
   $("viewer-prev").disabled = index === 0;
   $("viewer-next").disabled = index === view.results.length - 1;
-  $("viewer-meta").replaceChildren();
+  $("viewer-meta").replaceChildren(...matchedRows(result.matched));
   $("viewer-classify").disabled = false;
   if (!dialog.open) dialog.showModal();
   try {
@@ -317,7 +353,8 @@ async function openViewer(index) {
     facts.raw = result.raw ? readable(result.raw.path) : "";
     const rows = META_FIELDS.filter(([key]) => facts[key])
       .flatMap(([key, label]) => [el("dt", { text: label }), el("dd", { text: facts[key] })]);
-    $("viewer-meta").replaceChildren(...rows);
+    if (view.current !== index) return;  // another photo was opened meanwhile
+    $("viewer-meta").replaceChildren(...matchedRows(result.matched), ...rows);
   } catch (error) {
     $("viewer-meta").replaceChildren(el("dd", { class: "error", text: error.message }));
   }
