@@ -26,7 +26,7 @@ from retrieval.search.fusion import word_query
 from retrieval.search.options import SearchOptions
 from retrieval.search.query import QuerySyntaxError, describe, parse_query
 from tests.conftest import FakeEncoder
-from tests.textfixtures import add_text
+from tests.textfixtures import add_text, drop_all_text
 
 runner = CliRunner()
 HOSTILE = [
@@ -138,11 +138,22 @@ def test_user_words_never_reach_fts_syntax():
     assert match_expression([TextTerm("東京 tower")]) == '"東 京" OR "tower"'  # CJK: per character
 
 
-def test_no_text_tables_means_no_hits_and_no_cost(tmp_path, photo_folder, fake_encoder):
+def test_no_text_rows_means_no_hits(tmp_path, photo_folder, fake_encoder):
     with Library.open(tmp_path / "lib", create=True) as library:
         index_paths(library, fake_encoder, [photo_folder])
+        assert library.catalog.has_text()  # file and folder names
+        assert [len(library.catalog.text_search([TextTerm("photo")], 10))] == [6]
+    drop_all_text(tmp_path / "lib")
+    with Library.open(tmp_path / "lib") as library:
         assert not library.catalog.has_text()
-        assert library.catalog.text_search([TextTerm("receipt")], 10) == []
+        assert library.catalog.text_search([TextTerm("photo")], 10) == []
+
+
+def test_the_index_and_the_reader_space_cjk_alike():
+    from indexer.store import textindex
+    from indexer.store.textsearch import _CJK_CLASS
+
+    assert textindex._CJK.pattern == f"({_CJK_CLASS})"
 
 
 # -- grammar --------------------------------------------------------------------------------
@@ -253,6 +264,8 @@ def test_filters_apply_to_the_word_side(engine, texts_library):
 def test_library_without_words_searches_as_before(tmp_path, photo_folder, fake_encoder):
     with Library.open(tmp_path / "lib", create=True) as library:
         index_paths(library, fake_encoder, [photo_folder])
+    drop_all_text(tmp_path / "lib")
+    with Library.open(tmp_path / "lib") as library:
         engine = SearchEngine(library, fake_encoder)
         vector, terms = engine.query_vector('"out of order" + beach')
         with_terms = engine.search(vector, SearchOptions(k=6), terms)

@@ -2,7 +2,9 @@
 
 The indexer stores the words of each photo in ``image_text`` (one row per photo and source:
 ``name``, ``folder``, ``ocr``, ``description``, ``keywords``) and indexes them in the FTS5
-table ``text_fts`` whose rowid is the ``image_text`` row's. This module only reads them, with
+table ``text_fts(text, image_id UNINDEXED, source UNINDEXED)`` whose rowid is the
+``image_text`` row's id, its text spaced by :func:`indexer.store.textindex.fts_text` (each
+CJK character a token). This module only reads them, with
 plain SQL that both catalog kinds run (:class:`~indexer.store.catalog.Catalog` through
 SQLAlchemy, :class:`~indexer.store.catalog_reader.CatalogReader` through stdlib sqlite3):
 each hands in a ``run(sql, params) -> rows`` callable.
@@ -28,23 +30,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from indexer.store.textindex import fts_text
+
 SOURCES = ("name", "folder", "ocr", "description", "keywords")
 Run = Callable[[str, Sequence[object]], list[tuple]]
 
-# Han, Kana, Hangul (and CJK punctuation, full-width forms): the indexer spaces each of
-# these characters apart before FTS5 sees the text (CJK has no spaces between words), so a
-# CJK word is looked up as the phrase of its characters.
+# Han, Kana, Hangul, CJK punctuation, full-width forms: the characters the index spaces
+# apart (indexer.store.textindex; tests/test_fusion.py checks that the two agree). A CJK
+# word is looked up as the phrase of its characters.
 _CJK_CLASS = (
     "[\u1100-\u11ff\u2e80-\u2fdf\u3000-\u30ff\u3100-\u31ff\u3200-\u4dbf\u4e00-\u9fff"
     "\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003ffff]"
 )
-_CJK = re.compile(f"({_CJK_CLASS})")
 _WORD = re.compile(r"[^\W_]+")  # letters and digits: FTS5's unicode61 splits on the rest
 _TOKEN = re.compile(f"{_CJK_CLASS}|(?:(?!{_CJK_CLASS})[^\\W_])+")  # a token where it stands
 _OPEN, _CLOSE = "\x01", "\x02"  # highlight() marks; control characters never in a query
 _MAX_TERM_CHARS = 512  # a longer "word" is in no index: cut, not refused
 _SNIPPET_TOKENS = 12
 _TABLES = "SELECT count(*) FROM sqlite_master WHERE name IN ('image_text', 'text_fts')"
+_FTS_ONLY = "SELECT {} FROM text_fts WHERE {}"
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ def words_of(text: str) -> list[str]:
 
 def tokens_of(text: str) -> list[str]:
     """A text's tokens as the FTS5 index holds them: its words, CJK characters one by one."""
-    return words_of(_CJK.sub(r" \1 ", text))
+    return words_of(fts_text(text))
 
 
 def fts_string(tokens: Sequence[str]) -> str:
@@ -151,10 +155,7 @@ def ids_with(run: Run, term: TextTerm, allowed_ids: np.ndarray | None = None) ->
     if expression is None or not has_text(run):
         return np.zeros(0, dtype=np.int64)
     where, params = _conditions(expression, term.sources, allowed_ids)
-    sql = (
-        "SELECT DISTINCT t.image_id FROM text_fts JOIN image_text t ON t.rowid = text_fts.rowid "
-        f"WHERE {where}"
-    )
+    sql = f"SELECT DISTINCT image_id FROM text_fts WHERE {where}"
     return np.sort(np.asarray([row[0] for row in run(sql, params)], dtype=np.int64))
 
 
@@ -227,10 +228,10 @@ def _conditions(
     where = ["text_fts MATCH ?"]
     params: list[object] = [expression]
     if sources is not None:
-        where.append(f"t.source IN ({', '.join('?' * len(sources))})")
+        where.append(f"source IN ({', '.join('?' * len(sources))})")
         params.extend(sorted(sources))
     if allowed_ids is not None:
-        where.append("t.image_id IN (SELECT value FROM json_each(?))")
+        where.append("image_id IN (SELECT value FROM json_each(?))")
         params.append(json.dumps([int(i) for i in np.asarray(allowed_ids).tolist()]))
     return " AND ".join(where), params
 
@@ -242,7 +243,8 @@ def _search_group(
     limit: int,
     allowed_ids: np.ndarray | None,
 ) -> list[TextHit]:
-    """One MATCH over one group of terms: the best rows (a few per photo), merged per photo."""
+    """One MATCH over one group of terms: the best rows (a few per photo), merged per photo.
+    ``rank`` is FTS5's bm25() (lower is better)."""
     expression = match_expression(terms)
     if expression is None:
         return []
@@ -251,18 +253,11 @@ def _search_group(
     # One word or phrase: every matching text holds it, no need to mark where.
     single = [t for term in terms for t in term.targets() if t]
     marks = "NULL" if len(single) == 1 else f"highlight(text_fts, 0, '{_OPEN}', '{_CLOSE}')"
-    if sources is None and allowed_ids is None:  # FTS5 orders and cuts by itself: fastest
-        sql = (
-            "SELECT t.image_id, t.source, m.score, m.marked FROM (SELECT rowid, -rank AS score, "
-            f"{marks} AS marked FROM text_fts WHERE {where} ORDER BY rank LIMIT ?) m "
-            "JOIN image_text t ON t.rowid = m.rowid"
-        )
-    else:
-        sql = (
-            f"SELECT t.image_id, t.source, -bm25(text_fts), {marks} FROM text_fts "
-            f"JOIN image_text t ON t.rowid = text_fts.rowid WHERE {where} "
-            "ORDER BY bm25(text_fts) LIMIT ?"
-        )
+    # FTS5 ranks and cuts by itself (ORDER BY rank); the UNINDEXED columns filter its rows.
+    sql = (
+        f"SELECT image_id, source, -rank, {marks} FROM text_fts WHERE {where} "
+        "ORDER BY rank LIMIT ?"
+    )
     every = _every_term(terms) if len(single) == 1 else None
     hits: dict[int, TextHit] = {}
     for image_id, source, score, marked in run(sql, [*params, rows_wanted]):
