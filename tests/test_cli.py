@@ -58,7 +58,9 @@ def test_index_then_search_json(fake_model, photo_folder):
     found = json.loads(run("search", "a red ball", "-k", "3", "--json").stdout)
     assert found["query"] == "a red ball" and len(found["results"]) == 3
     first = found["results"][0]
-    assert set(first) == {"id", "path", "score", "width", "height", "taken_at"}
+    # The library stores words (file and folder names), so the search read them too.
+    assert set(first) == {"id", "path", "score", "width", "height", "taken_at", "matched"}
+    assert found["fusion"] == "calibrated" and set(first["matched"]) >= {"semantic", "text"}
     scores = [r["score"] for r in found["results"]]
     assert scores == sorted(scores, reverse=True)
 

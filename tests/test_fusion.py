@@ -8,6 +8,7 @@ what these tests rank with: an exact word match must come first whatever the noi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ from tests.conftest import FakeEncoder
 from tests.textfixtures import add_text, drop_all_text
 
 runner = CliRunner()
+REAL_WEIGHTS = os.environ.get("CLIPDEX_WEIGHTS")  # read before the autouse fixture clears it
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 HOSTILE = [
     '"',
     '"unbalanced',
@@ -218,6 +221,7 @@ def test_quoted_phrase_is_required(engine, texts_library):
     page = search(engine, '"out of order"', k=12)
     assert [r.id for r in page.results] == [ids["img_05.jpg"]]
     assert page.results[0].matched["text"] == ["out of order"]
+    assert len(search(engine, '"€"', k=12).results) == 12  # no word to require: meaning only
     excluded = search(engine, 'machine - "out of order"', k=12)
     assert ids["img_05.jpg"] not in [r.id for r in excluded.results]
     assert len(excluded.results) == 11
@@ -336,3 +340,31 @@ def test_rest_search_carries_matched(texts_library, fake_encoder):
             assert response.status_code in (200, 400), (query, response.text)
             if response.status_code == 400:
                 assert response.json()["error"]["code"] == "bad_query"
+
+
+@pytest.mark.real_weights
+@pytest.mark.skipif(not REAL_WEIGHTS, reason="needs CLIPDEX_WEIGHTS (real MobileCLIP-S2)")
+def test_real_model_fuses_meaning_and_words(tmp_path):
+    """With real weights the meaning side means something: the guitar photo (by its look
+    and its file name) comes first, the puppy photo keyworded "guitar lessons" second (by
+    its words alone), and meaning alone would not keep the puppy."""
+    from indexer.model.encoders import load_encoder
+
+    encoder = load_encoder(Path(REAL_WEIGHTS))
+    root = tmp_path / "lib"
+    with Library.open(root, create=True) as library:
+        index_paths(library, encoder, [SAMPLES])
+        guitar = library.catalog.id_for_path(str(SAMPLES / "guitar.jpg"))
+        puppy = library.catalog.id_for_path(str(SAMPLES / "puppy.jpg"))
+    add_text(root, [(puppy, "keywords", "guitar lessons")])
+    with Library.open(root, read_only=True) as library:
+        engine = SearchEngine(library, encoder)
+        vector, terms = engine.query_vector("a guitar")
+        fused = engine.search(vector, SearchOptions(cutoff="auto"), terms)
+        assert [r.id for r in fused.results][:2] == [guitar, puppy]
+        first, second = fused.results[:2]
+        assert first.matched["sources"] == ["name"] and second.matched["sources"] == ["keywords"]
+        assert first.matched["semantic"] > second.matched["semantic"]
+        by_meaning = engine.search(vector, SearchOptions(cutoff="auto"))
+        assert by_meaning.results[0].id == guitar
+        assert puppy not in [r.id for r in by_meaning.results]

@@ -50,7 +50,7 @@ import numpy as np
 
 from indexer.model.identity import EMBED_DIM
 from indexer.store.library import Library
-from indexer.store.textsearch import TextHit, TextTerm, words_of
+from indexer.store.textsearch import TextHit, TextTerm
 from retrieval.search.cutoff import (
     FISHER_CLIP,
     MAD_TO_SIGMA,
@@ -138,6 +138,8 @@ def word_query(terms: Sequence[Term]) -> WordQuery:
             continue
         sources = FIELD_SOURCES.get(term.field) if term.field else None
         text_term = TextTerm(term.text, phrase=term.quoted, sources=sources)
+        if not text_term.targets():  # no letter or digit ("€", "*"): nothing to look up
+            continue
         if term.weight < 0:
             if term.quoted or term.field:
                 excluded.append(text_term)
@@ -381,8 +383,3 @@ def _explain(cosine: float | None, hit: TextHit | None) -> dict:
         "text": list(hit.terms) if hit else [],
         "sources": list(hit.sources) if hit else [],
     }
-
-
-def has_words(terms: Sequence[Term]) -> bool:
-    """Whether a parsed query has anything for the word side at all."""
-    return any(t.kind == "text" and words_of(t.text) for t in terms)
