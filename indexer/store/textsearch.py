@@ -255,8 +255,7 @@ def _search_group(
     marks = "NULL" if len(single) == 1 else f"highlight(text_fts, 0, '{_OPEN}', '{_CLOSE}')"
     # FTS5 ranks and cuts by itself (ORDER BY rank); the UNINDEXED columns filter its rows.
     sql = (
-        f"SELECT image_id, source, -rank, {marks} FROM text_fts WHERE {where} "
-        "ORDER BY rank LIMIT ?"
+        f"SELECT image_id, source, -rank, {marks} FROM text_fts WHERE {where} ORDER BY rank LIMIT ?"
     )
     every = _every_term(terms) if len(single) == 1 else None
     hits: dict[int, TextHit] = {}
