@@ -218,7 +218,9 @@ class SearchEngine:
                 )
             return rank(self.library, vector, options, MAX_K, self.pairs), None
         allowed = restrict(self.library, words, options)
-        ranking = rank_fused(self.library, vector, words, options, MAX_K, allowed, fusion)
+        ranking = rank_fused(
+            self.library, vector, words, options, MAX_K, allowed, fusion, self.pairs
+        )
         add_snippets(self.library, ranking, words)
         return ranking, fusion
 

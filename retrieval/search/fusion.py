@@ -64,6 +64,7 @@ from retrieval.search.cutoff import (
 from retrieval.search.errors import QueryError
 from retrieval.search.filters import allowed_ids
 from retrieval.search.options import SearchOptions
+from retrieval.search.pairs import RawPairs, fold_pairs
 from retrieval.search.query import Term
 from retrieval.search.ranking import Ranking, collapse_frames, order_ranked, top_hits
 
@@ -192,9 +193,11 @@ def rank_fused(
     max_k: int,
     allowed: np.ndarray | None,
     fusion: str = "calibrated",
+    pairs: RawPairs | None = None,
 ) -> Ranking:
     """Rank by meaning and words together (see the module notes). ``allowed``: from
-    :func:`restrict`; ``vector`` None: words only (the score is the word evidence)."""
+    :func:`restrict`; ``vector`` None: words only (the score is the word evidence);
+    ``pairs``: RAW+JPEG pairs listed once (as :func:`~.ranking.rank` does)."""
     if fusion not in FUSIONS:
         raise QueryError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     auto, min_score = resolve_cutoff(options.cutoff, options.min_score, options.sort)
@@ -206,8 +209,9 @@ def rank_fused(
         raise QueryError(f"offset + k must be at most {max_k} without a cut-off, got {pool}")
     limit = MAX_WORD_HITS if cutting else max(pool, WORD_POOL)
     hits = library.catalog.text_search(words.scoring, limit, allowed)
+    faces = pairs.faces(library.catalog) if pairs is not None and not options.raw_pairs else {}
     if vector is None:
-        return _words_only(library, hits, words, options, cutting)
+        return _words_only(library, hits, words, options, cutting, faces, allowed)
     population = len(allowed) if allowed is not None else len(library.index)
     if allowed is not None:  # an allowed video brings its frames
         allowed = np.union1d(allowed, library.catalog.frame_ids_of(allowed.tolist()))
@@ -226,12 +230,39 @@ def rank_fused(
     ranked_ids = np.asarray(kept, dtype=np.int64)
     ranked = np.asarray([fused[i] for i in kept], dtype=np.float64)
     ranked_ids, ranked, rows = order_ranked(library, ranked_ids, ranked, options.sort)
+    ranked_ids, ranked, raws = fold_pairs(ranked_ids, ranked, faces, allowed)
     page = slice(options.offset, options.offset + options.k)
     total = len(ranked_ids) if cutting else None
-    by_id = {h.image_id: h for h in hits}
     page_ids = ranked_ids[page].tolist()
-    matched = {i: _explain(cosine.get(i), by_id.get(i)) for i in page_ids}
-    return Ranking(page_ids, ranked[page].tolist(), total, bulk.cutoff, rows, times, matched)
+    matched = _page_matched(page_ids, cosine, hits, raws)
+    if rows is not None:  # a face shown for its RAW may not have been read yet
+        rows.update(library.catalog.get_images([i for i in page_ids if i not in rows]))
+    page_raws = {i: raws[i] for i in page_ids if i in raws}
+    return Ranking(
+        page_ids, ranked[page].tolist(), total, bulk.cutoff, rows, times, page_raws, matched
+    )
+
+
+def _page_matched(
+    page_ids: list[int], cosine: dict[int, float], hits: list[TextHit], raws: dict[int, int]
+) -> dict[int, dict]:
+    """The explanation of each photo of a page; a RAW+JPEG pair's joins both files'."""
+    by_id = {h.image_id: h for h in hits}
+    matched = {}
+    for image_id in page_ids:
+        explanation = _explain(cosine.get(image_id), by_id.get(image_id))
+        raw = raws.get(image_id)
+        if raw is not None:
+            other = _explain(cosine.get(raw), by_id.get(raw))
+            for key in ("text", "sources"):
+                explanation[key] = list(dict.fromkeys(explanation[key] + other[key]))
+            if (
+                other["semantic"] is not None
+                and (explanation["semantic"] or -2) < other["semantic"]
+            ):
+                explanation["semantic"] = other["semantic"]
+        matched[image_id] = explanation
+    return matched
 
 
 def add_snippets(library: Library, ranking: Ranking, words: WordQuery) -> None:
@@ -362,19 +393,28 @@ def _rrf_keep(cosine: dict[int, float], evidence: dict[int, float], cutoff: Cuto
 
 
 def _words_only(
-    library: Library, hits: list[TextHit], words: WordQuery, options, cutting: bool
+    library: Library,
+    hits: list[TextHit],
+    words: WordQuery,
+    options: SearchOptions,
+    cutting: bool,
+    faces: dict[int, int],
+    allowed: np.ndarray | None,
 ) -> Ranking:
     """A query of word terms only: the word hits, scored by their evidence (0..1)."""
     evidence = _evidence(hits, words)
     ids = np.asarray([h.image_id for h in hits], dtype=np.int64)
     scores = np.asarray([evidence.get(h.image_id, 0.0) for h in hits], dtype=np.float64)
     ids, scores, rows = order_ranked(library, ids, scores, options.sort)
+    ids, scores, raws = fold_pairs(ids, scores, faces, allowed)
     page = slice(options.offset, options.offset + options.k)
-    by_id = {h.image_id: h for h in hits}
     page_ids = ids[page].tolist()
-    matched = {i: _explain(None, by_id.get(i)) for i in page_ids}
+    matched = _page_matched(page_ids, {}, hits, raws)
+    if rows is not None:
+        rows.update(library.catalog.get_images([i for i in page_ids if i not in rows]))
     total = len(ids) if cutting else None
-    return Ranking(page_ids, scores[page].tolist(), total, None, rows, None, matched)
+    page_raws = {i: raws[i] for i in page_ids if i in raws}
+    return Ranking(page_ids, scores[page].tolist(), total, None, rows, None, page_raws, matched)
 
 
 def _explain(cosine: float | None, hit: TextHit | None) -> dict:
