@@ -13,6 +13,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.2,<=2.14.1" torchvision
+# OpenCV (RapidOCR's dependency, for --ocr) needs these system libraries.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+    && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -20,6 +24,7 @@ COPY indexer ./indexer
 COPY retrieval ./retrieval
 RUN pip install ".[torch]" \
     && clipdex serve --help > /dev/null \
+    && python -c "import cv2, rapidocr_onnxruntime" \
     && python -c "import retrieval.server, importlib.resources as r; \
 assert (r.files('retrieval.server') / 'web' / 'index.html').is_file()"
 

@@ -130,6 +130,22 @@ def test_thousands_of_tiny_text_regions_are_capped():
     assert len(lines) <= MAX_BOXES
 
 
+def test_an_installation_without_ocr_indexes_and_says_why_once(
+    library, tmp_path, fake_encoder, monkeypatch
+):
+    from indexer.model import ocr as engine_module
+
+    def broken(self):
+        raise engine_module.OcrUnavailable("no libGL.so.1 here", setting="ocr")
+
+    monkeypatch.setattr(engine_module.OcrEngine, "_engine", broken)
+    folder = tmp_path / "photos"
+    tp.make_text_set(folder, 3, seed=2, image_size=(320, 240))
+    report = index_paths(library, fake_encoder, [folder], IndexOptions(ocr="always"))
+    assert report.indexed == 3 and report.failed == 0
+    assert report.ocr.read == 1 and "libGL" in report.ocr.unavailable
+
+
 # -- the gate ----------------------------------------------------------------------------------
 def test_gate_reads_what_the_likelihood_selects_and_caches_prompts(
     library, rendered, fake_encoder, monkeypatch

@@ -39,7 +39,7 @@ import numpy as np
 from indexer.errors import ClipdexError, ConfigError
 from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS, open_rgb
 from indexer.model.identity import Encoder
-from indexer.model.ocr import OcrEngine, TextLine, shared_engine
+from indexer.model.ocr import OcrEngine, OcrUnavailable, TextLine, shared_engine
 from indexer.store.textindex import OCR
 
 MODES = ("auto", "always", "never")
@@ -138,6 +138,7 @@ class OcrStats:
     read: int = 0  # photos OCR ran on
     with_text: int = 0  # photos where it found text
     seconds: float = 0.0  # time spent reading (decode for OCR + OCR)
+    unavailable: str | None = None  # why OCR could not run at all in this installation
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -172,7 +173,7 @@ class OcrStage:
         chosen = self.select(vectors)
         self.stats.considered += len(paths)
         for path, item_fields, wanted in zip(paths, fields, chosen):
-            if wanted:
+            if wanted and self.mode != "never":  # "never" also once OCR proved unavailable
                 row = self.read(path)
                 if row is not None:
                     item_fields["texts"] = [*item_fields.get("texts", ()), row]
@@ -190,6 +191,10 @@ class OcrStage:
                 path, max_megapixels=self.max_megapixels, draft=False, name=path
             )
             lines = self.engine.read(np.asarray(image))
+        except OcrUnavailable as exc:  # said once; the rest of the run reads no text
+            self.mode = "never"
+            self.stats.unavailable = str(exc)
+            return None
         except ClipdexError as exc:
             self.stats.failures.append((path, str(exc)))
             return None

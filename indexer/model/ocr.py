@@ -41,6 +41,10 @@ GLUED_LETTERS = 10  # a recognised token this long may be words whose spaces wer
 MAX_PIECES = 12  # word pieces a line is cut into, at most
 
 
+class OcrUnavailable(ConfigError):
+    """The OCR models cannot be loaded in this installation."""
+
+
 @dataclass(frozen=True)
 class TextLine:
     """One recognised line and the recogniser's confidence (0..1)."""
@@ -61,15 +65,19 @@ class OcrEngine:
         if self._ocr is None:
             try:
                 from rapidocr_onnxruntime import RapidOCR
-            except ImportError as exc:  # pragma: no cover - a broken installation
-                raise ConfigError(
-                    f"OCR needs the rapidocr-onnxruntime package ({exc}): "
-                    "pip install rapidocr-onnxruntime, or index with --ocr never",
-                    setting="--ocr",
+
+                ocr = RapidOCR(
+                    intra_op_num_threads=self.threads,
+                    inter_op_num_threads=1,
+                    print_verbose=False,
+                )
+            except Exception as exc:  # e.g. OpenCV without its libGL.so.1: a broken install
+                raise OcrUnavailable(
+                    f"text in photos cannot be read here ({type(exc).__name__}: {exc}): "
+                    "reinstall rapidocr-onnxruntime and OpenCV's system libraries (libGL), "
+                    "or index with --ocr never",
+                    setting="ocr",
                 ) from exc
-            ocr = RapidOCR(
-                intra_op_num_threads=self.threads, inter_op_num_threads=1, print_verbose=False
-            )
             ocr.text_det.postprocess_op.max_candidates = MAX_CANDIDATES
             self._ocr = ocr
         return self._ocr

@@ -499,6 +499,8 @@ def print_index_report(report, json_out: bool, quiet: bool) -> None:
     )
     if report.index_rebuilt:
         stdout.print(f"vector index rebuilt from the catalog as {report.index_rebuilt}")
+    if report.ocr.unavailable:
+        note(f"[yellow]no text read:[/] {escape(report.ocr.unavailable)}", quiet)
     if report.ocr.read:
         stdout.print(
             f"text read (OCR) in {report.ocr.read} photos, found in {report.ocr.with_text} "
