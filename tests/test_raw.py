@@ -170,7 +170,13 @@ def test_bytes_are_recognised_by_name_or_magic(tmp_path, puppy):
     assert info.format == "DNG"
     assert raw.is_raw(b"FUJIFILMCCD-RAW 0201FF383501")
     assert raw.is_raw(b"\x00\x00\x00\x18ftypcrx \x00\x00\x00\x01")
-    assert not raw.is_raw(data)  # a DNG is a plain TIFF: only its name tells
+    # A DNG, NEF or ARW is a TIFF: its first IFD says so (DNGVersion, or a reduced-size
+    # first image); an uploaded RAW has no name to go by.
+    _, info = decode_for_model(data)
+    assert info.format == "RAW" and (info.width, info.height) == (640, 512)
+    plain = io.BytesIO()
+    puppy.save(plain, "TIFF")
+    assert not raw.is_raw(plain.getvalue())
 
 
 def test_every_raw_suffix_is_discovered():

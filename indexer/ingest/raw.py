@@ -27,6 +27,7 @@ import contextlib
 import io
 import os
 import re
+import struct
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -101,7 +102,33 @@ def is_raw(source: Source, name: str | None = None) -> bool:
     if isinstance(label, (str, os.PathLike)):
         return os.path.splitext(os.fsdecode(label))[1].lower() in RAW_SUFFIXES
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _RAW_MAGIC.match(bytes(source[:16])) is not None
+        head = bytes(source[:16])
+        return _RAW_MAGIC.match(head) is not None or _tiff_says_raw(source)
+    return False
+
+
+def _tiff_says_raw(data: bytes | bytearray | memoryview) -> bool:
+    """A TIFF whose first IFD is a DNG's (DNGVersion) or a reduced-resolution image
+    (NewSubFileType 1: the main image lives elsewhere, as in NEF, ARW, PEF, DNG). A plain
+    TIFF that also says so is tried by LibRaw, which refuses it, then read by Pillow."""
+    order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(bytes(data[:4]))
+    if order is None or len(data) < 8:
+        return False
+    offset = struct.unpack(order + "I", bytes(data[4:8]))[0]
+    if offset + 2 > len(data):
+        return False
+    count = struct.unpack(order + "H", bytes(data[offset : offset + 2]))[0]
+    for index in range(min(count, 256)):
+        entry = bytes(data[offset + 2 + 12 * index : offset + 14 + 12 * index])
+        if len(entry) < 12:
+            return False
+        tag, kind = struct.unpack(order + "HH", entry[:4])
+        if tag == 50706:  # DNGVersion
+            return True
+        if tag == 254:  # NewSubFileType (LONG, or SHORT in the entry's first two bytes)
+            value = entry[8:12] if kind == 4 else entry[8:10]
+            if struct.unpack(order + ("I" if kind == 4 else "H"), value)[0] == 1:
+                return True
     return False
 
 
