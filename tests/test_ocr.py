@@ -227,3 +227,25 @@ def test_rest_index_job_takes_the_ocr_choice(tmp_path, fake_encoder):
         job = wait_for_job(http, started.json()["status_url"])
     assert job["state"] == "done", job
     assert (job["report"]["ocr_read"], job["report"]["ocr_with_text"]) == (1, 1)
+
+
+# -- the command line ---------------------------------------------------------------------------
+def test_cli_index_takes_ocr_and_refuses_a_bad_choice(tmp_path, fake_encoder, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    import indexer.model.encoders
+    from retrieval.cli import app
+
+    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
+    folder = tmp_path / "photos"
+    tp.make_text_set(folder, 1, seed=4, sizes=(64,), angles=(0.0,), image_size=(480, 360))
+    runner = CliRunner()
+    bad = runner.invoke(app, ["index", str(folder), "--ocr", "sometimes"])
+    assert bad.exit_code != 0 and "--ocr must be one of auto, always, never" in bad.output
+    assert "Traceback" not in bad.output
+    good = runner.invoke(app, ["index", str(folder), "--ocr", "always", "--json"])
+    assert good.exit_code == 0, good.output
+    report = json.loads(good.stdout)
+    assert (report["ocr_read"], report["ocr_with_text"]) == (1, 1)

@@ -235,6 +235,18 @@ def _value(choice: Enum | None) -> str | None:
     return choice.value if choice is not None else None
 
 
+OcrOpt = Annotated[
+    str,
+    typer.Option(
+        "--ocr",
+        envvar="CLIPDEX_OCR",
+        help="Read text in photos (OCR, offline, on the CPU): auto (only photos the model "
+        "finds likely to hold text: documents, screenshots, signs, receipts), always, or "
+        "never. Applies to photos indexed in this run; renamed photos keep their text.",
+    ),
+]
+
+
 # -- commands ------------------------------------------------------------------------------
 @cli_command
 def index(
@@ -279,16 +291,7 @@ def index(
         int,
         typer.Option(min=1, max=100_000, help="With --cluster: files per shard (and commit)."),
     ] = 64,
-    ocr: Annotated[
-        str,
-        typer.Option(
-            "--ocr",
-            envvar="CLIPDEX_OCR",
-            help="Read text in photos (OCR, offline, on the CPU): auto (only photos the model "
-            "finds likely to hold text: documents, screenshots, signs, receipts), always, or "
-            "never. Applies to photos indexed in this run; renamed photos keep their text.",
-        ),
-    ] = "auto",
+    ocr: OcrOpt = "auto",
     ocr_threshold: Annotated[
         float,
         typer.Option(
@@ -387,6 +390,7 @@ def watch(
         float,
         typer.Option(min=0.01, help="Refuse images larger than this (decompression bombs)."),
     ] = 89.0,
+    ocr: OcrOpt = "auto",
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
@@ -399,10 +403,13 @@ def watch(
 ) -> None:
     """Keep the library in sync with folders: index new, changed, moved and deleted photos
     as they happen, until Ctrl-C."""
+    from indexer.ingest.ocr import check_mode
     from indexer.ingest.pipeline import IndexOptions
     from indexer.ingest.sync import SyncOptions
 
-    options = IndexOptions(excludes=exclude or (), max_megapixels=max_megapixels)
+    options = IndexOptions(
+        excludes=exclude or (), max_megapixels=max_megapixels, ocr=check_mode(ocr)
+    )
     if workers:
         options.workers = workers
     sync_options = SyncOptions(
