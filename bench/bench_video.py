@@ -132,31 +132,37 @@ def main() -> None:
         encoder = load_encoder(weights, "cpu", "torch")
         made = time.perf_counter()
         clips = make_clips(work, args.long)
-        print(f"clips written in {time.perf_counter() - made:.1f} s (untimed below)")
+        print(f"clips written in {time.perf_counter() - made:.1f} s (untimed below)", flush=True)
         rows = []
+        print(
+            f"\n{'clip':<16} {'frames chosen by':<24} {'frames':>6} {'fr/min':>7} "
+            f"{'decode s/min':>12} {'encode s/min':>12} {'total s/min':>11} {'moments':>8}"
+        )
         for clip in clips:
             photos = np.stack([to_model_input(scene_image(p, SIZE)) for p in clip.photos])
             queries = encoder.encode_images(photos)
             for name, strategy in STRATEGIES.items():
                 result = run(clip, strategy, encoder, queries)
                 rows.append((clip, name, result))
+                print_row(clip, name, result)
         report(rows)
 
 
-def report(rows) -> None:
+def print_row(clip: Clip, name: str, r: dict) -> None:
+    minutes = clip.duration / 60
+    total = r["decode_s"] + r["encode_s"]
     print(
-        f"\n{'clip':<16} {'frames chosen by':<24} {'frames':>6} {'fr/min':>7} "
-        f"{'decode s/min':>12} {'encode s/min':>12} {'total s/min':>11} {'moments':>8}"
+        f"{clip.name:<16} {name:<24} {r['frames']:>6} {r['frames'] / minutes:>7.1f} "
+        f"{r['decode_s'] / minutes:>12.2f} {r['encode_s'] / minutes:>12.2f} "
+        f"{total / minutes:>11.2f} {r['found']:>4}/{len(clip.starts):<3}",
+        flush=True,
     )
+
+
+def report(rows) -> None:
     totals: dict[str, list[float]] = {}
     for clip, name, r in rows:
-        minutes = clip.duration / 60
         total = r["decode_s"] + r["encode_s"]
-        print(
-            f"{clip.name:<16} {name:<24} {r['frames']:>6} {r['frames'] / minutes:>7.1f} "
-            f"{r['decode_s'] / minutes:>12.2f} {r['encode_s'] / minutes:>12.2f} "
-            f"{total / minutes:>11.2f} {r['found']:>4}/{len(clip.starts):<3}"
-        )
         sums = totals.setdefault(name, [0.0, 0.0, 0.0, 0.0, 0.0])
         for i, value in enumerate(
             (r["frames"], total, clip.duration, r["found"], len(clip.starts))
