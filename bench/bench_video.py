@@ -59,7 +59,7 @@ STRATEGIES = {
         threshold=2.0,  # never a "change": one frame each second, as a fixed-rate sampler
         max_frames=1_000_000,
         probes=1_000_000,
-        sequential_frames=1_000_000_000,
+        sequential_pixels=1e18,
         seconds=3600,
     ),
     "one frame per video": None,  # the first frame, as a single-thumbnail indexer does

@@ -71,7 +71,7 @@ def test_one_frame_per_scene_in_each_container_and_codec(tmp_path, scenes, kind)
 def test_a_long_video_is_probed_by_seeking_keyframes(tmp_path, scenes):
     path = tmp_path / "film.mp4"
     starts = write_video(path, scenes[:4], 3.0, gop=5)
-    video = sample_video(path, Sampling(sequential_frames=0, probes=24))
+    video = sample_video(path, Sampling(sequential_pixels=0, probes=24))
     assert video.probes <= 24
     assert sorted({_scene_at(starts, t) for t in video.times}) == [0, 1, 2, 3]
 

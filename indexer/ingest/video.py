@@ -5,9 +5,10 @@ handful of frames, each a searchable vector with its time, so a *moment* inside 
 be found. The cost per file is bounded whatever its length:
 
 - a short clip is decoded once from start to end (the decoder runs on every frame, but
-  only frames on an analysis grid are scaled down and looked at); a long one (more frames
-  than ``Sampling.sequential_frames``) is probed at most ``Sampling.probes`` times by
-  seeking to the keyframe before each grid point and decoding that keyframe alone;
+  only frames on an analysis grid are scaled down and looked at); a long one (more
+  frames x pixels than ``Sampling.sequential_pixels``) is probed at most
+  ``Sampling.probes`` times by seeking to the keyframe before each grid point and decoding
+  that keyframe alone;
 - every probe is compared as a tiny colour thumbnail with the last kept frame: a frame is
   kept when the picture changed by more than ``threshold`` (a scene change) and at least
   ``min_spacing`` seconds passed, or when ``max_spacing`` seconds passed without one;
@@ -72,7 +73,9 @@ class Sampling:
     max_frames: int = 24  # per video
     threshold: float = 0.12  # mean absolute change of the thumbnail (0..1) that is a new scene
     probes: int = 240  # analysis frames at most (the grid of a long video)
-    sequential_frames: int = 900  # decode every frame up to this many, else probe by seeking
+    # Decode every frame while frames x pixels stay under this (about 500 frames of 1080p),
+    # else probe by seeking to keyframes (cheaper for long or large videos).
+    sequential_pixels: float = 1.0e9
     seconds: float = 20.0  # time bound for one file
 
 
@@ -194,14 +197,16 @@ def _sample(container, path, sampling: Sampling, max_megapixels: float) -> Video
     fps = float(stream.average_rate or stream.guessed_rate or 30)
     frames_estimate = stream.frames or int(info.duration * fps)
     grid = max(info.duration / sampling.probes, 0.0) if info.duration else 0.0
-    if frames_estimate > sampling.sequential_frames and info.duration > 0:
+    pixels = float(frames_estimate) * info.width * info.height
+    seeking = pixels > sampling.sequential_pixels and info.duration > 0
+    if seeking:
         probes = _probe_by_seeking(container, stream, info.duration, sampling.probes)
     else:
         probes = _probe_sequentially(container, stream, grid)
     kept, count, end = _select(probes, sampling, started)
     if not kept:
         raise DecodeError("the video has no decodable frame (truncated or damaged)")
-    if frames_estimate <= sampling.sequential_frames and end < 0.8 * info.duration - 1.0:
+    if not seeking and end < 0.8 * info.duration - 1.0:
         raise DecodeError(
             f"truncated: its frames stop at {end:.1f} s of the {info.duration:.1f} s it "
             "announces (a copy that did not finish?)"
