@@ -151,7 +151,7 @@ def describe(times: list[float]) -> str:
 
 
 # -- 2. recall on rendered text -----------------------------------------------------------------
-def bench_recall(work: Path, count: int, weights: Path | None) -> dict | None:
+def bench_recall(work: Path, count: int, weights: Path, cache: Path) -> dict | None:
     try:
         from indexer.ingest.pipeline import IndexOptions
         from tests.textphotos import make_plain_set, make_text_set
@@ -162,7 +162,9 @@ def bench_recall(work: Path, count: int, weights: Path | None) -> dict | None:
         return None
     made = make_text_set(work / "photos" / "text", count)
     make_plain_set(work / "photos" / "plain", count)
-    encoder = _encoder(work, weights)
+    from indexer.model.onnx_encoder import OnnxEncoder
+
+    encoder = OnnxEncoder(weights, cache_dir=cache)
     with Collection.open(work / "lib-rendered", encoder=encoder) as photos:
         photos.index([work / "photos"], options)
         shows = {}
@@ -186,16 +188,6 @@ def bench_recall(work: Path, count: int, weights: Path | None) -> dict | None:
     return {name: float(np.mean(values)) for name, values in recall.items()}
 
 
-def _encoder(work: Path, weights: Path | None):
-    from indexer.model.onnx_encoder import OnnxEncoder
-
-    if weights is None:
-        from bench.bench_speed import build_random_checkpoint
-
-        weights = build_random_checkpoint(work / "weights" / "random.pt")
-    return OnnxEncoder(weights, cache_dir=work / "cache")
-
-
 # -- main -------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -203,6 +195,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=200, help="speed: queries per side")
     parser.add_argument("--rendered", type=int, default=40, help="recall: photos with text")
     parser.add_argument("--weights", type=Path, help="real MobileCLIP-S2 weights (recall)")
+    parser.add_argument(
+        "--random-checkpoint", type=Path, help="a random-weights checkpoint to use (else built)"
+    )
+    parser.add_argument("--cache-dir", type=Path, help="exported ONNX models (else under --work)")
     parser.add_argument("--work", type=Path, help="where libraries are built (kept)")
     return parser.parse_args(argv)
 
@@ -230,7 +226,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{label:>13}: semantic only {describe(plain)}")
             print(f"{'':>13}  fused         {describe(fused)}   p50 +{extra:.2f} ms")
     if args.rendered:
-        recall = bench_recall(work / "rendered", args.rendered, args.weights)
+        weights = args.weights or args.random_checkpoint
+        if weights is None:
+            from bench.bench_speed import build_random_checkpoint
+
+            weights = build_random_checkpoint(work / "weights" / "random.pt")
+        cache = args.cache_dir or work / "cache"
+        recall = bench_recall(work / "rendered", args.rendered, weights, cache)
         if recall:
             model = "real" if args.weights else "random (the semantic side is noise)"
             print(f"recall@10 of rendered words, {args.rendered} text photos, weights {model}:")
