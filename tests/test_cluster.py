@@ -248,3 +248,4 @@ def test_without_ray_the_error_names_the_extra(monkeypatch):
     with pytest.raises(ClusterUnavailable, match=r"pip install 'clipdex\[ray\]'") as caught:
         connect("auto")
     assert caught.value.setting == "cluster"
+

@@ -210,7 +210,8 @@ def _run_on_cluster(
         ShardEncoder,
         batch_size=None,  # one input block (one shard) per call
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        # All actors start at once; the pool may shrink when a node is lost.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
         num_cpus=cpus,
         num_gpus=gpus,
         fn_constructor_kwargs={"make_encoder": make_encoder, "options": worker_options},
