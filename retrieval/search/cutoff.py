@@ -29,9 +29,15 @@ Rule (``--cutoff auto``): with ``f = atanh(score)``, keep ``f > median + z(n) * 
 
 With fewer than ``MIN_POPULATION`` photos the bulk cannot be estimated and everything is
 kept (the cut-off says so). ``--min-score X`` is a fixed threshold; with both, the higher
-one applies. Evidence: tests/test_cutoff.py (synthetic bulk + planted tails, and the
-corpus with the real MobileCLIP-S2 architecture: an image query keeps exactly the photo
-and its generated near-copies; an unrelated text query keeps next to nothing).
+one applies. A search that also reads words (:mod:`.fusion`) applies the same threshold to
+its fused score, a cosine moved up by ``evidence * (z + 1) * sigma`` on the ``atanh``
+scale for the words a photo holds: a photo holding every word of the query passes even
+with a bulk cosine, one without words passes exactly as it does here.
+
+Evidence: tests/test_cutoff.py (synthetic bulk + planted tails, and the corpus with the
+real MobileCLIP-S2 architecture: an image query keeps exactly the photo and its generated
+near-copies; an unrelated text query keeps next to nothing); tests/test_fusion.py for the
+fused list.
 """
 
 from __future__ import annotations
