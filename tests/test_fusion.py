@@ -368,3 +368,27 @@ def test_real_model_fuses_meaning_and_words(tmp_path):
         by_meaning = engine.search(vector, SearchOptions(cutoff="auto"))
         assert by_meaning.results[0].id == guitar
         assert puppy not in [r.id for r in by_meaning.results]
+
+
+def test_words_read_in_photos_find_them_first(tmp_path, fake_encoder):
+    """End to end: text drawn on photos, read at indexing (OCR), found by one query. The
+    fake encoder's meaning is noise; the words must carry it."""
+    import tests.textphotos as tp
+    from indexer.ingest.pipeline import IndexOptions
+
+    easy = {"sizes": (64,), "angles": (0.0,), "contrasts": ("high",), "image_size": (640, 480)}
+    made = tp.make_text_set(tmp_path / "photos" / "text", 3, seed=11, **easy)
+    tp.make_plain_set(tmp_path / "photos" / "plain", 6, seed=11)
+    root = tmp_path / "lib"
+    with Library.open(root, create=True) as library:
+        index_paths(library, fake_encoder, [tmp_path / "photos"], IndexOptions(ocr="always"))
+        ids = {str(photo.path): library.catalog.id_for_path(str(photo.path)) for photo in made}
+    with Library.open(root, read_only=True) as library:
+        engine = SearchEngine(library, fake_encoder)
+        firsts = []
+        for photo in made:
+            for word in photo.words:
+                top = search(engine, word, k=3).results[0]
+                firsts.append(top.id == ids[str(photo.path)] and "ocr" in top.matched["sources"])
+            assert any(firsts[-len(photo.words) :]), photo  # every photo found by its words
+    assert sum(firsts) >= 0.8 * len(firsts), firsts
