@@ -87,6 +87,27 @@ class CollectionInfo:
         }
 
 
+@dataclass(frozen=True)
+class OptimizeReport:
+    """What :meth:`Collection.optimize` did."""
+
+    photos: int  # vectors in the new base file
+    folded_vectors: int  # delta rows folded in (added since the previous base)
+    folded_removals: int  # tombstones folded in (removed since)
+    kind: str  # the new base's index kind
+    seconds: float
+
+    def as_dict(self) -> dict:
+        """The ``clipdex optimize --json`` document."""
+        return {
+            "photos": self.photos,
+            "folded_vectors": self.folded_vectors,
+            "folded_removals": self.folded_removals,
+            "kind": self.kind,
+            "seconds": round(self.seconds, 3),
+        }
+
+
 class Collection:
     """A photo library and the model that searches it; see the module docstring."""
 
@@ -297,6 +318,26 @@ class Collection:
         roots = [Path(p).expanduser() for p in _as_list(paths)]
         return repair_library(
             self.root, lambda: self.encoder, roots, options, _progress(progress) if roots else None
+        )
+
+    def optimize(self, kind: str | None = None) -> OptimizeReport:
+        """Fold the vector index's delta (photos added since) and tombstones (photos
+        removed since) into one new base file now, built from the catalog's vectors, of
+        ``kind`` (default: the index's own). Checkpoints do this by themselves past a
+        threshold; searches in other processes go on meanwhile. Holds the writer lock."""
+        import time
+
+        library = self._writable_library()
+        started = time.monotonic()
+        with library.writing():
+            manifest = library.index.manifest
+            photos = library.compact(kind)
+        return OptimizeReport(
+            photos=photos,
+            folded_vectors=manifest.rows,
+            folded_removals=manifest.deleted,
+            kind=library.index.kind,
+            seconds=time.monotonic() - started,
         )
 
     # -- search -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from indexer.store.library import Library
+from indexer.store.segments import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,9 +52,9 @@ def warm_model(weights: Path, timeout: float = 600) -> None:
 
 
 def generation(library: Path) -> int:
-    """The newest index file's generation (-1 without one)."""
-    names = [p.name for p in library.glob("vectors.*.faiss")] if library.exists() else []
-    return max((int(n.split(".")[1]) for n in names), default=-1)
+    """The catalog generation of the index's last checkpoint (-1 without one)."""
+    manifest = read_manifest(library) if library.exists() else None
+    return manifest.generation if manifest is not None else -1
 
 
 def check_library(library: Path) -> list[str]:

@@ -22,9 +22,9 @@ from typer.testing import CliRunner
 from indexer.errors import DiskFull, LibraryDamaged
 from indexer.ingest.pipeline import IndexOptions, index_paths
 from indexer.ingest.repair import repair_library
+from indexer.store import segments
 from indexer.store.catalog import vector_is_sound
-from indexer.store.library import Library
-from indexer.store.vectors import VectorIndex
+from indexer.store.library import Library, index_problem
 from retrieval.cli import app
 
 runner = CliRunner()
@@ -71,51 +71,119 @@ def built(tmp_path, fake_encoder):
     return root, folder, _snapshot(root)
 
 
-# -- the index file -----------------------------------------------------------------------------
+# -- the index files -----------------------------------------------------------------------------
+@pytest.fixture
+def compacted(built):
+    """The same library with its vectors folded into a base file (`clipdex optimize`)."""
+    root, folder, sound = built
+    assert _cli("optimize", "--library", str(root)).exit_code == 0
+    return root, folder, sound
+
+
+TRUNCATIONS = [
+    (lambda data: data[: len(data) // 2], "truncated?"),
+    (lambda data: data[:-1], "truncated?"),
+    (lambda data: b"", "truncated?"),
+]
+
+
+@pytest.mark.parametrize(("damage", "symptom"), TRUNCATIONS, ids=["half", "last-byte", "empty"])
+def test_truncated_base_file_is_refused_without_reading_it_then_repaired(
+    compacted, damage, symptom, monkeypatch
+):
+    root, _, sound = compacted
+    path = _index_file(root)
+    path.write_bytes(damage(path.read_bytes()))
+    read = _count_opens(monkeypatch, path)
+    with pytest.raises(LibraryDamaged, match="clipdex repair") as caught:
+        Library.open(root)
+    assert symptom in str(caught.value)
+    assert read == []  # refused on its size alone: the file was never opened
+    _refused_then_repaired(root, sound, symptom)
+
+
+def _count_opens(monkeypatch, path: Path) -> list:
+    """Record every Python-level open of ``path`` (FAISS reads through its own C code:
+    the size check must refuse before any read is attempted, so faiss.read_index too)."""
+    import faiss
+
+    opened: list = []
+    real_read = faiss.read_index
+
+    def read_index(name, *args):
+        if Path(name) == path:
+            opened.append(name)
+        return real_read(name, *args)
+
+    monkeypatch.setattr(faiss, "read_index", read_index)
+    return opened
+
+
+def test_bit_flip_in_base_vectors_is_found_by_repair(compacted):
+    """An open checks size, header and count, not every byte: the full CRC is repair's."""
+    root, _, sound = compacted
+    path = _index_file(root)
+    path.write_bytes(_flip(path.read_bytes(), len(path.read_bytes()) // 2))
+    _refused_then_repaired(root, sound, "checksum mismatch", refused_on_open=False)
+
+
 @pytest.mark.parametrize(
     ("damage", "symptom"),
-    [
-        (lambda data: data[: len(data) // 2], "truncated?"),
-        (lambda data: data[:-1], "truncated?"),
-        (lambda data: _flip(data, len(data) // 2), "checksum mismatch"),
-        (lambda data: _flip(data, 40), "checksum mismatch"),  # in the header
-        (lambda data: b"", "truncated?"),
-    ],
-    ids=["half", "last-byte", "bit-in-vectors", "bit-in-header", "empty"],
+    [*TRUNCATIONS[:2], (lambda data: _flip(data, len(data) // 2), "checksum mismatch")],
+    ids=["half", "last-byte", "bit-flip"],
 )
-def test_damaged_index_file_is_refused_then_repaired(built, damage, symptom):
+def test_damaged_delta_is_refused_then_repaired(built, damage, symptom):
+    """The delta (vectors since the last compaction) is small: every open checks its CRC."""
     root, _, sound = built
-    path = _index_file(root)
+    (path,) = root.glob("delta.*.vec")
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(LibraryDamaged, match="clipdex repair") as caught:
         Library.open(root)
     assert symptom in str(caught.value)
-    refused = _cli("similar", "1", "--library", str(root), "--json")
-    assert refused.exit_code == 1 and "Traceback" not in refused.output
-    assert "clipdex repair" in refused.output and "damaged" in refused.output
+    _refused_then_repaired(root, sound, symptom)
+
+
+def test_missing_delta_is_damage_not_an_empty_library(built):
+    root, _, sound = built
+    (path,) = root.glob("delta.*.vec")
+    path.unlink()
+    with pytest.raises(LibraryDamaged, match="missing"):
+        Library.open(root)
+    _refused_then_repaired(root, sound, "missing")
+
+
+def _refused_then_repaired(root: Path, sound, symptom: str, refused_on_open=True) -> None:
+    if refused_on_open:
+        refused = _cli("similar", "1", "--library", str(root), "--json")
+        assert refused.exit_code == 1 and "Traceback" not in refused.output
+        assert "clipdex repair" in refused.output and "damaged" in refused.output
     repaired = _cli("repair", "--library", str(root), "--json")
     assert repaired.exit_code == 0, repaired.output
     report = json.loads(repaired.stdout)
     assert report["catalog"] == "ok" and report["index_images"] == 40
+    assert symptom in report["index_problem"]
     assert _snapshot(root) == sound
+    again = json.loads(_cli("repair", "--library", str(root), "--json").stdout)
+    assert again["index_problem"] is None
 
 
 def _flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :]
 
 
-def test_unreadable_stamp_is_damage(built):
-    root, _, _ = built
+def test_unreadable_stamp_is_damage(compacted):
+    root, _, _ = compacted
     stamp = _index_file(root).with_name(_index_file(root).name + ".check")
     stamp.write_text("{not json")
     with pytest.raises(LibraryDamaged, match="unreadable stamp"):
         Library.open(root)
 
 
-def test_index_file_without_stamp_is_rebuilt_from_the_catalog(built):
+def test_index_file_without_stamp_is_rebuilt_from_the_catalog(compacted):
     """An index written before stamps existed is not trusted: the catalog is the truth."""
-    root, _, sound = built
+    root, _, sound = compacted
     path = _index_file(root)
+    (root / "segments.json").unlink()  # as an older clipdex left it: no manifest either
     path.with_name(path.name + ".check").unlink()
     path.write_bytes(_flip(path.read_bytes(), len(path.read_bytes()) // 2))
     assert _snapshot(root) == sound
@@ -125,8 +193,9 @@ def test_repair_leaves_one_index_file_and_no_litter(built):
     root, _, _ = built
     (root / "vectors.999.faiss.abc123.tmp").write_bytes(b"half a write")
     assert _cli("repair", "--library", str(root)).exit_code == 0
-    names = sorted(p.name for p in root.iterdir() if p.name.startswith("vectors."))
+    names = sorted(p.name for p in root.iterdir() if p.name.startswith(("vectors.", "delta.")))
     assert len(names) == 2 and names[1] == names[0] + ".check"
+    assert not list(root.glob("*.tmp"))
 
 
 # -- the catalog ---------------------------------------------------------------------------------
@@ -187,7 +256,7 @@ def test_damaged_stored_vectors_are_encoded_again(built, fake_encoder):
         nan = np.full(512, np.nan, dtype="<f4").tobytes()
         conn.execute("UPDATE images SET vector = ? WHERE id = 7", (nan,))
     conn.close()
-    for path in root.glob("vectors.*"):
+    for path in _index_files(root):
         path.unlink()  # so the catalog's vectors are what an open rebuilds from
     with pytest.raises(LibraryDamaged, match="stored vector of image 3 is invalid"):
         Library.open(root)
@@ -233,44 +302,35 @@ def test_stored_vector_check():
 
 
 # -- disk full -------------------------------------------------------------------------------------
+def _index_files(root: Path) -> list[Path]:
+    """The base, its stamp, the delta files and the manifest."""
+    return [*root.glob("vectors.*"), *root.glob("delta.*"), *root.glob("segments.json*")]
+
+
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in root.glob("vectors.*")}
+    return {p.name: p.read_bytes() for p in _index_files(root)}
 
 
 def test_disk_full_while_writing_the_index_keeps_the_previous_checkpoint(
     built, tmp_path, fake_encoder, monkeypatch
 ):
-    """The catalog commit succeeds, then the index write runs out of space part-way."""
+    """The catalog commit succeeds, then the delta append runs out of space part-way."""
     root, _, _ = built
     before = _files(root)
-    original = VectorIndex._write
 
-    def write_until_full(self, handle):
-        return original(self, _FullAfter(handle, 4096))
+    def write_until_full(fd, data):
+        os.write(fd, data[:4096])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(VectorIndex, "_write", write_until_full)
+    monkeypatch.setattr(segments, "write_all", write_until_full)
     more = _photos(tmp_path / "more", 5, seed=1)
     with Library.open(root) as lib, pytest.raises(DiskFull, match="keeps its previous checkpoint"):
         index_paths(lib, fake_encoder, [more], IndexOptions(workers=1))
-    assert _files(root) == before  # the previous index file and stamp, byte for byte
+    assert _files(root) == before  # the previous delta and manifest, byte for byte
     monkeypatch.undo()
     with Library.open(root) as lib:  # the catalog had committed: nothing is lost
         assert len(lib.catalog.ids()) == 45
         assert sorted(lib.index.ids()) == sorted(lib.catalog.ids())
-
-
-class _FullAfter:
-    """A file whose writes fail with ENOSPC once ``room`` bytes have gone in."""
-
-    def __init__(self, handle, room: int) -> None:
-        self.handle, self.room = handle, room
-
-    def write(self, data: bytes) -> int:
-        if len(data) > self.room:
-            self.handle.write(data[: self.room])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.handle.write(data)
 
 
 def test_disk_full_in_the_catalog_commit_keeps_the_previous_checkpoint(
@@ -339,8 +399,9 @@ def _assert_whole_checkpoint(root: Path, before: dict[str, bytes]) -> None:
     files = _files(root)
     assert not [name for name in files if name.endswith(".tmp")]
     if files != before:
-        (index,) = [root / name for name in files if name.endswith(".faiss")]
-        assert len(VectorIndex.load(index)) > 20
+        assert index_problem(root) is None  # every byte the manifest counts checks out
+        with Library.open(root) as lib:
+            assert len(lib.index) > 20
 
 
 def _fill(path: Path, leave: int = 0) -> None:

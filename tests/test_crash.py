@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from indexer.store.library import Library
+from tests.clirun import generation
 
 N_IMAGES = 36
 
@@ -33,8 +34,7 @@ def _clipdex(*args: str) -> list[str]:
 
 
 def _generation(library: Path) -> int:
-    names = [p.name for p in library.glob("vectors.*.faiss")] if library.exists() else []
-    return max((int(n.split(".")[1]) for n in names), default=-1)
+    return generation(library)
 
 
 def _assert_consistent(library: Path, expected: set[str] | None = None) -> int:

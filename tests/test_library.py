@@ -59,12 +59,17 @@ def test_reconcile_adds_rows_missing_from_index_and_drops_orphans(tmp_path):
         assert len(reopened.index) == 6
 
 
-def test_index_file_name_carries_generation_and_old_files_go(tmp_path):
-    with Library.open(tmp_path / "lib", create=True) as library:
+def test_checkpoints_append_and_compaction_leaves_one_base_file(tmp_path):
+    root = tmp_path / "lib"
+    with Library.open(root, create=True) as library:
         _store(library, _records(2))
         _store(library, _records(2, start=5))
-        files = sorted(p.name for p in (tmp_path / "lib").glob("vectors.*.faiss"))
-        assert files == [f"vectors.{library.catalog.generation()}.faiss"]
+        assert sorted(p.name for p in root.glob("delta.*")) == ["delta.0.vec"]
+        assert (root / "delta.0.vec").stat().st_size == 4 * (8 + 4 * 512)  # 4 rows appended
+        assert library.compact() == 4
+        files = sorted(p.name for p in root.iterdir() if p.name.startswith(("vectors", "delta")))
+        base = f"vectors.{library.catalog.generation()}.faiss"
+        assert files == [base, base + ".check"]
 
 
 def test_model_identity_is_bound_once_and_enforced(tmp_path):
@@ -89,8 +94,9 @@ def test_second_writer_is_refused_clearly(tmp_path):
 def test_rebuild_index_from_catalog_alone(tmp_path):
     with Library.open(tmp_path / "lib", create=True) as library:
         ids = _store(library, _records(7))
-    for path in (tmp_path / "lib").glob("vectors.*.faiss"):
-        path.unlink()
+    for path in (tmp_path / "lib").iterdir():  # every index file: the catalog alone stays
+        if path.name.startswith(("vectors.", "delta.", "segments.json")):
+            path.unlink()
     with Library.open(tmp_path / "lib") as library:
         assert sorted(library.index.ids()) == sorted(ids)
         assert library.rebuild_index() == 7

@@ -242,7 +242,13 @@ class _Writer:
             self.checkpoint()
 
     def checkpoint(self, removed: Sequence[str] = ()) -> None:
-        """Catalog transaction first, then the index file under the new generation."""
+        """Catalog transaction first, then the index's changes under the new generation.
+
+        Nothing to store (a run that found nothing new): nothing is written at all.
+        """
+        if not (self.records or self.failed or removed):
+            self.last = time.monotonic()
+            return
         touched = [r.path for r in self.records] + [f[0] for f in self.failed] + list(removed)
         replaced = [self.plan.old_ids[p] for p in touched if p in self.plan.old_ids]
         catalog = self.library.catalog

@@ -8,8 +8,10 @@ All under the writer lock, in this order:
    place (an atomic rename);
 2. **stored vectors** — rows whose vector is not a finite unit vector of the model's size
    are deleted; their files are encoded again below;
-3. **index** — rebuilt from the catalog's vectors alone under a new generation; older index
-   files, stamps and abandoned temporary files are removed;
+3. **index** — every byte of the index files checked (the base's CRC-32 against its stamp,
+   the delta's against the manifest: the full check an open skips), what was wrong reported,
+   then the index rebuilt from the catalog's vectors alone under a new generation; older
+   index files, stamps, deltas and abandoned temporary files are removed;
 4. **re-encoding** — the files of step 2 that still exist, then the ``paths`` given (an
    ordinary incremental index run, which re-encodes whatever the salvage lost).
 
@@ -31,7 +33,7 @@ from indexer.model.identity import Encoder
 from indexer.store.catalog import Catalog
 from indexer.store.catalog_reader import sqlite_file_problem
 from indexer.store.kindchoice import repair_kind
-from indexer.store.library import Library, take_lock
+from indexer.store.library import Library, index_problem, take_lock
 from indexer.store.salvage import salvage
 
 SIDE_FILES = ("", "-wal", "-shm")  # a SQLite database and its WAL companions
@@ -49,6 +51,7 @@ class RepairReport:
     vectors_damaged: int = 0
     reencoded: int = 0
     not_recovered: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    index_problem: str | None = None  # what the full check found in the index files
     index_images: int = 0
     indexed: IndexReport | None = None
 
@@ -63,6 +66,7 @@ class RepairReport:
                 "unreadable_tables",
                 "vectors_damaged",
                 "reencoded",
+                "index_problem",
                 "index_images",
             )
         }
@@ -99,6 +103,7 @@ def repair_library(
     library.adopt_lock(handle)
     with library:
         damaged = _drop_unsound_vectors(library, report)
+        report.index_problem = index_problem(root)
         report.index_images = library.rebuild_index(repair_kind(library))
         _reencode(library, encoder_factory, damaged, paths, options, progress, report)
     return report

@@ -350,6 +350,35 @@ def vector_to_blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
 
+def _image_row(record: ImageRecord, now: dt.datetime) -> dict:
+    """The ``images`` row of a record (paths in their stored form)."""
+    return {
+        "path": to_db(record.path),
+        "size": record.size,
+        "mtime_ns": record.mtime_ns,
+        "sha256": record.sha256,
+        "vector": vector_to_blob(record.vector),
+        "indexed_at": now,
+        "device": record.device,
+        "inode": record.inode,
+        "real_path": to_db(record.real_path) if record.real_path else None,
+        **{name: getattr(record, name) for name in IMAGE_FIELDS},
+    }
+
+
+def _prefix_range(under: str) -> tuple[str, str]:
+    """Stored paths inside the folder ``under`` are exactly those in ``[low, high)``.
+
+    A range on the path column is answered from its unique index (what changed is read,
+    not every row: a no-op ``clipdex index`` of a small folder in a large library), where
+    ``substr(path, 1, n) = prefix`` reads the whole table. Stored paths compare by code
+    point (SQLite's BINARY collation on UTF-8), and ``high`` is the prefix with its final
+    ``/`` replaced by the next character, ``0``.
+    """
+    low = to_db(under.rstrip("/") + "/")
+    return low, low[:-1] + "0"
+
+
 def _real_path(mapping) -> dict:
     """A result row as a dict whose ``path`` is the real (OS) path again."""
     row = dict(mapping)
@@ -538,12 +567,12 @@ class Catalog:
 
     def file_states(self, under: str) -> dict[str, FileState]:
         """Every catalogued path inside the folder ``under`` (absolute, resolved)."""
-        prefix = to_db(under.rstrip("/") + "/")
+        low, high = _prefix_range(under)
         c = images.c
         queued = exists().where(reindex.c.image_id == c.id).label("queued")
         query = select(
             c.path, c.id, c.size, c.mtime_ns, c.device, c.inode, c.real_path, queued
-        ).where(func.substr(c.path, 1, len(prefix)) == prefix)
+        ).where(c.path >= low, c.path < high)
         with self.engine.connect() as conn:
             return {from_db(row.path): _file_state(row) for row in conn.execute(query)}
 
@@ -808,31 +837,26 @@ class Catalog:
         a video is in the catalog whole or not at all.
         """
         new_ids: list[int] = []
+        now = _now()
         with self.engine.begin() as conn:
             paths = [r.path for r in records] + [f[0] for f in failed] + list(removed_paths)
             self._delete_paths(conn, paths)
             if records:
                 self._sequence_past_frames(conn)
             roots = self._text_roots(conn)
-            for record in records:
-                values = {name: getattr(record, name) for name in IMAGE_FIELDS}
-                result = conn.execute(
-                    insert(images).values(
-                        path=to_db(record.path),
-                        size=record.size,
-                        mtime_ns=record.mtime_ns,
-                        sha256=record.sha256,
-                        vector=vector_to_blob(record.vector),
-                        indexed_at=_now(),
-                        device=record.device,
-                        inode=record.inode,
-                        real_path=to_db(record.real_path) if record.real_path else None,
-                        **values,
-                    )
-                )
-                new_ids.append(int(result.inserted_primary_key[0]))
-                self._insert_frames(conn, new_ids[-1], record)
-                self._insert_record_texts(conn, new_ids[-1], record, roots)
+            if any(len(r.frame_times) > 1 for r in records):  # a video reserves ids after
+                for record in records:  # its row's: one row at a time
+                    result = conn.execute(insert(images).values(**_image_row(record, now)))
+                    new_ids.append(int(result.inserted_primary_key[0]))
+                    self._insert_frames(conn, new_ids[-1], record)
+                    self._insert_record_texts(conn, new_ids[-1], record, roots)
+            elif records:  # one multi-row INSERT ... RETURNING per ~1000 rows, ids in order
+                returning = insert(images).returning(images.c.id, sort_by_parameter_order=True)
+                rows = [_image_row(record, now) for record in records]
+                new_ids = [int(row[0]) for row in conn.execute(returning, rows)]
+                for image_id, record in zip(new_ids, records):
+                    self._insert_frames(conn, image_id, record)  # no video: no frames
+                    self._insert_record_texts(conn, image_id, record, roots)
             for path, size, mtime_ns, error in failed:
                 conn.execute(
                     insert(failures).values(
@@ -960,10 +984,8 @@ class Catalog:
 
     def forget_failures_under(self, under: str, keep: set[str]) -> None:
         """Drop failure rows of files inside ``under`` that are no longer on disk."""
-        prefix = to_db(under.rstrip("/") + "/")
-        query = select(failures.c.path).where(
-            func.substr(failures.c.path, 1, len(prefix)) == prefix
-        )
+        low, high = _prefix_range(under)
+        query = select(failures.c.path).where(failures.c.path >= low, failures.c.path < high)
         with self.engine.begin() as conn:
             gone = [p for p in conn.execute(query).scalars() if from_db(p) not in keep]
             for start in range(0, len(gone), 500):

@@ -3,22 +3,32 @@
 Layout (this class is the only code that spells these names; everything else asks it)::
 
     LIBRARY/catalog.sqlite        metadata + vectors (source of truth), SQLite WAL
-    LIBRARY/vectors.<gen>.faiss   vector index saved when the catalog was at generation <gen>
+    LIBRARY/segments.json         the index's manifest: base file, delta counts + CRCs and the
+                                  catalog generation they match (replaced atomically)
+    LIBRARY/vectors.<gen>.faiss   the base vector index, built when the catalog was at <gen>
                                   (+ ``.check``, its stamp, which also names its kind)
+    LIBRARY/delta.<gen>.vec       vectors added since (append-only rows: id + vector)
+    LIBRARY/delta.<gen>.del       ids removed since (append-only tombstones)
     LIBRARY/write.lock            held (flock) by the one process allowed to write
     LIBRARY/label_vectors/        cached text vectors of label sets (zero-shot classify, tag)
     LIBRARY/thumbnails/           JPEG thumbnails the server renders (derived, deletable)
     LIBRARY/shards/               results of a cluster run waiting to be committed (Parquet)
 
-Opening reconciles the two stores: catalog rows missing from the index are added from
-their stored vectors, index ids without a row are dropped. Writers checkpoint by
-committing the catalog, then saving the index under the new generation.
+A checkpoint costs what changed: the writer commits the catalog, appends the new vectors
+and tombstones to the delta files and replaces the manifest (:mod:`indexer.store.segments`).
+Past a threshold, and by `clipdex optimize`, a compaction builds a new base from the
+catalog's vectors; searches go on meanwhile (other processes read the previous files).
+Opening reads the manifest, memory-maps the base and reads the small delta; when the
+catalog's generation differs from the manifest's (a writer killed between its two steps),
+it reconciles: catalog rows missing from the index are added from their stored vectors,
+index ids without a row are dropped.
 
 Damage is found, never served: the catalog's header and length are checked on open and
-SQLite's corruption errors become :class:`~indexer.errors.LibraryDamaged`; each index file
-carries a stamp (size, CRC-32, count) checked on load. Both messages name `clipdex repair`
-(:mod:`indexer.ingest.repair`). A generation's file name is never reused, so a reader that picked a
-file a writer has since replaced simply looks again.
+SQLite's corruption errors become :class:`~indexer.errors.LibraryDamaged`; the base file's
+stamp (kind, size, count) and the delta's CRC-32s are checked on load, the CRC-32 of every
+byte of the base by `clipdex repair` (:func:`index_problem`). Messages name `clipdex repair`
+(:mod:`indexer.ingest.repair`). A file name is never reused, so a reader that picked a file
+a writer has since replaced simply looks again.
 """
 
 from __future__ import annotations
@@ -33,17 +43,28 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
-from indexer.errors import LibraryError, LibraryLocked, ModelMismatch
+from indexer.errors import LibraryDamaged, LibraryError, LibraryLocked, ModelMismatch
 from indexer.fsutil import file_key
-from indexer.model.identity import ModelIdentity
+from indexer.model.identity import EMBED_DIM, ModelIdentity
+from indexer.store.segments import (
+    MANIFEST_FILE,
+    Manifest,
+    SegmentedStore,
+    delta_name,
+    read_manifest,
+    tombstone_name,
+    write_manifest,
+)
 from indexer.store.vectorstore import (
     STAMP_SUFFIX,
     UnstampedIndex,
     VectorStore,
     attach_source,
     build_store,
+    damage_message,
     load_store,
     open_store,
+    verify_file,
 )
 
 if TYPE_CHECKING:  # the catalog imports SQLAlchemy: only writers pay for it
@@ -56,8 +77,11 @@ LABEL_CACHE_DIR = "label_vectors"
 THUMBNAIL_DIR = "thumbnails"
 SHARD_DIR = "shards"
 INDEX_PATTERN = re.compile(r"^vectors\.(\d+)\.faiss$")
-# The index files, their stamps and the temporary files of interrupted writes.
-INDEX_FAMILY = re.compile(r"^vectors\.(\d+)\.faiss(\.check)?(\.[^.]+\.tmp)?$")
+# The index files, their stamps, the delta files, the manifest and the temporary files of
+# interrupted writes: what a checkpoint may remove when no manifest names it.
+INDEX_FAMILY = re.compile(
+    r"^(vectors\.(\d+)\.faiss(\.check)?|delta\.(\d+)\.(vec|del)|segments\.json)(\.[^.]+\.tmp)?$"
+)
 LOAD_ATTEMPTS = 10  # a reader racing writers that keep replacing the newest file
 
 
@@ -65,7 +89,11 @@ class Library:
     """Catalog + vector index of one library directory, kept consistent."""
 
     def __init__(
-        self, root: Path, catalog: Catalog | CatalogReader, index: VectorStore, generation: int
+        self,
+        root: Path,
+        catalog: Catalog | CatalogReader,
+        index: SegmentedStore,
+        generation: int,
     ) -> None:
         self.root = root
         self.catalog = catalog
@@ -150,9 +178,11 @@ class Library:
                 ) from exc
         catalog = open_catalog(cls.catalog_path(root), read_only=read_only and not create)
         if not load_index:
-            return cls(root, catalog, open_store(), -1)
+            return cls(root, catalog, empty_store(), -1)
         try:
-            generation, index = _load_latest(root, mmap=mmap or read_only)
+            # The base is never changed in place, so every opener maps it (``mmap`` is kept
+            # for callers that name it; a kind that cannot map reads the file).
+            generation, index = _load_latest(root)
             library = cls(root, catalog, index, generation)
             if generation != catalog.generation():
                 library.reconcile()
@@ -196,8 +226,16 @@ class Library:
 
     # -- consistency --------------------------------------------------------------------
     def reconcile(self) -> tuple[int, int]:
-        """Make the index hold exactly the catalog's vectors; returns (added, dropped)."""
-        catalog_ids = self.catalog.ids()
+        """Make the index hold exactly the catalog's vectors; returns (added, dropped).
+
+        The ids are read between two reads of the generation that agree, so the index is
+        labelled with the generation whose ids it holds (a writer may commit meanwhile).
+        """
+        for _ in range(LOAD_ATTEMPTS):
+            generation = self.catalog.generation()
+            catalog_ids = self.catalog.ids()
+            if self.catalog.generation() == generation:
+                break
         index_ids = self.index.ids()
         missing = np.setdiff1d(catalog_ids, index_ids, assume_unique=True)
         orphans = np.setdiff1d(index_ids, catalog_ids, assume_unique=True)
@@ -208,7 +246,7 @@ class Library:
             ids, vectors = self.catalog.vectors(missing[start : start + 5000])
             self._ensure_writable_index()
             self.index.add(ids, vectors)
-        self.index_generation = self.catalog.generation()
+        self.index_generation = generation
         return len(missing), len(orphans)
 
     def _ensure_writable_index(self) -> None:
@@ -226,8 +264,15 @@ class Library:
             return True
         if self.catalog.generation() == self.index_generation:
             return False
-        if _latest_index_file(self.root)[0] > self.index_generation:
-            self.index_generation, self.index = _load_latest(self.root, mmap=False)
+        manifest = read_manifest(self.root)
+        if manifest is not None and self.index.continues(manifest):
+            try:  # only what was appended since: costs what changed
+                self.index.extend(self.root, manifest)
+                self.index_generation = manifest.generation
+            except FileNotFoundError:  # compacted meanwhile: read the new checkpoint
+                self.index_generation, self.index = _load_latest(self.root)
+        elif manifest is not None or _latest_index_file(self.root)[0] > self.index_generation:
+            self.index_generation, self.index = _load_latest(self.root)
         if self.index_generation != self.catalog.generation():
             self.reconcile()
         return True
@@ -244,35 +289,72 @@ class Library:
         self.catalog = open_catalog(old.path, read_only=getattr(old, "read_only", False))
         self._catalog_file = identity
         old.close()
-        self.index_generation, self.index = _load_latest(self.root, mmap=False)
+        self.index_generation, self.index = _load_latest(self.root)
         if self.index_generation != self.catalog.generation():
             self.reconcile()
 
     def checkpoint(self) -> None:
-        """Save the index under the catalog's current generation; drop older index files.
+        """Write the index's changes under the catalog's current generation.
 
-        A generation whose file exists already moves to a new one first: file names are
-        never reused, so no reader can pair one file's stamp with another's bytes. If the
-        save fails (disk full), the older files stay and the next open reconciles.
+        New vectors and tombstones are appended to the delta files and the manifest is
+        replaced: the cost follows what changed. Past the compaction threshold (or when the
+        base's kind asks to be rebuilt) the whole index is compacted instead
+        (:meth:`compact`). If a write fails (disk full), the previous checkpoint stays and
+        the next open reconciles.
         """
+        if self.index.compaction_due():
+            self.compact()
+            return
         generation = self.catalog.generation()
-        if self._index_path(generation).exists():
-            generation = self.catalog.bump_generation()
-        self.index.save(self._index_path(generation))
+        if self.index.pending or self.index.manifest.generation != generation:
+            self.index.flush(self.root, generation)
         self.index_generation = generation
-        self._drop_index_files(keep=generation)
+        self._drop_index_files()
 
-    def _drop_index_files(self, keep: int) -> None:
-        """Remove other generations' files, stamps and abandoned temporary files.
+    def compact(self, kind: str | None = None) -> int:
+        """Fold base, delta and tombstones into one new base file of ``kind`` (default: the
+        base's kind), built from the catalog's vectors; returns how many it holds.
 
-        Only a writer calls this (under the lock), so no temporary file is in use. The
-        stamp goes after its index file: an index file never lacks its stamp.
+        Readers in other processes go on searching the previous files meanwhile and pick
+        the new checkpoint up on their next refresh; a crash before the new manifest is in
+        place leaves the previous checkpoint whole (and the new file as litter, removed by
+        the next checkpoint). A writer's job: hold the lock.
         """
-        doomed = []
-        for other in self.root.iterdir():
-            match = INDEX_FAMILY.match(other.name)
-            if match and (int(match.group(1)) != keep or match.group(3)):
-                doomed.append(other)
+        store = open_store(kind or self.index.kind, self.index.dim)
+        for ids, vectors in self.catalog.iter_vectors():
+            store.add(ids, vectors)
+        self._install_base(store)
+        return len(store)
+
+    def _install_base(self, store: VectorStore) -> None:
+        """Save ``store`` as the new base (a never-used file name), then the manifest that
+        names it with an empty delta, then remove everything else."""
+        generation = self.catalog.generation()
+        if generation <= self.index.manifest.segment or self._index_path(generation).exists():
+            generation = self.catalog.bump_generation()
+        path = self._index_path(generation)
+        store.save(path)
+        manifest = Manifest(generation, path.name, generation, store.dim)
+        write_manifest(self.root, manifest)
+        self.index = SegmentedStore(store, manifest)
+        self.index_generation = generation
+        self._drop_index_files()
+
+    def _drop_index_files(self) -> None:
+        """Remove index files the manifest does not name, and abandoned temporary files.
+
+        Only a writer calls this (under the lock), so no temporary file is in use. A stamp
+        goes after its index file: an index file never lacks its stamp.
+        """
+        manifest = self.index.manifest
+        keep = {MANIFEST_FILE, delta_name(manifest.segment), tombstone_name(manifest.segment)}
+        if manifest.base:
+            keep |= {manifest.base, manifest.base + STAMP_SUFFIX}
+        doomed = [
+            other
+            for other in self.root.iterdir()
+            if INDEX_FAMILY.match(other.name) and other.name not in keep
+        ]
         doomed.sort(key=lambda p: p.name.endswith(STAMP_SUFFIX))  # index files first
         for path in doomed:
             path.unlink(missing_ok=True)
@@ -280,9 +362,7 @@ class Library:
     def rebuild_index(self, kind: str | None = None) -> int:
         """Build the index again from the catalog's vectors alone (no model call), as
         ``kind`` (default: the same kind); returns its size."""
-        self.index = build_store(kind or self.index.kind, self.catalog, self.index.dim)
-        self.checkpoint()
-        return len(self.index)
+        return self.compact(kind)
 
     # -- writer lock --------------------------------------------------------------------
     def acquire_lock(self) -> None:
@@ -364,25 +444,79 @@ def take_lock(root: Path) -> IO:
     return handle
 
 
-def _load_latest(root: Path, *, mmap: bool) -> tuple[int, VectorStore]:
-    """The newest verified index file as (generation, index); (-1, empty) if none is usable.
+def empty_store(dim: int = EMBED_DIM) -> SegmentedStore:
+    """An empty index (no base file, no delta yet) of the default kind."""
+    return SegmentedStore(open_store(dim=dim), Manifest(-1, None, 0, dim))
 
-    A file without a stamp (older clipdex) is not trusted: the caller rebuilds from the
-    catalog. A file deleted under us means a writer saved a newer one: look again.
+
+def _load_latest(root: Path) -> tuple[int, SegmentedStore]:
+    """The checkpoint the manifest names as (generation, index); (-1, empty) if none.
+
+    A library without a manifest (older clipdex) has its newest stamped index file as the
+    base; one without a stamp is not trusted: the caller rebuilds from the catalog. A file
+    deleted under us means a writer compacted: read the manifest again.
     """
     for _ in range(LOAD_ATTEMPTS):
-        generation, path = _latest_index_file(root)
-        if path is None:
-            return -1, open_store()
+        manifest = read_manifest(root)
+        if manifest is None:
+            generation, path = _latest_index_file(root)
+            if path is None:
+                return -1, empty_store()
+            try:
+                base = load_store(path, mmap=True)
+            except FileNotFoundError:
+                continue
+            except UnstampedIndex:
+                return -1, empty_store()
+            manifest = Manifest(generation, path.name, generation, base.dim)
+            return generation, SegmentedStore(base, manifest)
         try:
-            return generation, load_store(path, mmap=mmap)
-        except FileNotFoundError:
-            continue
-        except UnstampedIndex:
-            return -1, open_store()
+            return manifest.generation, _load_manifest(root, manifest)
+        except FileNotFoundError as exc:
+            if read_manifest(root) == manifest:  # not a compaction: the file is gone
+                missing = Path(exc.filename or root / MANIFEST_FILE)
+                raise LibraryDamaged(damage_message(missing, "the file is missing")) from exc
     raise LibraryError(
         f"the index files of {root} kept changing while being read: try again in a moment"
     )
+
+
+def _load_manifest(root: Path, manifest: Manifest) -> SegmentedStore:
+    if manifest.base is None:
+        base = open_store(dim=manifest.dim)
+    else:
+        try:
+            base = load_store(root / manifest.base, mmap=True)
+        except UnstampedIndex:
+            path = root / manifest.base
+            raise LibraryDamaged(damage_message(path, "its stamp is missing")) from None
+    return SegmentedStore.load(root, base, manifest)
+
+
+def index_problem(root: Path) -> str | None:
+    """The full check of the index files, every byte read: what is wrong, or None.
+
+    The base file's CRC-32 against its stamp, the delta and tombstones against the
+    manifest's CRC-32s (`clipdex repair` runs it; an open checks sizes and counts only).
+    """
+    root = Path(root)
+    try:
+        manifest = read_manifest(root)
+        if manifest is None:
+            path = _latest_index_file(root)[1]
+            if path is not None:
+                verify_file(path)
+            return None
+        if manifest.base is not None:
+            verify_file(root / manifest.base)
+        SegmentedStore.load(root, open_store(dim=manifest.dim), manifest)
+    except UnstampedIndex as exc:
+        return f"{exc} has no stamp"
+    except FileNotFoundError as exc:
+        return f"{exc.filename} is missing"
+    except LibraryDamaged as exc:
+        return exc.detail
+    return None
 
 
 def _latest_index_file(root: Path) -> tuple[int, Path | None]:

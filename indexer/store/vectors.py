@@ -4,7 +4,8 @@ It implements :class:`~indexer.store.vectorstore.VectorStore`: integer ids (the 
 primary keys) and unit vectors, nothing else, so inner product is cosine similarity, and a
 search scans every vector. Files are written to a temporary name, fsynced and renamed into
 place, so a reader or a crash only ever sees a whole file; each carries a stamp
-(:mod:`indexer.store.vectorstore`) checked on load. A failed write (disk full, I/O error)
+(:mod:`indexer.store.vectorstore`) whose size and count are checked on load (the full CRC
+by `clipdex repair`). A failed write (disk full, I/O error)
 removes its temporary file and leaves the previous files untouched.
 """
 
@@ -48,8 +49,10 @@ class VectorIndex:
     def load(cls, path: Path, *, mmap: bool = False, verify: bool = True) -> VectorIndex:
         """Read an index file; ``mmap`` maps the vectors instead of copying them (read-only).
 
-        With ``verify`` the file must match its stamp (:class:`UnstampedIndex` when it has
-        none, :class:`~indexer.errors.LibraryDamaged` when it differs). A file that vanished
+        With ``verify`` the file must match its stamp in kind, size and vector count
+        (:class:`UnstampedIndex` when it has none, :class:`~indexer.errors.LibraryDamaged`
+        when it differs); the CRC of every byte is checked by
+        :func:`~indexer.store.vectorstore.verify_file` (repair), not here. A file that vanished
         (a writer replaced it) raises ``FileNotFoundError`` so the caller can look again.
         """
         path = Path(path)
@@ -92,11 +95,11 @@ class VectorIndex:
             os.replace(tmp, path)
         except (OSError, RuntimeError) as exc:
             Path(tmp).unlink(missing_ok=True)
-            raise _write_error(exc, path) from exc
+            raise write_error(exc, path) from exc
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def _write(self, handle) -> dict:
         """Serialise into ``handle`` through Python, so every write error surfaces."""
@@ -203,7 +206,7 @@ def set_search_threads(count: int) -> None:
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _write_error(exc: BaseException, path: Path) -> LibraryError:
+def write_error(exc: BaseException, path: Path) -> LibraryError:
     """A failed index write as a typed error: disk full, or another I/O problem."""
     if getattr(exc, "errno", None) in _NO_SPACE or "No space left" in str(exc):
         return DiskFull.at(path.parent)
@@ -214,7 +217,7 @@ def _write_error(exc: BaseException, path: Path) -> LibraryError:
     )
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -20,10 +20,11 @@ changes. Kinds are imported lazily, so naming this module costs
 no FAISS import.
 
 Every index file ``X`` of any kind has a stamp ``X.check`` (JSON: format, kind, vector
-count, dim, byte size, CRC-32), renamed into place just before the index itself, so a
-truncated or bit-flipped file is refused instead of answering queries wrongly, and
-:func:`load_store` knows which kind to read before reading it. Stamps written before kinds
-existed say none: they are ``exact``.
+count, dim, byte size, CRC-32), renamed into place just before the index itself, so
+:func:`load_store` knows which kind to read before reading it. A load checks what costs
+nothing to check (kind, size, the header its reader parses, count): a truncated file is
+refused without reading it; the CRC-32 of every byte is :func:`verify_file`'s job, which
+`clipdex repair` runs. Stamps written before kinds existed say none: they are ``exact``.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ class VectorStore(Protocol):
     def load(cls, path: Path, *, mmap: bool = False, verify: bool = True) -> VectorStore:
         """Read a file written by :meth:`save`; ``mmap`` maps it read-only if the kind can.
 
-        With ``verify`` the file must match its stamp (:class:`UnstampedIndex` without one,
-        :class:`~indexer.errors.LibraryDamaged` when it differs); a file that vanished
+        With ``verify`` the file must match its stamp in kind, size and count (no CRC:
+        :func:`verify_file`), :class:`UnstampedIndex` without one,
+        :class:`~indexer.errors.LibraryDamaged` when it differs; a file that vanished
         raises ``FileNotFoundError`` so the caller can look again.
         """
         ...
@@ -210,15 +212,35 @@ def read_stamp(path: Path) -> dict:
         raise LibraryDamaged(damage_message(path, f"unreadable stamp: {exc}")) from exc
 
 
-def check_stamp(path: Path, stamp: dict) -> None:
-    """Size first (truncation costs nothing to find), then the CRC-32 of every byte."""
+def check_stamp(path: Path, stamp: dict, *, full: bool = False) -> None:
+    """The file's size against its stamp (truncation costs nothing to find); with ``full``
+    also the CRC-32 of every byte (`clipdex repair`'s check: it reads the whole file).
+
+    An open checks size, header (the kind's reader parses it) and count only, so opening a
+    library costs what is read, not the size of its index; a bit flipped inside the vectors
+    is what the full check finds.
+    """
     size = path.stat().st_size
     if size != stamp["size"]:
         problem = f"{size} bytes where {stamp['size']} were written, truncated?"
         raise LibraryDamaged(damage_message(path, problem))
+    if full and file_crc32(path) != stamp["crc32"]:
+        raise LibraryDamaged(damage_message(path, "checksum mismatch: its bytes changed"))
+
+
+def file_crc32(path: Path) -> int:
+    """The CRC-32 of every byte of the file at ``path``."""
     crc = 0
     with open(path, "rb") as handle:
         while chunk := handle.read(8 << 20):
             crc = zlib.crc32(chunk, crc)
-    if crc != stamp["crc32"]:
-        raise LibraryDamaged(damage_message(path, "checksum mismatch: its bytes changed"))
+    return crc
+
+
+def verify_file(path: Path) -> None:
+    """The full check of an index file: its stamp, size and the CRC-32 of every byte.
+
+    Raises :class:`UnstampedIndex` without a stamp, :class:`~indexer.errors.LibraryDamaged`
+    when the file differs from it (the check `clipdex repair` runs; opens skip the CRC).
+    """
+    check_stamp(Path(path), read_stamp(Path(path)), full=True)

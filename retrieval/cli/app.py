@@ -718,6 +718,21 @@ def failures(library: LibraryOpt = None, json_out: JsonOpt = False) -> None:
 
 
 @cli_command
+def optimize(library: LibraryOpt = None, json_out: JsonOpt = False) -> None:
+    """Fold the index's recent changes into one base file now (searches go on meanwhile)."""
+    with open_collection(library) as photos:
+        report = photos.optimize()
+    if json_out:
+        emit_json(report.as_dict())
+        return
+    stdout.print(
+        f"index: {report.photos} photos in one {report.kind} base file (folded in "
+        f"{report.folded_vectors} added and {report.folded_removals} removed) in "
+        f"{report.seconds:.1f}s"
+    )
+
+
+@cli_command
 def repair(
     paths: Annotated[
         list[Path] | None,
@@ -756,7 +771,8 @@ def repair_lines(report) -> list[Text]:
         ]
     lines.append(f"vectors: {report.vectors_damaged} damaged, {report.reencoded} encoded again")
     lines += [f"  not recovered: {display(path)}: {why}" for path, why in report.not_recovered]
-    lines.append(f"index: rebuilt from the catalog with {report.index_images} photos")
+    found = f"damaged ({report.index_problem}); " if report.index_problem else ""
+    lines.append(f"index: {found}rebuilt from the catalog with {report.index_images} photos")
     if report.indexed is not None:
         s = report.indexed.as_dict()
         lines.append(f"indexed {s['indexed']}, unchanged {s['unchanged']}, failed {s['failed']}")

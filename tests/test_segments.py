@@ -1,0 +1,354 @@
+"""The index in segments: checkpoints append what changed, compaction folds it into a base.
+
+Search over base + delta - tombstones is exact (top-k, range, allowed ids) and agrees with
+a brute-force scan of the live vectors; checkpoints write only what changed; compaction is
+automatic past a threshold and asked for by `clipdex optimize`; readers during compaction
+see exactly one checkpoint; a writer killed mid-compaction leaves a library that opens
+whole; renamed and deleted photos leave no stale vector behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.ingest.pipeline import IndexOptions, index_paths
+from indexer.model.identity import l2_normalise
+from indexer.store import segments
+from indexer.store.catalog import ImageRecord
+from indexer.store.library import Library, index_problem
+from indexer.store.segments import read_manifest
+from indexer.store.vectors import VectorIndex
+from tests.clirun import cli_env
+
+
+def _records(n: int, start: int = 0) -> list[ImageRecord]:
+    vectors = l2_normalise(np.random.default_rng(start).standard_normal((n, 512)))
+    return [
+        ImageRecord(f"/p/{start + i}.jpg", 1, 1, f"{start + i:064x}", vectors[i], 8, 8)
+        for i in range(n)
+    ]
+
+
+def _store(library: Library, records: list[ImageRecord]) -> list[int]:
+    ids = library.catalog.commit_batch(records)
+    library.index.add(np.asarray(ids), np.vstack([r.vector for r in records]))
+    library.checkpoint()
+    return ids
+
+
+def _remove(library: Library, ids) -> None:
+    library.catalog.delete_ids(list(ids))
+    library.index.remove(np.asarray(ids))
+    library.checkpoint()
+
+
+def _brute(library: Library) -> tuple[np.ndarray, np.ndarray]:
+    """The live (ids, vectors) according to the catalog: what the index must answer over."""
+    return library.catalog.vectors(library.catalog.ids())
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """A library with a base (compacted), then additions and removals on top of it, some of
+    the removals hitting the base and some the delta."""
+    root = tmp_path / "lib"
+    library = Library.open(root, create=True)
+    base_ids = _store(library, _records(60))
+    library.compact()
+    delta_ids = _store(library, _records(25, start=100))
+    _remove(library, base_ids[::7] + delta_ids[::5])
+    yield library
+    library.close()
+
+
+def _check_exact(library: Library, rng) -> None:
+    ids, vectors = _brute(library)
+    assert sorted(library.index.ids()) == sorted(ids) and len(library.index) == len(ids)
+    queries = l2_normalise(rng.standard_normal((4, 512))).astype(np.float32)
+    queries[0] = vectors[3]  # a stored vector finds itself first
+    truth = queries @ vectors.T
+    scores, found = library.index.search(queries, 10)
+    for row in range(len(queries)):
+        order = np.argsort(-truth[row])[:10]
+        assert list(found[row]) == list(ids[order])
+        np.testing.assert_allclose(scores[row], truth[row][order], atol=1e-5)
+    allowed = ids[::3]
+    scores, found = library.index.search(queries, 5, allowed)
+    sub = queries @ vectors[::3].T
+    for row in range(len(queries)):
+        assert list(found[row]) == list(allowed[np.argsort(-sub[row])[:5]])
+    lims, scores, hits = library.index.range_search(queries, 0.05)
+    for row in range(len(queries)):
+        got = sorted(hits[lims[row] : lims[row + 1]])
+        assert got == sorted(ids[truth[row] > 0.05])
+    lims, _, hits = library.index.range_search(queries, -np.inf, allowed)
+    assert all(sorted(hits[lims[r] : lims[r + 1]]) == sorted(allowed) for r in range(4))
+
+
+def test_search_over_base_delta_and_tombstones_is_exact(mixed):
+    manifest = read_manifest(mixed.root)
+    assert manifest.base is not None and manifest.rows == 25 and manifest.deleted > 0
+    _check_exact(mixed, np.random.default_rng(1))
+    root = mixed.root
+    mixed.close()
+    with Library.open(root, read_only=True) as reopened:  # the same, read back from disk
+        _check_exact(reopened, np.random.default_rng(2))
+    with Library.open(root) as writer:
+        writer.compact()
+        _check_exact(writer, np.random.default_rng(3))
+        assert read_manifest(root).rows == 0
+
+
+def test_a_checkpoint_writes_what_changed_and_a_noop_run_writes_nothing(tmp_path, fake_encoder):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 30), (i * 40, 10, 200 - i * 30)).save(folder / f"{i}.png")
+    root = tmp_path / "lib"
+    with Library.open(root, create=True) as library:
+        index_paths(library, fake_encoder, [folder], IndexOptions(workers=1))
+        library.compact()
+    base = next(root.glob("vectors.*.faiss"))
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.iterdir()}
+    with Library.open(root) as library:
+        index_paths(library, fake_encoder, [folder], IndexOptions(workers=1))
+        generation = library.catalog.generation()
+    after = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.iterdir()}
+    index_files = [n for n in before if n.startswith(("vectors", "delta", "segments"))]
+    assert {n: after[n] for n in index_files} == {n: before[n] for n in index_files}
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(folder / "new.png")
+    with Library.open(root) as library:
+        index_paths(library, fake_encoder, [folder], IndexOptions(workers=1))
+        assert library.catalog.generation() > generation
+    assert base.stat().st_mtime_ns == before[base.name][0]  # the base is not rewritten
+    assert (root / "delta.{}.vec".format(base.name.split(".")[1])).stat().st_size == 8 + 2048
+
+
+def test_compaction_is_automatic_past_the_threshold(tmp_path, monkeypatch):
+    monkeypatch.setattr(segments, "COMPACT_MIN", 10)
+    root = tmp_path / "lib"
+    with Library.open(root, create=True) as library:
+        _store(library, _records(6))
+        assert read_manifest(root).base is None  # below the threshold: delta only
+        _store(library, _records(6, start=10))  # 12 >= 10: folded into a base
+        manifest = read_manifest(root)
+        assert manifest.base is not None and manifest.rows == 0
+        assert len(library.index) == 12 and len(library.index.base) == 12
+
+
+def test_a_kind_that_wants_rebuilding_is_compacted(tmp_path, monkeypatch):
+    """The retrain hook: a base kind says when it has grown too far past its training."""
+    seen = []
+
+    def wants_rebuild(self, live: int) -> bool:
+        seen.append(live)
+        return live > 2 * len(self)
+
+    monkeypatch.setattr(VectorIndex, "wants_rebuild", wants_rebuild, raising=False)
+    root = tmp_path / "lib"
+    with Library.open(root, create=True) as library:
+        _store(library, _records(4))  # empty base: 4 > 0, rebuilt at once
+        assert len(library.index.base) == 4
+        _store(library, _records(4, start=10))  # 8 > 8? no: stays in the delta
+        assert len(library.index.base) == 4 and read_manifest(root).rows == 4
+        _store(library, _records(1, start=20))  # 9 > 8: rebuilt
+        assert len(library.index.base) == 9
+    assert seen
+
+
+def test_optimize_command_folds_the_delta(tmp_path):
+    root = tmp_path / "lib"
+    with Library.open(root, create=True) as library:
+        ids = _store(library, _records(8))
+        _remove(library, ids[:3])
+    done = subprocess.run(
+        [sys.executable, "-m", "retrieval.cli", "optimize", "--library", str(root), "--json"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"photos": 5' in done.stdout and '"folded_removals": 3' in done.stdout
+    manifest = read_manifest(root)
+    assert manifest.rows == manifest.deleted == 0 and manifest.base is not None
+    assert index_problem(root) is None
+
+
+def test_renamed_and_deleted_photos_leave_no_stale_vector(tmp_path, fake_encoder):
+    """A renamed file gets a new id and its vector moves with it (reused by hash, not
+    encoded again); the old id is tombstoned; a deleted file's id is tombstoned too."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (40, 30), (i * 50, 100, 30)).save(folder / f"{i}.png")
+    root = tmp_path / "lib"
+    with Library.open(root, create=True) as library:
+        index_paths(library, fake_encoder, [folder], IndexOptions(workers=1))
+        library.compact()  # the originals live in the base: tombstones must hide them there
+        old_id = library.catalog.id_for_path(str(folder / "0.png"))
+        gone_id = library.catalog.id_for_path(str(folder / "1.png"))
+        vector = library.index.reconstruct(old_id)
+    (folder / "0.png").rename(folder / "renamed.png")
+    (folder / "1.png").unlink()
+    with Library.open(root) as library:
+        report = index_paths(library, fake_encoder, [folder], IndexOptions(workers=1))
+        assert report.reused == 1 and report.indexed == 0 and report.removed == 2
+    for _ in range(2):  # as read back from disk, then after a compaction
+        with Library.open(root, read_only=True) as library:
+            new_id = library.catalog.id_for_path(str(folder / "renamed.png"))
+            assert new_id != old_id and old_id not in set(library.index.ids())
+            assert gone_id not in set(library.index.ids()) and len(library.index) == 4
+            np.testing.assert_allclose(library.index.reconstruct(new_id), vector, atol=1e-6)
+            _, found = library.index.search(vector[None], 4)
+            assert found[0][0] == new_id and old_id not in found[0] and gone_id not in found[0]
+        with Library.open(root) as library:
+            library.compact()
+
+
+def test_readers_during_compaction_see_exactly_one_checkpoint(tmp_path, monkeypatch):
+    """A writer adds, removes and compacts (a compaction every third checkpoint) while
+    readers in threads open the library and refresh it: every view they get is exactly
+    the set of ids of one checkpoint, never a mix of two."""
+    monkeypatch.setattr(segments, "COMPACT_MIN", 10**9)
+    root = tmp_path / "lib"
+    writer = Library.open(root, create=True)
+    states: dict[int, frozenset] = {}
+    stop = threading.Event()
+    problems: list[str] = []
+    views = [0]
+
+    def check(library: Library) -> None:
+        generation = library.index_generation
+        seen = frozenset(int(i) for i in library.index.ids())
+        expected = states.get(generation)
+        if expected is not None and seen != expected:
+            problems.append(f"generation {generation}: {len(seen)} ids, not {len(expected)}")
+        views[0] += 1
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                with Library.open(root, read_only=True) as library:
+                    check(library)
+                    for _ in range(3):
+                        library.refresh()
+                        check(library)
+            except Exception as exc:
+                problems.append(repr(exc))
+
+    ids = _store(writer, _records(5))
+    states[writer.index_generation] = frozenset(ids)
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    live = set(ids)
+    try:
+        for step in range(30):
+            added = _commit(writer, _records(3, start=1000 + 10 * step))
+            live |= set(added)
+            dropped = sorted(live)[:: 4][:2]
+            writer.catalog.delete_ids(dropped)
+            writer.index.remove(np.asarray(dropped))
+            live -= set(dropped)
+            states[writer.catalog.generation()] = frozenset(live)
+            if step % 3 == 2:
+                writer.compact()
+                states[writer.index_generation] = frozenset(live)
+            else:
+                writer.checkpoint()
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        writer.close()
+    assert not problems, problems[:3]
+    assert views[0] > 30
+
+
+def _commit(library: Library, records: list[ImageRecord]) -> list[int]:
+    ids = library.catalog.commit_batch(records)
+    library.index.add(np.asarray(ids), np.vstack([r.vector for r in records]))
+    return ids
+
+
+COMPACTING_WRITER = r"""
+import sys, numpy as np
+from indexer.store.catalog import ImageRecord
+from indexer.store.library import Library
+root = sys.argv[1]
+rng = np.random.default_rng(int(sys.argv[2]))
+with Library.open(root, create=True) as lib:
+    lib.acquire_lock()
+    for step in range(10**6):
+        v = rng.standard_normal((50, 512)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        recs = [ImageRecord(f"/k/{sys.argv[2]}-{step}-{i}", 1, 1, f"{step}-{i}", v[i], 8, 8)
+                for i in range(50)]
+        ids = lib.catalog.commit_batch(recs)
+        lib.index.add(np.asarray(ids), v)
+        lib.checkpoint()
+        lib.compact()
+        print(step, flush=True)
+"""
+
+
+def test_kill_during_compaction_leaves_a_whole_library(tmp_path):
+    """SIGKILL a writer that compacts after every checkpoint, at random moments (half of
+    them while a new base file is being written): the library opens with every committed
+    photo exactly once, and the next writer clears the litter."""
+    root = tmp_path / "lib"
+    rng = random.Random(7)
+    mid_write = 0
+    for kill in range(8):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", COMPACTING_WRITER, str(root), str(kill)],
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+        )
+        writer.stdout.readline()  # one whole step done: the library exists
+        deadline = time.monotonic() + rng.uniform(0.05, 1.0)
+        while time.monotonic() < deadline:
+            if kill % 2 and any(p.name.endswith(".tmp") for p in root.iterdir()):
+                mid_write += 1
+                break
+            time.sleep(0.002)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        writer.stdout.close()
+        with Library.open(root) as library:
+            ids = library.catalog.ids()
+            assert sorted(library.index.ids()) == sorted(ids)
+            assert len(library.index) == len(ids) == len(set(library.index.ids()))
+    with Library.open(root) as library:
+        library.acquire_lock()
+        library.checkpoint()
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    assert index_problem(root) is None
+    assert mid_write >= 1, "no kill landed during a base write"
+
+
+def test_a_library_from_before_segments_opens_and_carries_on(tmp_path):
+    """An older clipdex left one stamped vectors.N.faiss and no manifest: it is the base."""
+    root = tmp_path / "lib"
+    with Library.open(root, create=True) as library:
+        ids = _store(library, _records(5))
+        library.compact()
+    (root / "segments.json").unlink()
+    with Library.open(root) as library:
+        assert sorted(library.index.ids()) == sorted(ids)
+        more = _store(library, _records(2, start=50))
+    with Library.open(root, read_only=True) as library:
+        assert sorted(library.index.ids()) == sorted(ids + more)
+    assert os.path.exists(root / "segments.json")
