@@ -53,6 +53,12 @@ def _snapshot(root: Path) -> dict[str, list]:
         return {rows[i]["path"]: [rows[j]["path"] for j in hits] for i, hits in zip(ids, found)}
 
 
+def _open_index(root: Path) -> None:
+    """Open the library and read its index (read on first use)."""
+    with Library.open(root) as lib:
+        len(lib.index)
+
+
 def _index_file(root: Path) -> Path:
     (path,) = root.glob("vectors.*.faiss")
     return path
@@ -96,7 +102,7 @@ def test_truncated_base_file_is_refused_without_reading_it_then_repaired(
     path.write_bytes(damage(path.read_bytes()))
     read = _count_opens(monkeypatch, path)
     with pytest.raises(LibraryDamaged, match="clipdex repair") as caught:
-        Library.open(root)
+        _open_index(root)
     assert symptom in str(caught.value)
     assert read == []  # refused on its size alone: the file was never opened
     _refused_then_repaired(root, sound, symptom)
@@ -138,7 +144,7 @@ def test_damaged_delta_is_refused_then_repaired(built, damage, symptom):
     (path,) = root.glob("delta.*.vec")
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(LibraryDamaged, match="clipdex repair") as caught:
-        Library.open(root)
+        _open_index(root)
     assert symptom in str(caught.value)
     _refused_then_repaired(root, sound, symptom)
 
@@ -148,7 +154,7 @@ def test_missing_delta_is_damage_not_an_empty_library(built):
     (path,) = root.glob("delta.*.vec")
     path.unlink()
     with pytest.raises(LibraryDamaged, match="missing"):
-        Library.open(root)
+        _open_index(root)
     _refused_then_repaired(root, sound, "missing")
 
 
@@ -176,7 +182,7 @@ def test_unreadable_stamp_is_damage(compacted):
     stamp = _index_file(root).with_name(_index_file(root).name + ".check")
     stamp.write_text("{not json")
     with pytest.raises(LibraryDamaged, match="unreadable stamp"):
-        Library.open(root)
+        _open_index(root)
 
 
 def test_index_file_without_stamp_is_rebuilt_from_the_catalog(compacted):
@@ -206,7 +212,7 @@ def test_truncated_catalog_is_refused_then_salvaged(built, fake_encoder):
     with open(catalog, "r+b") as handle:
         handle.truncate(size * 6 // 10)
     with pytest.raises(LibraryDamaged, match="clipdex repair") as caught:
-        Library.open(root)
+        _open_index(root)
     assert "truncated" in str(caught.value)
     info = _cli("info", "--library", str(root))
     assert info.exit_code == 1 and "clipdex repair" in info.output
@@ -232,7 +238,7 @@ def test_overwritten_catalog_page_is_found_on_open(built, fake_encoder):
         handle.seek((root_page[0] - 1) * page_size)
         handle.write(np.random.default_rng(0).bytes(page_size))
     with pytest.raises(LibraryDamaged, match="clipdex repair"):
-        Library.open(root)
+        _open_index(root)
     report = repair_library(root, lambda: fake_encoder, [folder])
     assert report.catalog == "salvaged" and "images" in report.unreadable_tables
     assert report.indexed.indexed == 40
@@ -243,7 +249,7 @@ def test_not_a_database_at_all(built, fake_encoder):
     root, folder, sound = built
     (root / "catalog.sqlite").write_bytes(b"this is not SQLite" * 100)
     with pytest.raises(LibraryDamaged, match="not a SQLite database"):
-        Library.open(root)
+        _open_index(root)
     report = repair_library(root, lambda: fake_encoder, [folder])
     assert report.catalog == "salvaged" and report.indexed.indexed == 40
     assert _snapshot(root) == sound
@@ -259,7 +265,7 @@ def test_damaged_stored_vectors_are_encoded_again(built, fake_encoder):
     for path in _index_files(root):
         path.unlink()  # so the catalog's vectors are what an open rebuilds from
     with pytest.raises(LibraryDamaged, match="stored vector of image 3 is invalid"):
-        Library.open(root)
+        _open_index(root)
     report = repair_library(root, lambda: fake_encoder)
     assert report.vectors_damaged == 2 and report.reencoded == 2 and report.not_recovered == []
     assert _snapshot(root) == sound

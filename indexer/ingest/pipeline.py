@@ -249,12 +249,12 @@ class _Writer:
         if not (self.records or self.failed or removed):
             self.last = time.monotonic()
             return
+        index = self.library.index  # read (and reconciled) before the catalog moves on
         touched = [r.path for r in self.records] + [f[0] for f in self.failed] + list(removed)
         replaced = [self.plan.old_ids[p] for p in touched if p in self.plan.old_ids]
         catalog = self.library.catalog
         replaced += catalog.frame_ids_of(replaced).tolist()  # a replaced video's frames go too
         ids = catalog.commit_batch(self.records, self.failed, removed)
-        index = self.library.index
         index.remove(np.asarray(replaced, dtype=np.int64))
         if self.records:
             index.add(*_index_entries(ids, self.records))

@@ -18,10 +18,11 @@ A checkpoint costs what changed: the writer commits the catalog, appends the new
 and tombstones to the delta files and replaces the manifest (:mod:`indexer.store.segments`).
 Past a threshold, and by `clipdex optimize`, a compaction builds a new base from the
 catalog's vectors; searches go on meanwhile (other processes read the previous files).
-Opening reads the manifest, memory-maps the base and reads the small delta; when the
-catalog's generation differs from the manifest's (a writer killed between its two steps),
-it reconciles: catalog rows missing from the index are added from their stored vectors,
-index ids without a row are dropped.
+The first use of the index reads the manifest, memory-maps the base and reads the small
+delta (a call that never searches never reads them); when the catalog's generation differs
+from the manifest's (a writer killed between its two steps), it reconciles: catalog rows
+missing from the index are added from their stored vectors, index ids without a row are
+dropped.
 
 Damage is found, never served: the catalog's header and length are checked on open and
 SQLite's corruption errors become :class:`~indexer.errors.LibraryDamaged`; the base file's
@@ -37,6 +38,7 @@ import contextlib
 import fcntl
 import os
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -92,13 +94,14 @@ class Library:
         self,
         root: Path,
         catalog: Catalog | CatalogReader,
-        index: SegmentedStore,
-        generation: int,
+        index: SegmentedStore | None,
+        generation: int = -1,
     ) -> None:
         self.root = root
         self.catalog = catalog
-        self.index = index
-        self.index_generation = generation
+        self._index = index  # None: read from disk when first used (see ``index``)
+        self._generation = generation
+        self._loading = threading.RLock()
         self._lock_handle = None
         self._catalog_file = file_identity(catalog.path)  # to notice a replaced catalog
 
@@ -123,16 +126,46 @@ class Library:
         """The folder where rendered thumbnails are cached (created on first write)."""
         return self.root / THUMBNAIL_DIR
 
+    # -- the vector index, read when first used ---------------------------------------------
     @property
-    def index(self) -> VectorStore:
-        """The vector index; a kind that re-ranks from full-precision vectors (ivf) reads
-        them from this library's catalog, attached whenever the index is set."""
+    def index(self) -> SegmentedStore:
+        """The vector index, loaded (and reconciled with the catalog) on first use: a call
+        that never searches (``info``, an ``index`` run that finds nothing new) never
+        reads it."""
+        if self._index is None:
+            self._load_index()
         return self._index
 
     @index.setter
-    def index(self, store: VectorStore) -> None:
+    def index(self, store: SegmentedStore) -> None:
         self._index = store
-        attach_source(store, lambda ids: self.catalog.vectors(ids))
+        self._attach_source()
+
+    def _attach_source(self) -> None:
+        """A kind that re-ranks from full-precision vectors (ivf) reads them from this
+        library's catalog."""
+        attach_source(self._index, lambda ids: self.catalog.vectors(ids))
+
+    @property
+    def index_generation(self) -> int:
+        """The catalog generation the loaded index matches."""
+        if self._index is None:
+            self._load_index()
+        return self._generation
+
+    @index_generation.setter
+    def index_generation(self, generation: int) -> None:
+        self._generation = generation
+
+    def _load_index(self) -> None:
+        with self._loading:  # threads of a server may ask at once: read it once
+            if self._index is not None:
+                return
+            generation, index = _load_latest(self.root)
+            self._generation, self._index = generation, index
+            self._attach_source()
+            if generation != self.catalog.generation():
+                self.reconcile()
 
     @property
     def shard_dir(self) -> Path:
@@ -154,10 +187,12 @@ class Library:
         load_index: bool = True,
         read_only: bool = False,
     ) -> Library:
-        """Open (or with ``create`` make) the library at ``root`` and reconcile its stores.
+        """Open (or with ``create`` make) the library at ``root``.
 
-        ``load_index=False`` (for `clipdex repair`) neither reads the index file nor
-        reconciles: the index starts empty, to be rebuilt from the catalog.
+        The vector index is read, and reconciled with the catalog, when first used
+        (:attr:`index`): damage in it is reported then. ``load_index=False`` (for
+        `clipdex repair`) never reads the index files: the index starts empty, to be
+        rebuilt from the catalog.
         ``read_only`` is for callers that never write (a query): the catalog is read
         through :class:`~indexer.store.catalog_reader.CatalogReader` (no SQLAlchemy) and
         the index is memory-mapped.
@@ -179,17 +214,9 @@ class Library:
         catalog = open_catalog(cls.catalog_path(root), read_only=read_only and not create)
         if not load_index:
             return cls(root, catalog, empty_store(), -1)
-        try:
-            # The base is never changed in place, so every opener maps it (``mmap`` is kept
-            # for callers that name it; a kind that cannot map reads the file).
-            generation, index = _load_latest(root)
-            library = cls(root, catalog, index, generation)
-            if generation != catalog.generation():
-                library.reconcile()
-        except BaseException:
-            catalog.close()
-            raise
-        return library
+        # The index is read on first use; its base is never changed in place, so every
+        # opener maps it (``mmap`` is kept for callers that name it).
+        return cls(root, catalog, None)
 
     def close(self) -> None:
         self.release_lock()
@@ -262,6 +289,8 @@ class Library:
         if self._catalog_replaced():
             self._reopen_catalog()
             return True
+        if self._index is None:
+            return False  # not read yet: the first use reads the newest checkpoint
         if self.catalog.generation() == self.index_generation:
             return False
         manifest = read_manifest(self.root)
@@ -289,9 +318,7 @@ class Library:
         self.catalog = open_catalog(old.path, read_only=getattr(old, "read_only", False))
         self._catalog_file = identity
         old.close()
-        self.index_generation, self.index = _load_latest(self.root)
-        if self.index_generation != self.catalog.generation():
-            self.reconcile()
+        self._index = None  # read again, and reconciled with the new catalog, on next use
 
     def checkpoint(self) -> None:
         """Write the index's changes under the catalog's current generation.

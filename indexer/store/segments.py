@@ -209,12 +209,20 @@ class SegmentedStore:
 
     def _apply_rows(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add delta rows, skipping ids this store holds already (added here by reconcile)."""
-        if len(ids) == 0:
-            return
-        held, gone = self._delta_ids, self._gone
-        fresh = np.fromiter((i not in held and i not in gone for i in ids.tolist()), bool, len(ids))
-        self.delta.add(ids[fresh], vectors[fresh])
-        self._delta_ids.update(int(i) for i in ids[fresh])
+        fresh = self._fresh(ids)
+        if fresh.any():
+            self.delta.add(ids[fresh], vectors[fresh])
+            self._delta_ids.update(ids[fresh].tolist())
+
+    def _fresh(self, ids: np.ndarray) -> np.ndarray:
+        """Which of ``ids`` this store's delta has never held (the first of repeats)."""
+        held, gone, seen = self._delta_ids, self._gone, set()
+        fresh = np.zeros(len(ids), bool)
+        for at, image_id in enumerate(ids.tolist()):
+            if image_id not in held and image_id not in gone and image_id not in seen:
+                fresh[at] = True
+                seen.add(image_id)
+        return fresh
 
     def _apply_dead(self, ids: np.ndarray) -> None:
         """Hide ``ids``: a delta id leaves the delta, any other one is hidden in the base."""
@@ -280,6 +288,8 @@ class SegmentedStore:
         if len(ids) == 0:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
+        fresh = self._fresh(ids)  # an id held already (added by a reconcile) is not repeated
+        ids, vectors = ids[fresh], vectors[fresh]
         self._apply_rows(ids, vectors)
         self._pending_ids.append(ids.copy())
         self._pending_vectors.append(vectors.copy())
