@@ -357,7 +357,10 @@ class Library:
         """Save ``store`` as the new base (a never-used file name), then the manifest that
         names it with an empty delta, then remove everything else."""
         generation = self.catalog.generation()
-        if generation <= self.index.manifest.segment or self._index_path(generation).exists():
+        floor = max(self.index.manifest.segment, _segment_on_disk(self.root))
+        if generation <= floor:  # e.g. a salvaged catalog: move past every name used
+            self.catalog.set_meta("generation", str(floor))
+        if generation <= floor or self._index_path(generation).exists():
             generation = self.catalog.bump_generation()
         path = self._index_path(generation)
         store.save(path)
@@ -518,6 +521,16 @@ def _load_manifest(root: Path, manifest: Manifest) -> SegmentedStore:
             path = root / manifest.base
             raise LibraryDamaged(damage_message(path, "its stamp is missing")) from None
     return SegmentedStore.load(root, base, manifest)
+
+
+def _segment_on_disk(root: Path) -> int:
+    """The segment number the manifest on disk names (0 when there is none or it is
+    unreadable: a compaction replaces it anyway)."""
+    try:
+        manifest = read_manifest(root)
+    except LibraryDamaged:
+        return 0
+    return manifest.segment if manifest is not None else 0
 
 
 def index_problem(root: Path) -> str | None:

@@ -268,6 +268,23 @@ class SegmentedStore:
         return table.tobytes()
 
     # -- the VectorStore contract -------------------------------------------------------------
+    def attach_source(self, fetch) -> None:
+        """Pass a kind's source of full-precision vectors on to the base (kinds that re-rank)."""
+        attach = getattr(self.base, "attach_source", None)
+        if attach is not None:
+            attach(fetch)
+
+    def describe(self) -> dict:
+        """What `clipdex info` shows: the base's own facts, the live count and the delta."""
+        describe = getattr(self.base, "describe", None)
+        facts = describe() if describe is not None else {"kind": self.kind}
+        return {
+            **facts,
+            "count": len(self),
+            "delta": len(self.delta),
+            "tombstones": len(self._dead),
+        }
+
     def in_memory(self) -> SegmentedStore:
         return self  # changes go to the delta and tombstones: always writable
 
