@@ -86,6 +86,10 @@ def _wait_then_kill(process: subprocess.Popen, library: Path, delay: float, at_w
     """SIGKILL after ``delay`` s (or, with ``at_write``, as soon as an index write is in
     flight); then make sure its decode workers go too. True if a write was in flight."""
     stale = _temporary_files(library)  # left by an earlier kill, until a checkpoint clears them
+    started = time.monotonic()  # the delay counts once the library exists: a busy machine
+    while not (library / "catalog.sqlite").exists() and process.poll() is None:
+        assert time.monotonic() - started < 300, "clipdex index never created the library"
+        time.sleep(0.02)  # can take longer than the delay just to start the CLI
     deadline = time.monotonic() + delay
     while time.monotonic() < deadline and process.poll() is None:
         if at_write and _temporary_files(library) - stale:
