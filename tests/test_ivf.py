@@ -18,7 +18,7 @@ from indexer.store.ivf import RECALL_TARGET, IVFIndex
 from indexer.store.kindchoice import AUTO_IVF_PHOTOS, check_choice, wanted_kind
 from indexer.store.library import Library
 from indexer.store.vectors import VectorIndex
-from indexer.store.vectorstore import load_store, open_store, stamp_path
+from indexer.store.vectorstore import load_store, open_store, stamp_path, verify_file
 from retrieval.cli import app
 from retrieval.search.duplicates import find_duplicates
 from retrieval.search.options import SearchOptions
@@ -165,12 +165,13 @@ def test_untrained_store_trains_on_first_add_and_round_trips_its_stamp(tmp_path)
     assert not copy.mmapped and copy.remove(np.arange(10)) == 10 and len(mapped) == 3_000
     copy.add(np.arange(10), vectors[:10])
     assert copy.search(vectors[3], 1)[1][0, 0] == 3
-    # Bit flips and truncation are refused by the stamp, naming `clipdex repair`.
+    # A bit flip is found by the full check (repair's: every byte's CRC; a load checks
+    # size, header and count), truncation by any load; both name `clipdex repair`.
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(LibraryDamaged, match="clipdex repair"):
-        load_store(path)
+        verify_file(path)
     path.write_bytes(bytes(data[:-100]))
     with pytest.raises(LibraryDamaged, match="truncated"):
         load_store(path)

@@ -216,6 +216,7 @@ class _Writer:
         self.records: list[ImageRecord] = []
         self.failed: list[tuple[str, int | None, int | None, str]] = []
         self.last = time.monotonic()
+        self.wrote = False  # whether any checkpoint stored something
 
     def add(self, item: Outcome, vector: np.ndarray) -> None:
         found = item.found
@@ -249,6 +250,7 @@ class _Writer:
         if not (self.records or self.failed or removed):
             self.last = time.monotonic()
             return
+        self.wrote = True
         index = self.library.index  # read (and reconciled) before the catalog moves on
         touched = [r.path for r in self.records] + [f[0] for f in self.failed] + list(removed)
         replaced = [self.plan.old_ids[p] for p in touched if p in self.plan.old_ids]
@@ -301,8 +303,10 @@ def index_paths(
         run_files(work.todo, memo, encoder, options, writer, report, progress, ocr=ocr)
         writer.checkpoint(removed=work.vanished)
         report.removed = len(work.vanished)
-        # The kind the library asks for (switch or re-train: from the catalog, no encoding).
-        report.index_rebuilt = ensure_kind(library, check_choice(options.index_kind))
+        # The kind the library asks for (switch or re-train: from the catalog, no encoding);
+        # a run that changed nothing and names no kind does not read the index for it.
+        if writer.wrote or options.index_kind is not None:
+            report.index_rebuilt = ensure_kind(library, check_choice(options.index_kind))
     report.failed = len(report.failures)
     report.seconds = time.monotonic() - started
     return report

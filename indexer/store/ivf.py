@@ -52,7 +52,7 @@ import numpy as np
 from indexer.errors import LibraryDamaged, LibraryError
 from indexer.fsutil import write_atomic
 from indexer.model.identity import EMBED_DIM
-from indexer.store.vectors import _fsync_dir, _write_error
+from indexer.store.vectors import fsync_dir, write_error
 from indexer.store.vectorstore import (
     check_stamp,
     damage_message,
@@ -255,11 +255,11 @@ class IVFIndex:
             os.replace(tmp, path)
         except (OSError, RuntimeError) as exc:
             Path(tmp).unlink(missing_ok=True)
-            raise _write_error(exc, path) from exc
+            raise write_error(exc, path) from exc
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def _write(self, handle) -> dict:
         state = {"size": 0, "crc32": 0}

@@ -340,16 +340,16 @@ class Library:
 
     def compact(self, kind: str | None = None) -> int:
         """Fold base, delta and tombstones into one new base file of ``kind`` (default: the
-        base's kind), built from the catalog's vectors; returns how many it holds.
+        base's kind), built from the catalog's vectors the kind's way
+        (:func:`~indexer.store.vectorstore.build_store`: an ivf index trains again on what
+        the library holds now); returns how many it holds.
 
         Readers in other processes go on searching the previous files meanwhile and pick
         the new checkpoint up on their next refresh; a crash before the new manifest is in
         place leaves the previous checkpoint whole (and the new file as litter, removed by
         the next checkpoint). A writer's job: hold the lock.
         """
-        store = open_store(kind or self.index.kind, self.index.dim)
-        for ids, vectors in self.catalog.iter_vectors():
-            store.add(ids, vectors)
+        store = build_store(kind or self.index.kind, self.catalog, self.index.dim)
         self._install_base(store)
         return len(store)
 

@@ -285,6 +285,41 @@ class SegmentedStore:
             "tombstones": len(self._dead),
         }
 
+    @property
+    def params(self) -> dict:
+        """The base's build parameters, for kinds that have them (ivf: ``built_for``...)."""
+        return getattr(self.base, "params", {})
+
+    @property
+    def near_pairs(self):
+        """``near_pairs(radius, allowed_ids)`` over base + delta - tombstones when the
+        base's kind finds near pairs through its own structure (ivf), else None."""
+        if getattr(self.base, "near_pairs", None) is None:
+            return None
+        return self._near_pairs
+
+    def _near_pairs(
+        self, radius: float, allowed_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The base's own pairs minus tombstoned ones, plus each delta vector's range
+        search over everything live (delta pairs with the base and among themselves)."""
+        base_allowed, _ = self._base_restriction(allowed_ids)
+        a, b, scores = self.base.near_pairs(radius, base_allowed)
+        if len(self._dead):
+            keep = ~(np.isin(a, self._dead) | np.isin(b, self._dead))
+            a, b, scores = a[keep], b[keep], scores[keep]
+        parts = [(a, b, scores)]
+        delta_ids = self.delta.ids()
+        if allowed_ids is not None:
+            delta_ids = delta_ids[np.isin(delta_ids, allowed_ids)]
+        if len(delta_ids):
+            vectors = np.vstack([self.delta.reconstruct(int(i)) for i in delta_ids])
+            lims, hit_scores, hits = self.range_search(vectors, radius, allowed_ids)
+            queries = np.repeat(delta_ids, np.diff(lims))
+            other = hits != queries
+            parts.append((queries[other], hits[other], hit_scores[other]))
+        return tuple(np.concatenate(column) for column in zip(*parts))
+
     def in_memory(self) -> SegmentedStore:
         return self  # changes go to the delta and tombstones: always writable
 
