@@ -257,7 +257,7 @@ def test_readers_during_compaction_see_exactly_one_checkpoint(tmp_path, monkeypa
         for step in range(30):
             added = _commit(writer, _records(3, start=1000 + 10 * step))
             live |= set(added)
-            dropped = sorted(live)[:: 4][:2]
+            dropped = sorted(live)[::4][:2]
             writer.catalog.delete_ids(dropped)
             writer.index.remove(np.asarray(dropped))
             live -= set(dropped)
@@ -352,3 +352,58 @@ def test_a_library_from_before_segments_opens_and_carries_on(tmp_path):
     with Library.open(root, read_only=True) as library:
         assert sorted(library.index.ids()) == sorted(ids + more)
     assert os.path.exists(root / "segments.json")
+
+
+def test_an_ivf_base_under_delta_and_tombstones(tmp_path):
+    """The approximate kind as the base: tombstoned ids never come back, delta vectors are
+    found, range search and near pairs cover base + delta - tombstones exactly."""
+    from tests.clipvectors import ClipLike
+
+    vectors = ClipLike(3_000, seed=5).vectors()
+    root = tmp_path / "lib"
+    library = Library.open(root, create=True)
+    records = [
+        ImageRecord(f"/p/{i}.jpg", 1, 1, f"{i:064x}", vectors[i], 8, 8) for i in range(2_900)
+    ]
+    base_ids = library.catalog.commit_batch(records)
+    assert library.compact("ivf") == 2_900 and library.index.kind == "ivf"
+    copy = vectors[:100].copy()  # near-copies of base photos arrive in the delta
+    copy[:, :8] += 0.01
+    copy /= np.linalg.norm(copy, axis=1, keepdims=True)
+    added = _commit(
+        library, [ImageRecord(f"/q/{i}.jpg", 1, 1, f"q{i:063x}", copy[i], 8, 8) for i in range(100)]
+    )
+    dead = base_ids[:50] + added[50:60]
+    library.catalog.delete_ids(dead)
+    library.index.remove(np.asarray(dead))
+    library.checkpoint()
+    library.close()
+    with Library.open(root, read_only=True) as reader:
+        assert len(reader.index) == 2_900 + 100 - 60
+        _, found = reader.index.search(copy[60:70], 1)
+        assert list(found[:, 0]) == added[60:70]  # a delta vector finds itself first
+        _, found = reader.index.search(vectors[:50], 10)
+        assert not set(found.ravel().tolist()) & set(dead)
+        _, _, hits = reader.index.range_search(copy[:100], 0.95)
+        assert not set(hits.tolist()) & set(dead)
+        a, b, _ = reader.index.near_pairs(0.95)
+        pairs = {frozenset(p) for p in zip(a.tolist(), b.tolist())}
+        live = [(base_ids[i], added[i]) for i in range(50, 100) if added[i] not in dead]
+        assert {frozenset(p) for p in live} <= pairs  # every live photo with its copy
+        assert not {i for p in pairs for i in p} & set(dead)
+
+
+def test_info_reads_no_vector(tmp_path):
+    """`clipdex info`'s index facts come from the manifest and the stamp: the index is not
+    loaded for them, and they agree with the loaded index's own."""
+    root = tmp_path / "lib"
+    with Library.open(root, create=True) as library:
+        ids = _store(library, _records(6))
+        library.compact()
+        _store(library, _records(3, start=20))
+        _remove(library, ids[:2])
+    with Library.open(root, read_only=True) as library:
+        facts = library.index_summary()
+        assert library._index is None  # nothing was read for them
+        assert facts == {"kind": "exact", "count": 7, "delta": 3, "tombstones": 2}
+        assert facts["count"] == len(library.index)

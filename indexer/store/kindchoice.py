@@ -19,11 +19,10 @@ vectors: no photo is decoded or encoded again.
 
 from __future__ import annotations
 
-import json
 import os
 
 from indexer.errors import ConfigError
-from indexer.store.vectorstore import DEFAULT_KIND, KINDS, describe_store, stamp_path
+from indexer.store.vectorstore import KINDS
 
 INDEX_CHOICES = ("auto", *sorted(KINDS))
 DEFAULT_CHOICE = "auto"
@@ -104,26 +103,7 @@ def repair_kind(library) -> str:
 
 
 def index_facts(library) -> dict:
-    """What `clipdex info` and /api/info show of the index: kind, count (for ivf nlist,
-    nprobe, the measured recall...) and the recorded choice. Read from the newest index
-    file's stamp, so neither info nor a no-op index reads the vectors; a library without
-    one (new, or an unstamped old file) describes the index it has in memory."""
-    facts = _stamp_facts(library.root)
-    if facts is None:
-        facts = describe_store(library.index)
-    return {**facts, "choice": recorded_choice(library.catalog)}
-
-
-def _stamp_facts(root) -> dict | None:
-    from indexer.store.library import _latest_index_file
-
-    _, path = _latest_index_file(root)
-    if path is None:
-        return None
-    try:
-        stamp = json.loads(stamp_path(path).read_bytes())
-        facts = {"kind": str(stamp.get("kind", DEFAULT_KIND)), "count": int(stamp["count"])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    params = stamp.get("params")
-    return {**facts, **(params if isinstance(params, dict) else {})}
+    """What `clipdex info` and /api/info show of the index: the store's own description
+    (kind, count; for ivf nlist, nprobe and measured recall; delta and tombstones), read
+    from the index's manifest and stamp without loading it, and the recorded choice."""
+    return {**library.index_summary(), "choice": recorded_choice(library.catalog)}

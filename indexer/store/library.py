@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import threading
@@ -58,14 +59,17 @@ from indexer.store.segments import (
     write_manifest,
 )
 from indexer.store.vectorstore import (
+    DEFAULT_KIND,
     STAMP_SUFFIX,
     UnstampedIndex,
     VectorStore,
     attach_source,
     build_store,
     damage_message,
+    describe_store,
     load_store,
     open_store,
+    stamp_path,
     verify_file,
 )
 
@@ -172,6 +176,27 @@ class Library:
         """The folder where a cluster run's result shards wait to be committed (created on
         first write; what is left there after a killed run is committed by the next one)."""
         return self.root / SHARD_DIR
+
+    def index_summary(self) -> dict:
+        """What `clipdex info` shows of the index (kind, count, the kind's build report,
+        delta and tombstones), from the manifest and the base's stamp when the index is not
+        loaded yet: no vector is read for it. The count is that of the last checkpoint."""
+        if self._index is not None:
+            return describe_store(self._index)
+        manifest = read_manifest(self.root)
+        if manifest is None:  # an older library: its newest index file alone
+            path = _latest_index_file(self.root)[1]
+            manifest = Manifest(-1, path.name if path else None, 0, EMBED_DIM)
+        facts = {"kind": DEFAULT_KIND, "count": 0}
+        if manifest.base is not None:
+            try:
+                stamp = json.loads(stamp_path(self.root / manifest.base).read_bytes())
+                facts = {"kind": stamp.get("kind", DEFAULT_KIND), "count": int(stamp["count"])}
+                facts.update(stamp.get("params") or {})
+            except (OSError, ValueError, KeyError, TypeError):
+                return describe_store(self.index)  # let the load say what is wrong
+        facts["count"] += manifest.rows - manifest.deleted
+        return {**facts, "delta": manifest.rows, "tombstones": manifest.deleted}
 
     def _index_path(self, generation: int) -> Path:
         return self.root / f"vectors.{generation}.faiss"

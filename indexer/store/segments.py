@@ -275,15 +275,12 @@ class SegmentedStore:
             attach(fetch)
 
     def describe(self) -> dict:
-        """What `clipdex info` shows: the base's own facts, the live count and the delta."""
+        """What `clipdex info` shows: the base's own facts, the live count, and the delta
+        rows and tombstones of the last checkpoint (as ``Library.index_summary`` reads them)."""
         describe = getattr(self.base, "describe", None)
         facts = describe() if describe is not None else {"kind": self.kind}
-        return {
-            **facts,
-            "count": len(self),
-            "delta": len(self.delta),
-            "tombstones": len(self._dead),
-        }
+        mine = self.manifest
+        return {**facts, "count": len(self), "delta": mine.rows, "tombstones": mine.deleted}
 
     @property
     def params(self) -> dict:
