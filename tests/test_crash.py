@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from indexer.store.library import Library
-from tests.clirun import generation
+from tests.clirun import generation, warm_model
 
 N_IMAGES = 36
 
@@ -67,6 +67,7 @@ def test_sigkill_mid_run_then_resume(tmp_path, spread_checkpoint):
         "--json",
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    warm_model(spread_checkpoint)  # the one-time export is not what a kill should land in
     for wanted_generation in (2, 5):
         process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 240
