@@ -392,3 +392,15 @@ def test_words_read_in_photos_find_them_first(tmp_path, fake_encoder):
                 firsts.append(top.id == ids[str(photo.path)] and "ocr" in top.matched["sources"])
             assert any(firsts[-len(photo.words) :]), photo  # every photo found by its words
     assert sum(firsts) >= 0.8 * len(firsts), firsts
+
+
+def test_fused_pages_page_and_sort_by_date(engine, texts_library):
+    _, ids = texts_library
+    whole = [r.id for r in search(engine, "italy receipt", k=12).results]
+    pages = [
+        r.id for o in (0, 4, 8) for r in search(engine, "italy receipt", k=4, offset=o).results
+    ]
+    assert pages == whole and len(set(whole)) == 12  # no repeat, no gap
+    dated = search(engine, "receipt", sort="date")  # a date sort implies the auto cut-off
+    assert dated.cutoff is not None and dated.total == len(dated.results)
+    assert {ids["img_03.jpg"], ids["img_07.jpg"]} <= {r.id for r in dated.results}
