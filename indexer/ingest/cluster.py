@@ -37,6 +37,7 @@ import numpy as np
 
 from indexer.errors import ClipdexError, ClusterUnavailable, ConfigError
 from indexer.fsutil import child_pythonpath, write_atomic
+from indexer.ingest import ocr as ocr_module
 from indexer.ingest.discover import FoundFile, resolve_root
 from indexer.ingest.pipeline import (
     HashMemo,
@@ -285,6 +286,12 @@ class ShardEncoder:
         self.options = options
         self.memo = HashMemo()  # contents this actor encoded (copies reuse them)
         self.pool = decode_pool(options, self.memo)  # its processes serve every shard
+        # The text-reading stage (OCR, when the mode and its gate choose it) runs here too,
+        # set up once per actor (the gate's prompt vectors are encoded once).
+        mode = ocr_module.check_mode(options.ocr)
+        self.ocr = ocr_module.make_stage(
+            mode, self.encoder, None, options.ocr_threshold, options.max_megapixels
+        )
         self.node = _node_name()
 
     def __del__(self) -> None:
@@ -305,7 +312,8 @@ class ShardEncoder:
         ]
         writer = _ShardWriter()
         report, progress = IndexReport(), Progress()
-        run_files(todo, self.memo, self.encoder, self.options, writer, report, progress, self.pool)
+        encoder, options = self.encoder, self.options
+        run_files(todo, self.memo, encoder, options, writer, report, progress, self.pool, self.ocr)
         return writer.table(dict(zip(columns["path"], columns["seq"])), self.node)
 
 
