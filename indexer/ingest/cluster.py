@@ -156,8 +156,10 @@ def index_on_cluster(
         writer.checkpoint(removed=work.vanished)
         report.removed = len(work.vanished)
         clear_shards(shards)
-        # The kind the library asks for (switch or re-train: from the catalog), as locally.
-        report.index_rebuilt = ensure_kind(library, check_choice(options.index_kind))
+        # The kind the library asks for (switch or re-train: from the catalog), as locally:
+        # a run that changed nothing and names no kind does not read the index for it.
+        if writer.wrote or options.index_kind is not None:
+            report.index_rebuilt = ensure_kind(library, check_choice(options.index_kind))
     report.failed = len(report.failures)
     report.seconds = time.monotonic() - started
     return report
