@@ -288,6 +288,11 @@ class SegmentedStore:
         return getattr(self.base, "params", {})
 
     @property
+    def mmapped(self) -> bool:
+        """Whether the base is mapped read-only from its file (the delta is always in memory)."""
+        return bool(getattr(self.base, "mmapped", False))
+
+    @property
     def near_pairs(self):
         """``near_pairs(radius, allowed_ids)`` over base + delta - tombstones when the
         base's kind finds near pairs through its own structure (ivf), else None."""
