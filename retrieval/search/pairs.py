@@ -47,7 +47,9 @@ class RawPairs:
 
     def faces(self, catalog) -> dict[int, int]:
         """``{raw_id: face_id}`` for every RAW whose face is in the library."""
-        generation = (id(catalog), catalog.generation(), catalog.count())
+        # Every write that adds, removes or moves a row bumps the generation; counting the
+        # rows as well would cost a scan of the catalog on every query (~20 ms at 100k).
+        generation = (id(catalog), catalog.generation())
         with self._lock:
             if generation != self._generation:
                 self._faces = find_faces(catalog)
