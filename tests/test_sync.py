@@ -373,6 +373,7 @@ def test_cli_watch_indexes_changes_until_ctrl_c(photo_folder, tmp_path, monkeypa
     batches = [json.loads(line) for line in result.stdout.splitlines()]
     # Every batch before the last printed its line (the last may be cut by the Ctrl-C).
     assert sum(b["indexed"] for b in batches) == 7 and batches[0]["number"] == 1
+    assert "stopping after the current step" in result.stderr  # Ctrl-C set the stop flag
     assert "stopped after" in result.stderr
     assert count() == 6  # the deleted photo left
 

@@ -426,9 +426,10 @@ def watch(
         )
         what = ", ".join(display(str(root)) for root in syncer.roots)
         note(Text(f"watching {what} (library {photos.root}); Ctrl-C stops"), quiet)
-        # Ctrl-C is how a watch ends (and `kill` stops it after the current step): the
-        # library keeps its last checkpoint either way.
-        with contextlib.suppress(KeyboardInterrupt), stop_on_sigterm() as stop:
+        # Ctrl-C is how a watch ends: the first stops it after the current step (a flag, so
+        # no finaliser or library code can swallow it), a second one at once; `kill` is
+        # the first. The library keeps its last checkpoint either way.
+        with contextlib.suppress(KeyboardInterrupt), stop_on_signals(quiet) as stop:
             syncer.run(stop)
     status = syncer.status()
     note(
@@ -441,17 +442,27 @@ def watch(
 
 
 @contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[threading.Event]:
-    """An event SIGTERM sets for the block (in the main thread; elsewhere it stays unset)."""
+def stop_on_signals(quiet: bool = False) -> Iterator[threading.Event]:
+    """An event SIGTERM or a first Ctrl-C sets for the block; a second Ctrl-C raises
+    KeyboardInterrupt as usual. Only in the main thread (elsewhere the event stays unset)."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def interrupt(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        note(Text("stopping after the current step (Ctrl-C again to stop now)"), quiet)
+
+    previous_term = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    previous_int = signal.signal(signal.SIGINT, interrupt)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def print_batch(record, report, json_out: bool, quiet: bool) -> None:
