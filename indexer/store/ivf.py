@@ -39,8 +39,6 @@ from __future__ import annotations
 import errno
 import json
 import math
-import os
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,9 +48,8 @@ import faiss
 import numpy as np
 
 from indexer.errors import LibraryDamaged, LibraryError
-from indexer.fsutil import write_atomic
 from indexer.model.identity import EMBED_DIM
-from indexer.store.vectors import fsync_dir, write_error
+from indexer.store.vectors import save_faiss_index
 from indexer.store.vectorstore import (
     check_stamp,
     damage_message,
@@ -244,37 +241,16 @@ class IVFIndex:
 
     def save(self, path: Path) -> None:
         """Write atomically with a stamp (which carries the build report); see the protocol."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                stamp = self._write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            write_atomic(stamp_path(path), json.dumps(stamp).encode())
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as exc:
-            Path(tmp).unlink(missing_ok=True)
-            raise write_error(exc, path) from exc
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
-
-    def _write(self, handle) -> dict:
-        state = {"size": 0, "crc32": 0}
-
-        def sink(chunk: bytes) -> None:
-            handle.write(chunk)
-            state["size"] += len(chunk)
-            state["crc32"] = zlib.crc32(chunk, state["crc32"])
-
-        writer = faiss.PyCallbackIOWriter(sink)
         # An untrained store is written as an untrained one-list index: loads back empty.
-        faiss.write_index(self.index if self.index is not None else _new_index(self.dim, 1), writer)
-        del writer  # flushes FAISS's buffer into ``sink``
-        stamp = make_stamp(self.kind, len(self), self.dim, state["size"], state["crc32"])
-        return {**stamp, "params": self.params}
+        index = self.index if self.index is not None else _new_index(self.dim, 1)
+        save_faiss_index(
+            path,
+            index,
+            lambda size, crc: {
+                **make_stamp(self.kind, len(self), self.dim, size, crc),
+                "params": self.params,
+            },
+        )
 
     def in_memory(self) -> IVFIndex:
         """A writable copy of a mapped index (self when not mapped): FAISS cannot change

@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -84,36 +85,11 @@ class VectorIndex:
         Any write failure removes the temporary files and raises :class:`DiskFull` (no
         space) or :class:`LibraryError`; the files already in place are never touched.
         """
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                stamp = self._write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            write_atomic(stamp_path(path), json.dumps(stamp).encode())
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as exc:
-            Path(tmp).unlink(missing_ok=True)
-            raise write_error(exc, path) from exc
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
-
-    def _write(self, handle) -> dict:
-        """Serialise into ``handle`` through Python, so every write error surfaces."""
-        state = {"size": 0, "crc32": 0}
-
-        def sink(chunk: bytes) -> None:
-            handle.write(chunk)
-            state["size"] += len(chunk)
-            state["crc32"] = zlib.crc32(chunk, state["crc32"])
-
-        writer = faiss.PyCallbackIOWriter(sink)
-        faiss.write_index(self.index, writer)
-        del writer  # flushes FAISS's buffer into ``sink``
-        return make_stamp(self.kind, len(self), self.dim, state["size"], state["crc32"])
+        save_faiss_index(
+            path,
+            self.index,
+            lambda size, crc: make_stamp(self.kind, len(self), self.dim, size, crc),
+        )
 
     def in_memory(self) -> VectorIndex:
         """A writable copy of a memory-mapped index (self when not mapped).
@@ -204,6 +180,46 @@ def set_search_threads(count: int) -> None:
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def save_faiss_index(path: Path, index: faiss.Index, stamp: Callable[[int, int], dict]) -> None:
+    """Write ``index`` to ``path`` atomically with its stamp, for every FAISS-based kind:
+    temporary file, fsync, stamp renamed, index renamed. ``stamp(size, crc32)`` makes the
+    stamp from the bytes written. Any write failure removes the temporary file and raises
+    :class:`DiskFull` or :class:`LibraryError`; the files already in place are never touched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            size, crc = _write_through_python(index, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        write_atomic(stamp_path(path), json.dumps(stamp(size, crc)).encode())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(exc, path) from exc
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _write_through_python(index: faiss.Index, handle) -> tuple[int, int]:
+    """Serialise into ``handle`` through Python, so every write error surfaces; returns
+    (bytes written, their CRC-32)."""
+    state = {"size": 0, "crc32": 0}
+
+    def sink(chunk: bytes) -> None:
+        handle.write(chunk)
+        state["size"] += len(chunk)
+        state["crc32"] = zlib.crc32(chunk, state["crc32"])
+
+    writer = faiss.PyCallbackIOWriter(sink)
+    faiss.write_index(index, writer)
+    del writer  # flushes FAISS's buffer into ``sink``
+    return state["size"], state["crc32"]
 
 
 def write_error(exc: BaseException, path: Path) -> LibraryError:
