@@ -117,3 +117,12 @@ class ClusterUnavailable(ClipdexError):
 
     code = "cluster_unavailable"
     http_status = 503
+
+
+class ObjectStoreError(ClipdexError):
+    """An object-storage URI (s3://, gs://) cannot be listed or read: no credentials, no
+    such bucket, access denied, an endpoint that does not answer. The message names the URI
+    and what to set."""
+
+    code = "object_store_unavailable"
+    http_status = 502

@@ -237,7 +237,7 @@ class Collection:
         held = library.locked
         library.acquire_lock()  # a second writer is refused now, not after loading the model
         try:
-            roots = [Path(p).expanduser() for p in _as_list(paths)]
+            roots = [_root_arg(p) for p in _as_list(paths)]
             if cluster is not None:
                 from indexer.ingest.cluster import index_on_cluster
 
@@ -590,6 +590,14 @@ def _as_list(values: Any) -> list:
     if isinstance(values, str | bytes | os.PathLike | int):
         return [values]
     return list(values or ())
+
+
+def _root_arg(path: str | os.PathLike) -> str | Path:
+    """A folder or file to index; a URI (``s3://bucket/prefix``) stays as written (a Path
+    would fold its ``//``): :func:`indexer.ingest.discover.resolve_root` reads it."""
+    if isinstance(path, str) and "://" in path:
+        return path
+    return Path(path).expanduser()
 
 
 def _progress(progress: Progress | ProgressCallback | None) -> Progress | None:

@@ -24,7 +24,9 @@ Starlette and uvicorn only in the server; typer and rich only in the CLI; watchf
 the sync's event source (indexer/ingest/watch.py); rawpy (LibRaw) only in ingest/raw.py and
 pillow_jxl only in ingest/jxl.py; PyAV (``av``) only in the video decoder (ingest/video.py);
 Ray and pyarrow only in the cluster path (ingest/cluster.py), and only once ``--cluster`` is
-given (a test imports the CLI, the server and that module and finds neither loaded).
+given (a test imports the CLI, the server and that module and finds neither loaded);
+pyarrow's file systems also in ingest/objectstore.py, only once an s3:// or gs:// URI is
+indexed or served.
 RapidOCR (and OpenCV, which it brings) only in the OCR engine (model/ocr.py).
 """
 
@@ -82,7 +84,8 @@ THIRD_PARTY = {
     "pillow_jxl": ("indexer/ingest/jxl.py",),  # JPEG XL (libjxl) Pillow plugin
     "av": ("indexer/ingest/video.py",),  # PyAV (FFmpeg): video frames
     "ray": ("indexer/ingest/cluster.py",),  # Ray Data: `clipdex index --cluster`
-    "pyarrow": ("indexer/ingest/cluster.py",),  # the cluster's shards (comes with ray[data])
+    # The cluster's shards, and object storage (s3://, gs://) through pyarrow.fs.
+    "pyarrow": ("indexer/ingest/cluster.py", "indexer/ingest/objectstore.py"),
     "rapidocr_onnxruntime": ("indexer/model/ocr.py",),  # OCR (PP-OCR models in the wheel)
     "cv2": ("indexer/model/ocr.py",),  # OpenCV: RapidOCR's dependency, used for its resize
 }
@@ -292,11 +295,14 @@ def test_child_processes_import_this_copy_of_the_packages():
 
 
 def test_ray_is_imported_only_when_a_cluster_is_asked_for():
-    """The CLI, the server, the pipeline and even the cluster module itself load without
-    Ray or pyarrow: only connecting to a cluster imports them (cold start, install size)."""
+    """The CLI, the server, the pipeline and even the cluster and object-storage modules
+    load without Ray or pyarrow: only connecting to a cluster or reading a URI imports them
+    (cold start, install size)."""
     code = (
         "import sys, retrieval.cli.app, retrieval.server.state, indexer.ingest.pipeline, "
-        "indexer.ingest.cluster\n"
+        "indexer.ingest.cluster, indexer.ingest.objectstore, retrieval.server.api\n"
+        "from indexer.ingest.discover import resolve_root\n"
+        "resolve_root('.')\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'pyarrow'}))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -37,6 +37,7 @@ import numpy as np
 
 from indexer.errors import ClipdexError, ClusterUnavailable, ConfigError
 from indexer.fsutil import child_pythonpath, write_atomic
+from indexer.ingest import objectstore
 from indexer.ingest import ocr as ocr_module
 from indexer.ingest.discover import FoundFile, resolve_root
 from indexer.ingest.pipeline import (
@@ -217,7 +218,11 @@ def _run_on_cluster(
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
         num_cpus=cpus,
         num_gpus=gpus,
-        fn_constructor_kwargs={"make_encoder": make_encoder, "options": worker_options},
+        fn_constructor_kwargs={
+            "make_encoder": make_encoder,
+            "options": worker_options,
+            "store_env": objectstore.forwarded_env(),  # s3:// settings, as here
+        },
     )
     run = f"{int(time.time() * 1000):x}"
     results = dataset.iter_batches(batch_size=None, batch_format="pyarrow")
@@ -279,7 +284,15 @@ class ShardEncoder:
     """A Ray Data actor: loads the model once, then turns one shard of files per call into
     result rows through the local pipeline's :func:`run_files`."""
 
-    def __init__(self, make_encoder: EncoderSource, options: IndexOptions) -> None:
+    def __init__(
+        self,
+        make_encoder: EncoderSource,
+        options: IndexOptions,
+        store_env: dict[str, str] | None = None,
+    ) -> None:
+        # How the coordinator reaches object storage (s3:// files): this actor and its
+        # decode processes read the objects the same way.
+        os.environ.update(store_env or {})
         is_factory = callable(make_encoder) and not hasattr(make_encoder, "encode_images")
         self.encoder = make_encoder() if is_factory else make_encoder
         prepare = getattr(self.encoder, "prepare", None)

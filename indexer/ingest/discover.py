@@ -19,6 +19,7 @@ from pathlib import Path
 
 from indexer.errors import ConfigError
 from indexer.fsutil import file_key
+from indexer.ingest import objectstore
 from indexer.ingest.decode import IMAGE_SUFFIXES
 from indexer.ingest.video import VIDEO_SUFFIXES
 
@@ -45,8 +46,15 @@ class Discovery:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def resolve_root(path: str | os.PathLike) -> Path:
-    """An existing folder or file as an absolute path; a clear error otherwise."""
+Root = Path | objectstore.UriRoot  # a local folder or file, or an object-storage URI
+
+
+def resolve_root(path: str | os.PathLike) -> Root:
+    """An existing folder or file as an absolute path, or an object-storage URI
+    (``s3://bucket/prefix``: listed through :mod:`indexer.ingest.objectstore`); a clear
+    error otherwise."""
+    if objectstore.scheme_of(path) is not None:  # s3://, gs://; an unknown scheme is refused
+        return objectstore.resolve(path)
     root = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     if not root.exists():
         raise ConfigError(f"{path} does not exist: pass an existing folder or image file")
@@ -68,13 +76,15 @@ def is_excluded(path: str, root: str, excludes: Sequence[str]) -> bool:
 
 
 def discover(
-    root: Path, excludes: Sequence[str] = (), within: Sequence[str] = ()
+    root: Root, excludes: Sequence[str] = (), within: Sequence[str] = ()
 ) -> Discovery:
     """Every image file under ``root`` (or ``root`` itself when it is a file).
 
     With ``within`` (real, resolved folder paths: the server's --index-root), a symlink
     whose target lies outside all of them is reported and not followed.
     """
+    if isinstance(root, objectstore.UriRoot):
+        return discover_uri(root, excludes)
     found = Discovery()
     if root.is_file():
         real = os.path.realpath(root)
@@ -83,6 +93,35 @@ def discover(
     seen_dirs: set[tuple[int, int]] = set()
     for path, real in _walk(str(root), seen_dirs, found, tuple(within)):
         _add_file(found, path, real, str(root), excludes, explicit=False)
+    return found
+
+
+def discover_uri(root: objectstore.UriRoot, excludes: Sequence[str] = ()) -> Discovery:
+    """Every image object under a URI prefix (or the object itself), by the rules of a
+    folder walk: hidden names skipped, ``--exclude`` globs on the key below the root, the
+    order of a walk (key by key, name by name). Objects have no device, inode or real path."""
+    found = Discovery()
+    if root.is_file():
+        try:
+            size, mtime_ns = objectstore.stat(root.uri) or (0, 0)
+        except OSError as exc:
+            raise objectstore.translate(exc, root.uri) from exc
+        found.files.append(FoundFile(root.uri, size, mtime_ns))
+        return found
+    listed = []
+    for uri, size, mtime_ns in objectstore.list_files(root):
+        names = uri[len(root.uri) + 1 :].split("/")
+        if any(name.startswith(".") for name in names) or not _has_image_suffix(uri):
+            continue
+        if excludes and any(
+            fnmatch.fnmatch("/".join(names), glob)
+            or fnmatch.fnmatch(uri, glob)
+            or fnmatch.fnmatch(names[-1], glob)
+            for glob in excludes
+        ):
+            continue
+        listed.append((names, FoundFile(uri, size, mtime_ns)))
+    found.files = [file for _, file in sorted(listed, key=lambda entry: entry[0])]
     return found
 
 

@@ -25,14 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from indexer.fsutil import file_key
+from indexer.ingest import objectstore
 from indexer.ingest import ocr as ocr_module
 from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS
 from indexer.ingest.discover import (
     FoundFile,
+    Root,
     discover,
     has_indexable_suffix,
     resolve_root,
 )
+from indexer.ingest.objectstore import is_uri
 from indexer.ingest.ocr import OcrStage, OcrStats
 from indexer.ingest.workers import DEFAULT_DECODER, DecodeLimits, DecodePool, Outcome
 from indexer.model.identity import Encoder
@@ -142,7 +145,7 @@ def is_unchanged(state: FileState | None, item: FoundFile) -> bool:
 
 
 def plan(
-    library: Library, roots: Iterable[Path], excludes: Sequence[str], within: Sequence[str] = ()
+    library: Library, roots: Iterable[Root], excludes: Sequence[str], within: Sequence[str] = ()
 ) -> _Plan:
     """Split what is on disk into unchanged, to do and vanished, by path, size, mtime and
     identity; unchanged rows from before the catalog kept identities get theirs."""
@@ -540,6 +543,8 @@ def _unstable(found: FoundFile) -> str | None:
     recorded as failed (and so retried by the next run) instead of stored under a stale stat.
     A change after this check is caught by the next run, which sees a stat that differs.
     """
+    if is_uri(found.path):
+        return _unstable_object(found)
     try:
         stat = os.stat(found.path)
     except FileNotFoundError:
@@ -551,6 +556,19 @@ def _unstable(found: FoundFile) -> str | None:
         now += file_key(stat)
     if now != (found.size, found.mtime_ns, found.device, found.inode)[: len(now)]:
         return "the file changed while being indexed: index it again once it is complete"
+    return None
+
+
+def _unstable_object(found: FoundFile) -> str | None:
+    """:func:`_unstable` for an object in object storage: its size and LastModified."""
+    try:
+        now = objectstore.stat(found.path)
+    except OSError:
+        return None  # the worker's reason says more
+    if now is None:
+        return "the object disappeared while being indexed"
+    if now != (found.size, found.mtime_ns):
+        return "the object changed while being indexed: index it again once it is complete"
     return None
 
 

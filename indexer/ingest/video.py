@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from indexer.errors import ClipdexError, DecodeError, ImageTooLarge
+from indexer.ingest import objectstore
 from indexer.ingest.decode import MODEL_IMAGE_SIZE, to_model_input
 
 # fmt: off
@@ -123,10 +124,12 @@ def sample_video(
     av = _pyav()
 
     sampling = sampling or Sampling()
-    if os.path.getsize(path) == 0:
+    # A video in object storage (s3://) is read where FFmpeg seeks, never downloaded whole.
+    remote = objectstore.open_input(path) if objectstore.is_uri(path) else None
+    if (remote.size() if remote is not None else os.path.getsize(path)) == 0:
         raise DecodeError("empty file (0 bytes)")
     try:
-        with av.open(os.fspath(path), metadata_errors="ignore") as container:
+        with av.open(remote or os.fspath(path), metadata_errors="ignore") as container:
             return _sample(container, path, sampling, max_megapixels)
     except ClipdexError:
         raise
@@ -141,6 +144,9 @@ def sample_video(
         raise
     except Exception as exc:  # the boundary: every failure becomes a reason
         raise DecodeError(f"cannot decode the video: {_first_line(exc)}") from exc
+    finally:
+        if remote is not None:
+            remote.close()
 
 
 def decode_video_file(path: str, max_megapixels: float) -> tuple[np.ndarray, dict]:

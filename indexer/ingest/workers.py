@@ -37,8 +37,10 @@ import numpy as np
 
 from indexer.errors import ClipdexError
 from indexer.fsutil import child_pythonpath
+from indexer.ingest import objectstore
 from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS, decode_for_model, describe_failure
 from indexer.ingest.discover import FoundFile
+from indexer.ingest.objectstore import is_uri
 from indexer.ingest.video import is_video_path
 
 DEFAULT_DECODER = "indexer.ingest.workers:decode_file"
@@ -115,6 +117,9 @@ def _serve_one(path: str, inbox, outbox, decoder: Callable, limits: DecodeLimits
     except OSError as exc:
         outbox.send(("failed", _read_failure(exc, path)))
         return
+    except ClipdexError as exc:  # an object store that cannot be reached at all
+        outbox.send(("failed", str(exc)))
+        return
     outbox.send(("hashed", sha256))
     if inbox.recv() != "decode":
         return
@@ -135,7 +140,13 @@ def _serve_one(path: str, inbox, outbox, decoder: Callable, limits: DecodeLimits
 
 def _read_and_hash(path: str) -> tuple[bytes | None, str]:
     """The file's bytes and their SHA-256; a video (often gigabytes) is hashed in chunks
-    and its bytes are not kept (None): its decoder reads the file itself."""
+    and its bytes are not kept (None): its decoder reads the file itself. A URI
+    (s3://, gs://) is read from its object store."""
+    if is_uri(path):
+        if not is_video_path(path):
+            data = objectstore.read_bytes(path)
+            return data, hashlib.sha256(data).hexdigest()
+        return None, hash_file(path)
     with open(path, "rb") as handle:
         if not is_video_path(path):
             data = handle.read()
@@ -149,6 +160,10 @@ def _read_and_hash(path: str) -> tuple[bytes | None, str]:
 def hash_file(path: str) -> str:
     """The SHA-256 of a file's content, read in chunks (the same digest the workers take)."""
     digest = hashlib.sha256()
+    if is_uri(path):
+        for chunk in objectstore.iter_chunks(path):
+            digest.update(chunk)
+        return digest.hexdigest()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
@@ -156,6 +171,8 @@ def hash_file(path: str) -> str:
 
 
 def _read_failure(exc: OSError, path: str) -> str:
+    if is_uri(path):
+        return objectstore.read_failure(exc, path)
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return describe_failure(exc, path)
     return f"cannot read file: {exc.strerror or exc}"

@@ -235,6 +235,42 @@ def _value(choice: Enum | None) -> str | None:
     return choice.value if choice is not None else None
 
 
+S3EndpointOpt = Annotated[
+    str | None,
+    _opt(
+        "--s3-endpoint",
+        envvar="CLIPDEX_S3_ENDPOINT",
+        help="For s3:// paths: the URL of an S3-compatible server (MinIO, Ceph), e.g. "
+        "http://127.0.0.1:9000 (default: AWS_ENDPOINT_URL, else AWS itself). Credentials: "
+        "AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY or AWS_PROFILE.",
+    ),
+]
+S3RegionOpt = Annotated[
+    str | None,
+    _opt(
+        "--s3-region",
+        envvar="CLIPDEX_S3_REGION",
+        help="For s3:// paths: the bucket's region (default: AWS_REGION).",
+    ),
+]
+S3AnonymousOpt = Annotated[
+    bool,
+    _opt(
+        "--s3-anonymous",
+        envvar="CLIPDEX_S3_ANONYMOUS",
+        help="For s3:// and gs:// paths: unsigned requests (a public bucket, no credentials).",
+    ),
+]
+
+
+def object_store_settings(endpoint: str | None, region: str | None, anonymous: bool) -> None:
+    """Hand the object-storage flags to every reader (decode workers, Ray actors) through
+    this process's environment; nothing of pyarrow is imported."""
+    from indexer.ingest.objectstore import apply_settings
+
+    apply_settings(endpoint, region, anonymous)
+
+
 OcrOpt = Annotated[
     str,
     typer.Option(
@@ -250,7 +286,13 @@ OcrOpt = Annotated[
 # -- commands ------------------------------------------------------------------------------
 @cli_command
 def index(
-    paths: Annotated[list[Path], typer.Argument(help="Folders or image files to index.")],
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            help="Folders or image files to index, or object-storage URIs: s3://bucket/prefix, "
+            "gs://bucket/prefix (the catalog stores the URI; see --s3-endpoint).",
+        ),
+    ],
     exclude: Annotated[
         list[str] | None,
         typer.Option("--exclude", help="Glob of paths to skip (repeatable), e.g. '*/raw/*'."),
@@ -291,6 +333,9 @@ def index(
         int,
         typer.Option(min=1, max=100_000, help="With --cluster: files per shard (and commit)."),
     ] = 64,
+    s3_endpoint: S3EndpointOpt = None,
+    s3_region: S3RegionOpt = None,
+    s3_anonymous: S3AnonymousOpt = False,
     ocr: OcrOpt = "auto",
     ocr_threshold: Annotated[
         float,
@@ -335,6 +380,7 @@ def index(
     )
     if workers:
         options.workers = workers
+    object_store_settings(s3_endpoint, s3_region, s3_anonymous)
     bar = BarProgress(stderr, enabled=not (json_out or quiet))
     photos = open_collection(library, weights, device, backend, cache_dir, quiet=quiet)
     on_cluster = None
@@ -928,6 +974,9 @@ def serve(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    s3_endpoint: S3EndpointOpt = None,
+    s3_region: S3RegionOpt = None,
+    s3_anonymous: S3AnonymousOpt = False,
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
@@ -944,6 +993,7 @@ def serve(
 
     if poll is not None and not watch_folder:
         fail("--poll applies to the --watch folders: add --watch FOLDER, or drop --poll")
+    object_store_settings(s3_endpoint, s3_region, s3_anonymous)  # photos indexed from URIs
     settings = Settings(
         library=library if library is not None else default_library_dir(),
         weights=weights,

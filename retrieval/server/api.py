@@ -11,6 +11,7 @@ import mimetypes
 import os
 from enum import IntEnum
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
@@ -24,7 +25,9 @@ from retrieval.server.jobs import IndexJob
 from retrieval.server.originals import (
     CataloguedFileResponse,
     RangeCheckedFileResponse,
+    is_object,
     open_catalogued,
+    read_object,
 )
 from retrieval.server.refine import Options, page_fields
 from retrieval.server.schemas import (
@@ -201,12 +204,22 @@ def image_file(state: State, image_id: ImageId) -> FileResponse:
     index"), never with its bytes, and the photo is queued for re-indexing.
     """
     row = state.image_row(image_id)
+    name = display(os.path.basename(row["path"]))  # a header: printable text
+    if is_object(row):  # indexed from s3:// or gs://: streamed from the object store
+        return Response(
+            read_object(row, state.queue_reindex),
+            media_type=media_type(row),
+            headers={
+                "Cache-Control": "private, max-age=3600",
+                "Content-Disposition": f"inline; filename*=utf-8''{quote(name)}",
+            },
+        )
     fd, stat = open_catalogued(row, state.queue_reindex)
     return CataloguedFileResponse(
         fd,
         stat,
         media_type=media_type(row),
-        filename=display(os.path.basename(row["path"])),  # a header: printable text
+        filename=name,
         content_disposition_type="inline",
         headers={"Cache-Control": "private, max-age=3600"},
     )

@@ -24,6 +24,7 @@ window between the check and the read.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 import weakref
@@ -35,6 +36,7 @@ from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSati
 from starlette.types import Receive, Scope, Send
 
 from indexer.fsutil import file_key
+from indexer.ingest import objectstore
 from retrieval.server.errors import FileChanged, FileUnavailable, error_response
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -74,6 +76,35 @@ def open_catalogued(row: dict, on_changed: OnChanged | None = None) -> tuple[int
             on_changed(row, exc.reason)
         raise
     return fd, result
+
+
+def is_object(row: dict) -> bool:
+    """Whether the row's photo was indexed from object storage (its path is a URI)."""
+    return objectstore.is_uri(row["path"])
+
+
+def read_object(row: dict, on_changed: OnChanged | None = None) -> bytes:
+    """The bytes of a photo indexed from object storage (``s3://``, ``gs://``), read
+    through :mod:`indexer.ingest.objectstore` with the server's settings.
+
+    The bytes read are checked against the catalogued content hash, so an object replaced
+    since it was indexed is :class:`FileChanged` (and queued for re-indexing), never served.
+    A gone object is :class:`FileUnavailable`; a store that cannot be reached at all is
+    :class:`~indexer.errors.ObjectStoreError` (502, naming the URI and what to set).
+    """
+    image_id, uri = row["id"], row["path"]
+    try:
+        data = objectstore.read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise FileUnavailable(f"the object of photo {image_id} is gone ({uri}): {REINDEX}") from exc
+    except OSError as exc:
+        raise objectstore.translate(exc, uri) from exc
+    if row.get("sha256") and hashlib.sha256(data).hexdigest() != row["sha256"]:
+        exc = _changed(image_id, "another object is at its URI now (content differs)")
+        if on_changed is not None:
+            on_changed(row, exc.reason)
+        raise exc
+    return data
 
 
 def serving_path(row: dict) -> str:

@@ -29,7 +29,13 @@ from indexer.errors import DecodeError
 from indexer.ingest.decode import MODEL_IMAGE_SIZE, open_rgb
 from indexer.ingest.video import frame_at
 from retrieval.server.errors import FileChanged, FileUnavailable
-from retrieval.server.originals import OnChanged, check_is_catalogued, open_catalogued
+from retrieval.server.originals import (
+    OnChanged,
+    check_is_catalogued,
+    is_object,
+    open_catalogued,
+    read_object,
+)
 
 log = logging.getLogger("clipdex.server")
 
@@ -89,6 +95,8 @@ class ThumbnailCache:
         video = row.get("kind") == "video"
         if video and at is None:
             at = float(row.get("frame_time") or 0.0)
+        if is_object(row):
+            return self._get_object(row, size, if_none_match, at)
         fd, opened = open_catalogued(row, self.on_changed)
         with os.fdopen(fd, "rb") as handle:
             key = self.key(row, opened)
@@ -108,6 +116,29 @@ class ThumbnailCache:
                     source = handle.read()
                     self._check_unchanged(row, opened, os.fstat(handle.fileno()))
                     data = self.render(source, size, row["id"], name=row["path"])
+        self._store(cached, data)
+        return Thumbnail(etag, data=data)
+
+    def _get_object(self, row: dict, size: int, if_none_match: str, at: float | None) -> Thumbnail:
+        """:meth:`get` for a photo indexed from object storage: the object is read (and its
+        content checked against the catalogued hash) unless the client or the cache already
+        has the thumbnail of the object as catalogued (hash, URI, size and LastModified)."""
+        stamp = f"{row['sha256']}:{row['path']}:{row['size']}:{row['mtime_ns']}"
+        if at is not None:
+            stamp += f"@{at:.3f}"
+        key = hashlib.sha256(stamp.encode()).hexdigest()[:40]
+        etag = f'"{key[:24]}-{size}"'
+        if etag_matches(if_none_match, etag):
+            return Thumbnail(etag, not_modified=True)
+        cached = self.cache_path(key, size)
+        if cached.is_file():
+            return Thumbnail(etag, path=cached)
+        source = read_object(row, self.on_changed)
+        with self.slots:
+            if at is not None:
+                data = self.render_frame(io.BytesIO(source), at, size, row["id"])
+            else:
+                data = self.render(source, size, row["id"], name=row["path"])
         self._store(cached, data)
         return Thumbnail(etag, data=data)
 
