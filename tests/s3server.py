@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import corpus_dir
+from tests.videogen import write_video
 
-GOOD, BROKEN = 6, 1  # corpus photos that index, and a file the MANIFEST says must fail
+PHOTOS, BROKEN = 6, 1  # corpus photos that index, and a file the MANIFEST says must fail
+GOOD = PHOTOS + 1  # and a short video made of two of them
 
 
 @dataclass
@@ -64,9 +66,11 @@ def s3_server() -> Iterator[S3Server]:
         server.stop()
 
 
-def sample_folder(target: Path) -> Path:
-    """A few small real corpus photos (one in a sub-folder), a file that must fail, and a
-    hidden file that is skipped: what the tests upload and index locally for comparison."""
+def sample_folder(target: Path, video: bool = True) -> Path:
+    """A few small real corpus photos (some in a sub-folder), a short video, a file that
+    must fail, and a hidden file that is skipped: what the tests upload, and index locally
+    for comparison. ``video=False``: no video (a local run gives a video its id when it is
+    decoded, before the photos of its batch; a cluster run in discovery order)."""
     import csv
 
     corpus = corpus_dir()
@@ -82,10 +86,12 @@ def sample_folder(target: Path) -> Path:
                 good.append(path)
             elif row["expected"].startswith("should-reject") and path.suffix.lower() == ".png":
                 broken.append(path)
-    picked = sorted(good)[:GOOD] + sorted(broken)[:BROKEN]
+    picked = sorted(good)[:PHOTOS] + sorted(broken)[:BROKEN]
     for i, path in enumerate(picked):
         folder = target / ("sub" if i % 3 == 2 else "")
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, folder / f"{i:02d}_{path.name}")
     (target / ".hidden.jpg").write_bytes(picked[0].read_bytes())
+    if video:
+        write_video(target / "sub" / "clip.mp4", picked[:2], 1.0, size=(96, 64))
     return target

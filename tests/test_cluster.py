@@ -112,6 +112,42 @@ def test_cluster_builds_the_same_library_as_a_local_run(
         np.testing.assert_allclose(remote_vector, vector, atol=2e-5)
 
 
+def test_cluster_indexes_a_bucket_as_a_local_run_indexes_the_folder(
+    ray_cluster, tmp_path, monkeypatch
+):
+    """s3:// on the cluster: the coordinator lists the bucket (a local S3 server, moto), the
+    actors read the objects with the coordinator's settings; same library as a local run of
+    the same files, with the URIs as paths."""
+    from tests.s3server import BROKEN as S3_BROKEN
+    from tests.s3server import PHOTOS as S3_PHOTOS
+    from tests.s3server import s3_server, sample_folder
+
+    folder = sample_folder(tmp_path / "sample", video=False)
+    with s3_server() as s3:
+        for name, value in s3.environ().items():
+            monkeypatch.setenv(name, value)
+        s3.client.create_bucket(Bucket="photos")
+        s3.upload(folder, "photos", "trip")
+        one = IndexOptions(workers=1)
+        with Collection.open(tmp_path / "local", encoder=FakeEncoder()) as photos:
+            local = photos.index(folder, one)
+        cluster = ClusterOptions(ray_cluster.address, shard_size=3, encoder_source=FakeEncoder())
+        with Collection.open(tmp_path / "ray", encoder=FakeEncoder()) as photos:
+            remote = photos.index("s3://photos/trip", one, cluster=cluster)
+
+    expected = (S3_PHOTOS, S3_BROKEN)
+    assert (remote.indexed, remote.failed) == (local.indexed, local.failed) == expected
+    local_rows, local_failures = library_rows(tmp_path / "local")
+    remote_rows, remote_failures = library_rows(tmp_path / "ray")
+    cut = len(str(folder))
+    assert {"s3://photos/trip" + p[cut:]: e for p, e in local_failures.items()} == remote_failures
+    assert {"s3://photos/trip" + p[cut:] for p in local_rows} == set(remote_rows)
+    for path, (*fields, vector) in local_rows.items():
+        *remote_fields, remote_vector = remote_rows["s3://photos/trip" + path[cut:]]
+        assert remote_fields == fields, path  # same id, hash and metadata
+        np.testing.assert_allclose(remote_vector, vector, atol=2e-5)
+
+
 def cli_index(folder: Path, library: Path, address: str, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "retrieval.cli", "index", str(folder), "--json"]
     command += ["--library", str(library), "--cluster", address, "--shard-size", "2", *extra]
