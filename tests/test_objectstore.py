@@ -146,6 +146,10 @@ def test_search_shows_the_uri_and_the_server_streams_the_object(
     with Collection.open(root, encoder=fake_encoder) as photos:
         hits = photos.similar(str(first), SearchOptions(k=1)).results
     assert hits[0].path == target
+    with Collection.open(root, encoder=fake_encoder) as photos:
+        only_sub = SearchOptions(k=50, folders=(f"{uri}/sub/",))
+        under = photos.search("x", options=only_sub).results
+    assert under and all(hit.path.startswith(f"{uri}/sub/") for hit in under)
 
     with served(root, fake_encoder) as (_, http):
         hit = next(

@@ -203,8 +203,11 @@ def parse_formats(values: Iterable[str]) -> tuple[str, ...]:
 
 
 def folder_pattern(text: str, cwd: str | None = None) -> str:
-    """An absolute folder or glob: ``~`` expanded, relative ones joined to ``cwd``."""
+    """An absolute folder or glob: ``~`` expanded, relative ones joined to ``cwd``; a URI
+    prefix (``s3://bucket/2024``) as written."""
     value = os.path.expanduser(text.strip())
+    if "://" in value:  # photos indexed from object storage: s3://bucket/prefix as stored
+        return value.rstrip("/")
     if value.startswith("*"):
         return value.rstrip("/") or "*"
     base = cwd or os.getcwd()
