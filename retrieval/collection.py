@@ -315,7 +315,7 @@ class Collection:
         from indexer.ingest.repair import repair_library
 
         self.close()  # repair opens the library its own way (the catalog may be damaged)
-        roots = [Path(p).expanduser() for p in _as_list(paths)]
+        roots = [_root_arg(p) for p in _as_list(paths)]
         return repair_library(
             self.root, lambda: self.encoder, roots, options, _progress(progress) if roots else None
         )

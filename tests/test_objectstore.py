@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.errors import ConfigError, ObjectStoreError
+from indexer.errors import ConfigError, NotFound, ObjectStoreError
 from indexer.ingest.pipeline import IndexOptions, index_paths
 from indexer.store.library import Library
 from retrieval import Collection, SearchOptions
@@ -132,6 +132,21 @@ def test_a_second_run_reads_only_changed_added_renamed_and_deleted_objects(
         assert (again.indexed, again.unchanged, fake_encoder.images_encoded) == (0, GOOD, 0)
 
 
+def test_repair_encodes_damaged_rows_of_objects_again(uploaded, fake_encoder, tmp_path):
+    from indexer.ingest.repair import repair_library
+
+    _, uri = uploaded
+    root = tmp_path / "lib"
+    with Library.open(root, create=True) as library:
+        index_paths(library, fake_encoder, [uri])
+        damaged = library.catalog.id_for_path(sorted(library.catalog.file_states(uri))[0])
+    with sqlite3.connect(root / "catalog.sqlite") as conn:
+        conn.execute("UPDATE images SET vector = zeroblob(100) WHERE id = ?", (damaged,))
+    conn.close()
+    report = repair_library(root, lambda: fake_encoder)
+    assert (report.vectors_damaged, report.reencoded, report.not_recovered) == (1, 1, [])
+
+
 def test_search_shows_the_uri_and_the_server_streams_the_object(
     uploaded, s3_env, fake_encoder, tmp_path
 ):
@@ -147,6 +162,9 @@ def test_search_shows_the_uri_and_the_server_streams_the_object(
         hits = photos.similar(str(first), SearchOptions(k=1)).results
     assert hits[0].path == target
     with Collection.open(root, encoder=fake_encoder) as photos:
+        assert photos.similar(target, SearchOptions(k=1)).results[0].path == target
+        with pytest.raises(NotFound, match="not a photo in the library"):
+            photos.similar(f"{uri}/never-indexed.jpg")
         only_sub = SearchOptions(k=50, folders=(f"{uri}/sub/",))
         under = photos.search("x", options=only_sub).results
     assert under and all(hit.path.startswith(f"{uri}/sub/") for hit in under)

@@ -27,7 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexer.errors import LibraryDamaged, LibraryError
+from indexer.errors import ClipdexError, LibraryDamaged, LibraryError
+from indexer.ingest import objectstore
 from indexer.ingest.pipeline import IndexOptions, IndexReport, Progress, index_paths
 from indexer.model.identity import Encoder
 from indexer.store.catalog import Catalog
@@ -190,7 +191,7 @@ def _reencode(
     report: RepairReport,
 ) -> None:
     """Encode the damaged rows' files that still exist, then index ``paths``."""
-    present = [p for p in damaged if os.path.isfile(p)]
+    present = [p for p in damaged if _still_there(p)]
     report.not_recovered += [(p, "the file is gone") for p in damaged if p not in set(present)]
     if not present and not paths:
         return
@@ -204,3 +205,13 @@ def _reencode(
         report.not_recovered += again.failures
     if paths:
         report.indexed = index_paths(library, encoder, paths, options, progress)
+
+
+def _still_there(path: str) -> bool:
+    """Whether a damaged row's file (or object, for a URI) can still be encoded again."""
+    if not objectstore.is_uri(path):
+        return os.path.isfile(path)
+    try:
+        return objectstore.stat(path) is not None
+    except (OSError, ClipdexError):
+        return True  # the store cannot say now: the index run reports the reason

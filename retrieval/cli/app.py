@@ -792,9 +792,15 @@ def optimize(library: LibraryOpt = None, json_out: JsonOpt = False) -> None:
 @cli_command
 def repair(
     paths: Annotated[
-        list[Path] | None,
-        typer.Argument(help="Photo folders to index again afterwards (re-encodes lost rows)."),
+        list[str] | None,
+        typer.Argument(
+            help="Photo folders (or s3:// / gs:// URIs) to index again afterwards (re-encodes "
+            "lost rows)."
+        ),
     ] = None,
+    s3_endpoint: S3EndpointOpt = None,
+    s3_region: S3RegionOpt = None,
+    s3_anonymous: S3AnonymousOpt = False,
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
     library: LibraryOpt = None,
@@ -806,6 +812,7 @@ def repair(
     """Check the library; salvage a damaged catalog, rebuild the index, re-encode the rest."""
     from retrieval.cli.progress import BarProgress
 
+    object_store_settings(s3_endpoint, s3_region, s3_anonymous)
     bar = BarProgress(stderr, enabled=bool(paths) and not (json_out or quiet))  # PATHS take long
     photos = open_collection(library, weights, device, backend, cache_dir, quiet=quiet)
     with bar:

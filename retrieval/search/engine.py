@@ -132,6 +132,11 @@ class SearchEngine:
         text = str(ref)
         if text.isdigit() and not Path(text).exists():
             return int(text)
+        if "://" in text:  # a photo indexed from object storage, by its URI as stored
+            image_id = self.library.catalog.id_for_path(text.rstrip("/"))
+            if image_id is None:
+                raise NotFound(f"{text} is not a photo in the library: index it first")
+            return image_id
         image_id = self.library.catalog.id_for_path(os.path.abspath(os.path.expanduser(text)))
         if image_id is None and not Path(text).exists():
             raise NotFound(f"{text} is neither a photo id in the library nor an existing file")
