@@ -285,3 +285,107 @@ def test_without_ray_the_error_names_the_extra(monkeypatch):
         connect("auto")
     assert caught.value.setting == "cluster"
 
+
+
+# -- the index built from parts on the cluster ---------------------------------------------------
+def test_ray_tasks_build_the_same_ivf_index_as_one_process(ray_cluster, monkeypatch):
+    """Train once here, encode each batch in a Ray task, merge: the same lists (ids in the
+    same order, same codes), the same tuned nprobe and the same answers as a local build."""
+    from indexer.ingest.cluster import RayParts
+    from indexer.store import ivf
+    from tests.clipvectors import ClipLike
+    from tests.test_ivf_parts import BATCH, LISTS, SIZE, ArraySource, assert_same_index
+
+    monkeypatch.setattr(ivf, "nlist_for", lambda count: LISTS)  # a small library, 12 lists
+    generator = ClipLike(SIZE, seed=6)
+    source = ArraySource(np.arange(SIZE, dtype=np.int64) * 2 + 5, generator.vectors())
+    local = ivf.IVFIndex.build(source)
+    parts = RayParts(ray)
+    sharded = ivf.IVFIndex.build(source, parts=parts)
+    assert parts.count == -(-SIZE // BATCH)  # every batch went through a task
+    queries = np.vstack([generator.text_queries(20, seed=3), generator.image_queries(20, seed=4)])
+    assert_same_index(local, sharded, queries)
+
+
+def test_a_cluster_run_builds_its_ivf_index_on_the_cluster(ray_cluster, photo_folder, tmp_path):
+    """`--index ivf` on a cluster run: the build's batches go to Ray tasks (index_parts),
+    and the base is the one a local compaction of the same catalog makes."""
+    from indexer.store.library import Library
+    from tests.test_ivf_parts import assert_same_index
+
+    cluster = ClusterOptions(ray_cluster.address, shard_size=2)
+    with Collection.open(tmp_path / "library", encoder=FakeEncoder()) as photos:
+        options = IndexOptions(workers=1, index_kind="ivf")
+        report = photos.index(photo_folder, options, cluster=cluster)
+    assert report.index_rebuilt == "ivf" and report.as_dict()["index_parts"] == 1
+    with Library.open(tmp_path / "library") as library, library.writing():
+        on_cluster = library.index.base.in_memory()
+        assert on_cluster.kind == "ivf" and len(on_cluster) == 6
+        _, queries = library.catalog.vectors(library.catalog.ids()[:3])
+        library.compact("ivf")  # the same catalog, built here
+        assert_same_index(on_cluster, library.index.base, queries)
+
+
+class SlowEncoder(FakeEncoder):
+    """A fake model that takes its time, so every actor is mid-shard when a node goes; it
+    leaves a file named after its node when it starts a batch there."""
+
+    def __init__(self, marks: Path) -> None:
+        super().__init__()
+        self.marks = marks
+
+    def encode_images(self, batch):
+        node = ray.get_runtime_context().get_node_id()
+        (self.marks / node).touch()
+        time.sleep(0.4)
+        return super().encode_images(batch)
+
+
+class _NodeKiller:
+    """A progress receiver that removes a Ray node (its raylet and workers are killed) once
+    the first shard is committed: the run is midway, the node's actor mid-shard."""
+
+    def __init__(self, cluster, node) -> None:
+        self.cluster, self.node, self.killed = cluster, node, False
+
+    def start(self, total: int) -> None:
+        pass
+
+    def fail(self, path: str, reason: str) -> None:
+        pass
+
+    def advance(self, count: int = 1) -> None:
+        if not self.killed:
+            self.killed = True
+            self.cluster.remove_node(self.node, allow_graceful=False)
+
+
+@faults
+def test_a_node_lost_mid_run_costs_only_its_shard(ray_cluster, tmp_path):
+    """A worker node killed while its actor encodes a shard: Ray runs the shard again
+    elsewhere and the run completes with every file exactly once."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(24):
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        Image.new("RGB", (64 + i, 48), colour).save(folder / f"p{i:02d}.jpg")
+    node = ray_cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+    ray_cluster.wait_for_nodes()
+    killer = _NodeKiller(ray_cluster, node)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    slow = SlowEncoder(marks)
+    cluster = ClusterOptions(ray_cluster.address, shard_size=2, encoder_source=slow)
+    with Collection.open(tmp_path / "library", encoder=FakeEncoder()) as photos:
+        report = photos.index(folder, IndexOptions(workers=1), killer, cluster)
+    assert killer.killed
+    assert (marks / node.node_id).exists()  # the lost node was encoding when it went
+    rows, failures = library_rows(tmp_path / "library")
+    files = sorted(str(p) for p in folder.iterdir())
+    assert sorted(rows) == files and not failures
+    assert report.indexed == len(files) == sum(report.nodes.values())
+    ids = [row[0] for row in rows.values()]
+    assert len(set(ids)) == len(ids) == 24  # each file once

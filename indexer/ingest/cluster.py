@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,12 +49,12 @@ from indexer.ingest.pipeline import (
     _route,
     _Writer,
     decode_pool,
+    finish_run,
     plan,
     run_files,
 )
 from indexer.ingest.workers import Outcome, hash_file
 from indexer.model.identity import Encoder
-from indexer.store.kindchoice import check_choice, ensure_kind
 from indexer.store.library import Library
 
 SHARD_SUFFIX = ".parquet"
@@ -152,17 +153,17 @@ def index_on_cluster(
         shards = library.shard_dir
         todo = commit_leftover_shards(shards, work.todo, sink)
         todo = _reuse_moved(library, work.vanished, todo, sink)
-        if todo:
-            _run_on_cluster(ray, todo, make_encoder, options, cluster, shards, sink)
-        writer.checkpoint(removed=work.vanished)
-        report.removed = len(work.vanished)
+        # Every index build of the run (a compaction at a checkpoint, a kind switch or
+        # re-training at the end) has its batches encoded by the cluster's tasks.
+        parts = library.part_encoder = RayParts(ray)
+        try:
+            if todo:
+                _run_on_cluster(ray, todo, make_encoder, options, cluster, shards, sink)
+            finish_run(library, writer, report, options, started)
+        finally:
+            library.part_encoder = None
+            report.index_parts = parts.count
         clear_shards(shards)
-        # The kind the library asks for (switch or re-train: from the catalog), as locally:
-        # a run that changed nothing and names no kind does not read the index for it.
-        if writer.wrote or options.index_kind is not None:
-            report.index_rebuilt = ensure_kind(library, check_choice(options.index_kind))
-    report.failed = len(report.failures)
-    report.seconds = time.monotonic() - started
     return report
 
 
@@ -231,11 +232,13 @@ def _run_on_cluster(
         sink.commit(shard_rows(table))
 
 
-def _translated(results):
+def _translated(results, get=None):
     """Ray's errors (an actor that cannot load the model, a lost cluster) as clipdex's: a
-    ClipdexError raised in an actor keeps its type and message; anything else is named."""
+    ClipdexError raised in an actor keeps its type and message; anything else is named.
+    ``get``: turns each item (an object ref) into its value first."""
     try:
-        yield from results
+        for item in results:
+            yield get(item) if get is not None else item
     except ClipdexError:
         raise
     except Exception as exc:  # the boundary with Ray: no traceback for the user
@@ -277,6 +280,57 @@ def actor_shape(ray, cluster: ClusterOptions, shards: int) -> tuple[int, float, 
             setting="cluster",
         )
     return min(actors, shards), float(cpus), float(gpus)
+
+
+# -- the index build's tasks -----------------------------------------------------------------------
+class RayParts:
+    """An ivf build's batches encoded by Ray tasks across the cluster
+    (:class:`indexer.store.ivf.PartEncoder`): the coordinator trains once and ships the
+    trained index to the tasks once; each task assigns one batch's vectors to their lists,
+    quantises them and computes their exact top-10 for the tuning queries; the coordinator
+    merges the parts in the batches' order (a copy of codes), so the index is the one a
+    local build makes. A task lost with its worker or node is run again by Ray.
+
+    At most ``window`` batches are in flight (the coordinator reads the next batches from
+    the catalog meanwhile): one per CPU of the cluster by default, spread over the nodes.
+    The tasks reserve no CPU: a compaction due at a shard's checkpoint runs while the
+    encoding actors still hold theirs (they idle meanwhile: the coordinator is building,
+    not taking shards); each task runs FAISS on one thread.
+    """
+
+    def __init__(self, ray, window: int | None = None) -> None:
+        self.ray = ray
+        self.window = window
+        self.count = 0  # parts encoded by the tasks (all builds of the run)
+
+    def __call__(self, job, batches):
+        ray = self.ray
+        window = self.window or max(2, int(ray.cluster_resources().get("CPU", 1)))
+        encode = ray.remote(num_cpus=0, max_retries=5, scheduling_strategy="SPREAD")(
+            _encode_part
+        )
+        shared = ray.put(job)  # the trained index goes to each node once
+        pending: deque = deque()
+        for ids, vectors in batches:
+            pending.append(encode.remote(shared, ids, vectors))
+            if len(pending) >= window:
+                yield self._result(pending.popleft())
+        while pending:
+            yield self._result(pending.popleft())
+
+    def _result(self, ref):
+        part = next(_translated(iter([ref]), get=self.ray.get))
+        self.count += 1
+        return part
+
+
+def _encode_part(job, ids, vectors):
+    """A Ray task: one batch of the index build (:func:`indexer.store.ivf.encode_part`)."""
+    from indexer.store.ivf import encode_part
+    from indexer.store.vectors import set_search_threads
+
+    set_search_threads(1)  # one task per CPU: no thread team per task
+    return encode_part(job, ids, vectors)
 
 
 # -- the actors --------------------------------------------------------------------------------

@@ -83,10 +83,14 @@ class IndexReport:
     # shards an interrupted run left (not encoded again). None/0 for a local run.
     nodes: dict[str, int] | None = None
     resumed: int = 0
+    index_parts: int = 0  # batches of the index build encoded by the cluster's tasks
     ocr: OcrStats = field(default_factory=OcrStats)  # photos read for text, and the cost
 
     def as_dict(self) -> dict:
-        extra = {} if self.nodes is None else {"nodes": dict(self.nodes), "resumed": self.resumed}
+        extra = {}
+        if self.nodes is not None:  # a cluster run
+            extra = {"nodes": dict(self.nodes), "resumed": self.resumed}
+            extra["index_parts"] = self.index_parts
         return {
             "indexed": self.indexed,
             "unchanged": self.unchanged,
@@ -304,15 +308,7 @@ def index_paths(
         memo = HashMemo(library.catalog.find_by_hash)
         ocr = ocr_stage(library, encoder, options)
         run_files(work.todo, memo, encoder, options, writer, report, progress, ocr=ocr)
-        writer.checkpoint(removed=work.vanished)
-        report.removed = len(work.vanished)
-        # The kind the library asks for (switch or re-train: from the catalog, no encoding);
-        # a run that changed nothing and names no kind does not read the index for it.
-        if writer.wrote or options.index_kind is not None:
-            report.index_rebuilt = ensure_kind(library, check_choice(options.index_kind))
-    report.failed = len(report.failures)
-    report.seconds = time.monotonic() - started
-    return report
+        return finish_run(library, writer, report, options, started)
 
 
 def index_changes(
@@ -348,10 +344,34 @@ def index_changes(
         memo = HashMemo(library.catalog.find_by_hash)
         ocr = ocr_stage(library, encoder, options)
         run_files(work.todo, memo, encoder, options, writer, report, progress, ocr=ocr)
-        # Gone paths also drop their failure rows (a failed file that was deleted).
-        writer.checkpoint(removed=list(dict.fromkeys(work.vanished + gone)))
-        report.removed = len(work.vanished)
-        # A growing library may cross into another kind, or its ivf lists need re-training.
+        # Gone paths also drop their failure rows (a failed file that was deleted); a
+        # growing library may cross into another kind, or its ivf lists need re-training.
+        return finish_run(library, writer, report, options, started, gone=gone, check_kind=True)
+
+
+def finish_run(
+    library: Library,
+    writer: _Writer,
+    report: IndexReport,
+    options: IndexOptions,
+    started: float,
+    *,
+    gone: Sequence[str] = (),
+    check_kind: bool = False,
+) -> IndexReport:
+    """The end of every run (:func:`index_paths`, :func:`index_changes`, a cluster run):
+    the last checkpoint, which also removes the rows of vanished files (and of ``gone``
+    paths), the index kind the library asks for, and the report's totals.
+
+    The kind check (a switch or an ivf re-training: rebuilt from the catalog, nothing
+    encoded) runs when the run stored something, names a kind, or ``check_kind`` asks
+    (a watcher's batch); a run that changed nothing does not look at the index for it.
+    The caller holds the writer lock.
+    """
+    vanished = writer.plan.vanished
+    writer.checkpoint(removed=list(dict.fromkeys([*vanished, *gone])))
+    report.removed = len(vanished)
+    if check_kind or writer.wrote or options.index_kind is not None:
         report.index_rebuilt = ensure_kind(library, check_choice(options.index_kind))
     report.failed = len(report.failures)
     report.seconds = time.monotonic() - started

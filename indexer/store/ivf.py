@@ -41,6 +41,7 @@ import json
 import math
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -73,6 +74,63 @@ MIN_TRAIN = 20_000  # ... but at least this many when the library has them
 FETCH_BATCH = 5_000
 PAD_SCORE = np.float32(-3.4028235e38)  # what FAISS pads a short inner-product result with
 SEED = 1234
+
+
+@dataclass(frozen=True)
+class PartJob:
+    """What every part of a sharded build needs: the trained, empty index (FAISS's
+    serialisation) and the tuning queries whose exact top-10 each part also computes."""
+
+    trained: np.ndarray  # uint8: faiss.serialize_index of the trained empty index
+    queries: np.ndarray
+    exclude: np.ndarray
+
+
+@dataclass(frozen=True)
+class Part:
+    """One batch of vectors encoded against the trained index: per non-empty list, its
+    number, ids and codes (in the batch's order), and the batch's exact top-10 per query."""
+
+    lists: list[tuple[int, np.ndarray, np.ndarray]]
+    top_scores: np.ndarray
+    top_ids: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return sum(len(ids) for _, ids, _ in self.lists)
+
+
+# (job, batches of (ids, vectors)) -> the batches' parts, in the batches' order.
+PartEncoder = Callable[[PartJob, Iterator[tuple[np.ndarray, np.ndarray]]], Iterator[Part]]
+
+
+def encode_part(job: PartJob, ids: np.ndarray, vectors: np.ndarray) -> Part:
+    """Assign ``vectors`` to their lists and quantise them, against the trained index in
+    ``job`` (what a local build's ``add`` does for the batch), and their exact top-10 for
+    the tuning queries. Pure: a cluster task runs it where the vectors are."""
+    index = faiss.deserialize_index(np.ascontiguousarray(job.trained, np.uint8))
+    ids = np.ascontiguousarray(ids, np.int64)
+    rows = _rows(vectors, index.d).reshape(len(ids), index.d)
+    index.add_with_ids(rows, ids)
+    lists = []
+    for number in range(index.nlist):
+        size = index.invlists.list_size(number)
+        if size:
+            list_ids = faiss.rev_swig_ptr(index.invlists.get_ids(number), size).copy()
+            codes = faiss.rev_swig_ptr(
+                index.invlists.get_codes(number), size * index.code_size
+            ).copy()
+            lists.append((number, list_ids, codes))
+    top = _TopK(job.queries, job.exclude, 10)
+    top.update(ids, rows)
+    return Part(lists, top.scores, top.ids)
+
+
+def serial_parts(job: PartJob, batches) -> Iterator[Part]:
+    """The :class:`PartEncoder` that encodes every batch here, one after the other (what a
+    cluster's tasks do in parallel; the same parts)."""
+    for ids, vectors in batches:
+        yield encode_part(job, ids, vectors)
 
 
 class VectorSource(Protocol):
@@ -131,9 +189,17 @@ class IVFIndex:
 
     # -- building -------------------------------------------------------------------------
     @classmethod
-    def build(cls, source: VectorSource, dim: int = EMBED_DIM) -> IVFIndex:
+    def build(
+        cls, source: VectorSource, dim: int = EMBED_DIM, parts: PartEncoder | None = None
+    ) -> IVFIndex:
         """An index of every vector of ``source``: trained on a sample, nprobe tuned on
-        held-out vectors against an exact search over all of them."""
+        held-out vectors against an exact search over all of them.
+
+        ``parts`` (see :class:`PartEncoder`) encodes the batches elsewhere (a cluster's
+        tasks: :mod:`indexer.ingest.cluster`): this process trains once, merges each
+        batch's lists and exact top-10s in the source's order, and tunes. The result is the
+        same index as without it (same ids in the same lists, same codes, same nprobe).
+        """
         store = cls(dim)
         store.attach_source(source.vectors)
         all_ids = source.ids()
@@ -147,11 +213,29 @@ class IVFIndex:
         store.params["built_for"] = len(all_ids)
         queries, exclude = _tuning_queries(rng, source, all_ids)
         truth = _TopK(queries, exclude, 10)
-        for ids, vectors in source.iter_vectors():
-            store.add(ids, vectors)
-            truth.update(ids, vectors)
+        if parts is None:
+            for ids, vectors in source.iter_vectors():
+                store.add(ids, vectors)
+                truth.update(ids, vectors)
+        else:
+            job = PartJob(faiss.serialize_index(store.index), queries, exclude)
+            for part in parts(job, source.iter_vectors()):
+                store.merge_part(part)
+                truth.merge(part.top_scores, part.top_ids)
         store.tune(queries, exclude, truth.result(), source.vectors)
         return store
+
+    def merge_part(self, part: Part) -> None:
+        """Append a part's list entries (encoded by :func:`encode_part` against this very
+        trained index) to the lists: a copy of codes, nothing encoded again."""
+        self._make_writable()
+        lists = self.index.invlists
+        for number, ids, codes in part.lists:
+            ids = np.ascontiguousarray(ids, np.int64)
+            codes = np.ascontiguousarray(codes, np.uint8)
+            lists.add_entries(int(number), len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+            self.index.ntotal += len(ids)
+        self._ids = self._sample = None
 
     def train(self, sample: np.ndarray, nlist: int) -> None:
         """Train ``nlist`` centroids and the 8-bit quantiser on ``sample`` (unit rows)."""
@@ -698,6 +782,20 @@ class _TopK:
         scores = np.hstack([self.scores, scores])
         all_ids = np.hstack([self.ids, np.broadcast_to(ids, (len(self.queries), len(ids)))])
         keep = min(self.k, scores.shape[1])
+        part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+        self.scores = np.take_along_axis(scores, part, axis=1)
+        self.ids = np.take_along_axis(all_ids, part, axis=1)
+
+    def merge(self, scores: np.ndarray, ids: np.ndarray) -> None:
+        """Fold in another batch's top-k (its ``scores``/``ids``, as :meth:`update` keeps
+        them): the same top-k as updating with that batch's vectors."""
+        if not len(self.queries):
+            return
+        scores = np.hstack([self.scores, scores])
+        all_ids = np.hstack([self.ids, ids])
+        keep = min(self.k, scores.shape[1])
+        if keep == 0:
+            return
         part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
         self.scores = np.take_along_axis(scores, part, axis=1)
         self.ids = np.take_along_axis(all_ids, part, axis=1)

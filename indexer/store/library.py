@@ -108,6 +108,9 @@ class Library:
         self._loading = threading.RLock()
         self._lock_handle = None
         self._catalog_file = file_identity(catalog.path)  # to notice a replaced catalog
+        # Where a compaction has an encoding kind's batches encoded (a cluster run sets its
+        # tasks here for the run: indexer.ingest.cluster); None: in this process.
+        self.part_encoder = None
 
     # -- the folder's layout --------------------------------------------------------------
     @staticmethod
@@ -367,14 +370,16 @@ class Library:
         """Fold base, delta and tombstones into one new base file of ``kind`` (default: the
         base's kind), built from the catalog's vectors the kind's way
         (:func:`~indexer.store.vectorstore.build_store`: an ivf index trains again on what
-        the library holds now); returns how many it holds.
+        the library holds now); returns how many it holds. With :attr:`part_encoder` set
+        (a cluster run), an ivf build's batches are encoded there and merged here.
 
         Readers in other processes go on searching the previous files meanwhile and pick
         the new checkpoint up on their next refresh; a crash before the new manifest is in
         place leaves the previous checkpoint whole (and the new file as litter, removed by
         the next checkpoint). A writer's job: hold the lock.
         """
-        store = build_store(kind or self.index.kind, self.catalog, self.index.dim)
+        kind = kind or self.index.kind
+        store = build_store(kind, self.catalog, self.index.dim, parts=self.part_encoder)
         self._install_base(store)
         return len(store)
 

@@ -129,14 +129,19 @@ def open_store(kind: str = DEFAULT_KIND, dim: int = EMBED_DIM) -> VectorStore:
     return store_class(kind)(dim)
 
 
-def build_store(kind: str, source, dim: int = EMBED_DIM) -> VectorStore:
+def build_store(kind: str, source, dim: int = EMBED_DIM, parts=None) -> VectorStore:
     """A store of ``kind`` holding every vector of ``source`` (the catalog: anything with
     ``count()``, ``ids()``, ``vectors(ids)`` and ``iter_vectors()``), built the kind's way
-    (the ivf kind trains on a sample and tunes itself); its vector source is attached."""
+    (the ivf kind trains on a sample and tunes itself); its vector source is attached.
+
+    ``parts``: where a kind that encodes its vectors (ivf) has the batches encoded, e.g. a
+    cluster's tasks (:class:`indexer.store.ivf.PartEncoder`); the same store either way.
+    Kinds that only copy vectors (exact) build here.
+    """
     cls = store_class(kind)
     build = getattr(cls, "build", None)
     if build is not None:
-        store = build(source, dim)
+        store = build(source, dim) if parts is None else build(source, dim, parts=parts)
     else:
         store = cls(dim)
         for ids, vectors in source.iter_vectors():
