@@ -20,9 +20,16 @@ Printed, from the same run:
 Each round runs both paths (the order alternates: the machine's load drifts); the ratios
 are medians of the per-round ratios.
 
+Then the ivf index build (``--build-vectors``, default 100k synthetic CLIP-like vectors;
+0 skips it), in the same run: the one-process build (``IVFIndex.build``) against the build
+from parts on the same Ray instance (``RayParts``: trained once here, each batch of 10k
+encoded by a task on one CPU, lists merged here), checked to be the same index; the time
+split into the coordinator's serial share (sample, train, merge, tune) and the encoding
+that tasks share, and a projection for N workers: ``coordinator + encoding / N``.
+
 Usage: ``python bench/bench_ray.py [--files 64] [--workers 2] [--shard-size 32] [--rounds 2]
-[--weights FILE] [--cache-dir DIR] [--workdir DIR]``. The machine is shared: read the
-same-run ratios.
+[--build-vectors 100000] [--weights FILE] [--cache-dir DIR] [--workdir DIR]``. The machine is
+shared: read the same-run ratios.
 """
 
 from __future__ import annotations
@@ -145,12 +152,115 @@ def commit_cost(shard_size: int, dim: int = 512, rounds: int = 5) -> float:
     return spent / (rounds * shard_size)
 
 
+class _Vectors:
+    """Synthetic CLIP-like vectors as a build source (what IVFIndex.build reads)."""
+
+    def __init__(self, count: int) -> None:
+        import numpy as np
+
+        from tests.clipvectors import ClipLike
+
+        self._vectors = ClipLike(count, seed=1).vectors()
+        self._ids = np.arange(count, dtype=np.int64) * 2 + 1
+
+    def count(self) -> int:
+        return len(self._ids)
+
+    def ids(self):
+        return self._ids
+
+    def vectors(self, wanted):
+        import numpy as np
+
+        wanted = np.asarray(wanted, np.int64)
+        rows = (wanted - 1) // 2
+        keep = (rows >= 0) & (rows < len(self._ids))
+        return wanted[keep], self._vectors[rows[keep]]
+
+    def iter_vectors(self, batch: int = 10_000):
+        for start in range(0, len(self._ids), batch):
+            yield self._ids[start : start + batch], self._vectors[start : start + batch]
+
+
+def build_figures(count: int) -> dict:
+    """The ivf build of ``count`` vectors: one process, from parts encoded here (timed,
+    for the split), and from parts encoded by Ray tasks; all three the same index."""
+    import ray
+
+    from indexer.ingest.cluster import RayParts
+    from indexer.store.ivf import IVFIndex, encode_part
+
+    source = _Vectors(count)
+    started = time.monotonic()
+    local = IVFIndex.build(source)
+    serial = time.monotonic() - started
+
+    encoding = []
+
+    def timed_parts(job, batches):
+        for ids, vectors in batches:
+            began = time.monotonic()
+            part = encode_part(job, ids, vectors)
+            encoding.append(time.monotonic() - began)
+            yield part
+
+    started = time.monotonic()
+    here = IVFIndex.build(source, parts=timed_parts)
+    in_parts = time.monotonic() - started
+    parts = RayParts(ray)
+    started = time.monotonic()
+    sharded = IVFIndex.build(source, parts=parts)
+    on_ray = time.monotonic() - started
+    same = all(
+        (one.params, one.ids().tolist()) == (local.params, local.ids().tolist())
+        for one in (here, sharded)
+    )
+    return {
+        "vectors": count,
+        "nlist": local.nlist,
+        "nprobe": local.nprobe,
+        "serial": serial,
+        "in_parts": in_parts,
+        "on_ray": on_ray,
+        "encoding": sum(encoding),
+        "parts": parts.count,
+        "same": same,
+        "cpus": int(ray.cluster_resources().get("CPU", 1)),
+    }
+
+
+def print_build(figures: dict) -> None:
+    coordinator = max(0.0, figures["in_parts"] - figures["encoding"])
+    print(
+        f"\nivf index build, {figures['vectors']:,} vectors (nlist {figures['nlist']}, "
+        f"nprobe {figures['nprobe']}), {figures['parts']} parts, same index: {figures['same']}"
+    )
+    print(f"  one process (local build)          {figures['serial']:7.1f} s")
+    print(f"  from parts, encoded here            {figures['in_parts']:7.1f} s")
+    print(f"  from parts on Ray ({figures['cpus']} CPU tasks)     {figures['on_ray']:7.1f} s")
+    print(
+        f"  split: coordinator (sample, train, merge, tune) {coordinator:.1f} s, "
+        f"encoding {figures['encoding']:.1f} s on one CPU"
+    )
+    ideal = coordinator + figures["encoding"] / figures["cpus"]
+    print(
+        f"  Ray's own cost here (task start-up, transfers): {figures['on_ray'] - ideal:+.1f} s "
+        f"over coordinator + encoding / {figures['cpus']}"
+    )
+    print("projection (coordinator + encoding / N, Ray's own cost left out):")
+    print(f"{'workers':>8} {'build s':>9} {'vs local':>9}")
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        projected = coordinator + figures["encoding"] / n
+        print(f"{n:>8} {projected:9.1f} {figures['serial'] / projected:8.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--build-vectors", type=int, default=100_000)
     parser.add_argument("--weights")
     parser.add_argument("--cache-dir", help="ONNX export cache (default: a fresh one)")
     parser.add_argument("--workdir")
@@ -179,6 +289,7 @@ def main() -> None:
             on_cluster = cluster if name == "ray" else None
             pair[name] = run(folder, library, loader, args.workers, on_cluster)
         rounds.append(pair)
+    build = build_figures(args.build_vectors) if args.build_vectors else None
     ray.shutdown()
     per_file = commit_cost(args.shard_size)
 
@@ -203,6 +314,8 @@ def main() -> None:
     for n in (1, 2, 4, 8, 16, 32, 64, 128):
         rate = min(n * per_worker, limit)
         print(f"{n:>8} {rate:10.1f} {_days(1e6 / rate):>12} {_days(1e7 / rate):>12}")
+    if build:
+        print_build(build)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -4,8 +4,9 @@ The tests start their own two-node Ray cluster on this machine (``ray.cluster_ut
 one CPU per node, small object stores) and skip when Ray is not installed
 (``pip install 'clipdex[ray]'``). They check that a cluster run builds the same library as a
 local run (same ids, vectors, failures and reasons), that a coordinator killed after its first
-shard resumes from the shards without encoding them again, and that an actor that dies
-mid-shard is restarted by Ray with every file still indexed exactly once.
+shard resumes from the shards without encoding them again, that an actor that dies
+mid-shard, or a whole node lost mid-run, costs only its shard (every file indexed exactly
+once), and that an ivf index built by Ray tasks is the one a local build makes.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from indexer.ingest.pipeline import IndexOptions  # noqa: E402
 from retrieval.collection import Collection, EncoderLoader  # noqa: E402
 
 pytestmark = pytest.mark.ray
-# Each Ray run costs ~10-30 s of actor start-up on a 2-core machine: the fault tests (a
-# killed coordinator, a killed actor) run when CLIPDEX_RAY_FAULTS=1, as before a release.
+# The fault tests (a killed coordinator, a killed actor, a lost node) take ~2 minutes
+# together on a 2-core machine (mostly Ray actors starting): they run in CI;
+# CLIPDEX_RAY_FAULTS=0 skips them for a quick local run.
 faults = pytest.mark.skipif(
-    os.environ.get("CLIPDEX_RAY_FAULTS") != "1",
-    reason="Ray fault tests are slow: set CLIPDEX_RAY_FAULTS=1 to run them",
+    os.environ.get("CLIPDEX_RAY_FAULTS") == "0",
+    reason="CLIPDEX_RAY_FAULTS=0: the Ray fault tests are skipped",
 )
 
 GOOD, BROKEN = 8, 2  # corpus files that index, and that fail with a reason
@@ -326,6 +328,9 @@ def test_a_cluster_run_builds_its_ivf_index_on_the_cluster(ray_cluster, photo_fo
         assert_same_index(on_cluster, library.index.base, queries)
 
 
+FILES_FOR_NODE_LOSS = 40
+
+
 class SlowEncoder(FakeEncoder):
     """A fake model that takes its time, so every actor is mid-shard when a node goes; it
     leaves a file named after its node when it starts a batch there."""
@@ -342,11 +347,12 @@ class SlowEncoder(FakeEncoder):
 
 
 class _NodeKiller:
-    """A progress receiver that removes a Ray node (its raylet and workers are killed) once
-    the first shard is committed: the run is midway, the node's actor mid-shard."""
+    """A progress receiver that removes a Ray node (its raylet and workers are killed) at
+    the first committed shard, once the node's actor has started encoding one: the run is
+    midway and that actor mid-shard (Ray Data goes on feeding actors meanwhile)."""
 
-    def __init__(self, cluster, node) -> None:
-        self.cluster, self.node, self.killed = cluster, node, False
+    def __init__(self, cluster, node, marks: Path) -> None:
+        self.cluster, self.node, self.marks, self.killed = cluster, node, marks, False
 
     def start(self, total: int) -> None:
         pass
@@ -355,9 +361,13 @@ class _NodeKiller:
         pass
 
     def advance(self, count: int = 1) -> None:
-        if not self.killed:
-            self.killed = True
-            self.cluster.remove_node(self.node, allow_graceful=False)
+        if self.killed:
+            return
+        deadline = time.monotonic() + 300  # a loaded 2-core machine starts actors slowly
+        while not (self.marks / self.node.node_id).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.killed = True
+        self.cluster.remove_node(self.node, allow_graceful=False)
 
 
 @faults
@@ -369,14 +379,14 @@ def test_a_node_lost_mid_run_costs_only_its_shard(ray_cluster, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
     rng = np.random.default_rng(4)
-    for i in range(24):
+    for i in range(FILES_FOR_NODE_LOSS):
         colour = tuple(int(c) for c in rng.integers(0, 255, 3))
         Image.new("RGB", (64 + i, 48), colour).save(folder / f"p{i:02d}.jpg")
     node = ray_cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
     ray_cluster.wait_for_nodes()
-    killer = _NodeKiller(ray_cluster, node)
     marks = tmp_path / "marks"
     marks.mkdir()
+    killer = _NodeKiller(ray_cluster, node, marks)
     slow = SlowEncoder(marks)
     cluster = ClusterOptions(ray_cluster.address, shard_size=2, encoder_source=slow)
     with Collection.open(tmp_path / "library", encoder=FakeEncoder()) as photos:
@@ -388,4 +398,4 @@ def test_a_node_lost_mid_run_costs_only_its_shard(ray_cluster, tmp_path):
     assert sorted(rows) == files and not failures
     assert report.indexed == len(files) == sum(report.nodes.values())
     ids = [row[0] for row in rows.values()]
-    assert len(set(ids)) == len(ids) == 24  # each file once
+    assert len(set(ids)) == len(ids) == FILES_FOR_NODE_LOSS  # each file once
