@@ -182,6 +182,16 @@ def test_search_shows_the_uri_and_the_server_streams_the_object(
         assert thumb.status_code == 200
         assert max(Image.open(io.BytesIO(thumb.content)).size) <= 128
 
+        clip = next(
+            h
+            for h in http.get("/api/search", params={"q": "x", "k": 50}).json()["results"]
+            if h["path"].endswith("/sub/clip.mp4")
+        )
+        video = http.get(f"/api/images/{clip['id']}/file")
+        assert video.content == (folder / "sub" / "clip.mp4").read_bytes()
+        frame = http.get(f"/api/images/{clip['id']}/thumbnail", params={"size": 128, "t": 0.5})
+        assert frame.status_code == 200 and Image.open(io.BytesIO(frame.content)).format == "JPEG"
+
         other = io.BytesIO()
         Image.new("RGB", (64, 64), (0, 90, 200)).save(other, "JPEG")
         s3_env.client.put_object(Bucket=BUCKET, Key=target.split("/", 3)[3], Body=other.getvalue())

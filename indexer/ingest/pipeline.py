@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from indexer.fsutil import file_key
-from indexer.ingest import objectstore
 from indexer.ingest import ocr as ocr_module
 from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS
 from indexer.ingest.discover import (
@@ -564,7 +563,11 @@ def _unstable(found: FoundFile) -> str | None:
     A change after this check is caught by the next run, which sees a stat that differs.
     """
     if is_uri(found.path):
-        return _unstable_object(found)
+        # An object is replaced whole (a PUT is atomic): the bytes read are one complete
+        # version, never a mix. Were they newer than the version listed, the row keeps the
+        # listed size and LastModified, so the next run sees them differ and reads it again;
+        # one deleted before it was read failed in the worker. No request needed here.
+        return None
     try:
         stat = os.stat(found.path)
     except FileNotFoundError:
@@ -576,19 +579,6 @@ def _unstable(found: FoundFile) -> str | None:
         now += file_key(stat)
     if now != (found.size, found.mtime_ns, found.device, found.inode)[: len(now)]:
         return "the file changed while being indexed: index it again once it is complete"
-    return None
-
-
-def _unstable_object(found: FoundFile) -> str | None:
-    """:func:`_unstable` for an object in object storage: its size and LastModified."""
-    try:
-        now = objectstore.stat(found.path)
-    except OSError:
-        return None  # the worker's reason says more
-    if now is None:
-        return "the object disappeared while being indexed"
-    if now != (found.size, found.mtime_ns):
-        return "the object changed while being indexed: index it again once it is complete"
     return None
 
 

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from PIL import Image
 
 from indexer.paths import display
@@ -26,7 +26,9 @@ from retrieval.server.originals import (
     CataloguedFileResponse,
     RangeCheckedFileResponse,
     is_object,
+    object_chunks,
     open_catalogued,
+    open_object,
     read_object,
 )
 from retrieval.server.refine import Options, page_fields
@@ -205,15 +207,18 @@ def image_file(state: State, image_id: ImageId) -> FileResponse:
     """
     row = state.image_row(image_id)
     name = display(os.path.basename(row["path"]))  # a header: printable text
-    if is_object(row):  # indexed from s3:// or gs://: streamed from the object store
-        return Response(
-            read_object(row, state.queue_reindex),
-            media_type=media_type(row),
-            headers={
-                "Cache-Control": "private, max-age=3600",
-                "Content-Disposition": f"inline; filename*=utf-8''{quote(name)}",
-            },
-        )
+    if is_object(row):  # indexed from s3:// or gs://: sent from the object store
+        headers = {
+            "Cache-Control": "private, max-age=3600",
+            "Content-Disposition": f"inline; filename*=utf-8''{quote(name)}",
+        }
+        if row.get("kind") == "video":  # streamed, never held whole
+            handle = open_object(row, state.queue_reindex)
+            headers["Content-Length"] = str(row["size"])
+            chunks = object_chunks(handle)
+            return StreamingResponse(chunks, media_type=media_type(row), headers=headers)
+        data = read_object(row, state.queue_reindex)  # checked against the catalogued hash
+        return Response(data, media_type=media_type(row), headers=headers)
     fd, stat = open_catalogued(row, state.queue_reindex)
     return CataloguedFileResponse(
         fd,

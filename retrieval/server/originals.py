@@ -28,7 +28,7 @@ import hashlib
 import os
 import stat
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -105,6 +105,37 @@ def read_object(row: dict, on_changed: OnChanged | None = None) -> bytes:
             on_changed(row, exc.reason)
         raise exc
     return data
+
+
+def open_object(row: dict, on_changed: OnChanged | None = None):
+    """A seekable binary file over a video indexed from object storage, for streaming and
+    seeking without reading it whole: its size and LastModified must still be the
+    catalogued ones (a video is not hashed again per request), else :class:`FileChanged`
+    (queued for re-indexing). The caller closes it."""
+    image_id, uri = row["id"], row["path"]
+    try:
+        now = objectstore.stat(uri)
+        if now is not None and now == (row["size"], row["mtime_ns"]):
+            return objectstore.open_input(uri)
+    except FileNotFoundError:
+        now = None
+    except OSError as exc:
+        raise objectstore.translate(exc, uri) from exc
+    if now is None:
+        raise FileUnavailable(f"the object of photo {image_id} is gone ({uri}): {REINDEX}")
+    exc = _changed(image_id, "another object is at its URI now (size or LastModified differ)")
+    if on_changed is not None:
+        on_changed(row, exc.reason)
+    raise exc
+
+
+def object_chunks(handle, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """An open object's bytes in chunks (a streamed response), closing it at the end."""
+    try:
+        while data := handle.read(chunk):
+            yield data
+    finally:
+        handle.close()
 
 
 def serving_path(row: dict) -> str:

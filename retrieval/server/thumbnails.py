@@ -34,6 +34,7 @@ from retrieval.server.originals import (
     check_is_catalogued,
     is_object,
     open_catalogued,
+    open_object,
     read_object,
 )
 
@@ -96,7 +97,7 @@ class ThumbnailCache:
         if video and at is None:
             at = float(row.get("frame_time") or 0.0)
         if is_object(row):
-            return self._get_object(row, size, if_none_match, at)
+            return self._get_object(row, size, if_none_match, at if video else None)
         fd, opened = open_catalogued(row, self.on_changed)
         with os.fdopen(fd, "rb") as handle:
             key = self.key(row, opened)
@@ -122,7 +123,8 @@ class ThumbnailCache:
     def _get_object(self, row: dict, size: int, if_none_match: str, at: float | None) -> Thumbnail:
         """:meth:`get` for a photo indexed from object storage: the object is read (and its
         content checked against the catalogued hash) unless the client or the cache already
-        has the thumbnail of the object as catalogued (hash, URI, size and LastModified)."""
+        has the thumbnail of the object as catalogued (hash, URI, size and LastModified).
+        ``at``: a video's second (None for a photo)."""
         stamp = f"{row['sha256']}:{row['path']}:{row['size']}:{row['mtime_ns']}"
         if at is not None:
             stamp += f"@{at:.3f}"
@@ -133,11 +135,12 @@ class ThumbnailCache:
         cached = self.cache_path(key, size)
         if cached.is_file():
             return Thumbnail(etag, path=cached)
-        source = read_object(row, self.on_changed)
-        with self.slots:
-            if at is not None:
-                data = self.render_frame(io.BytesIO(source), at, size, row["id"])
-            else:
+        if at is not None:  # a video: FFmpeg seeks in the object, which is not read whole
+            with open_object(row, self.on_changed) as handle, self.slots:
+                data = self.render_frame(handle, at, size, row["id"])
+        else:
+            source = read_object(row, self.on_changed)
+            with self.slots:
                 data = self.render(source, size, row["id"], name=row["path"])
         self._store(cached, data)
         return Thumbnail(etag, data=data)
