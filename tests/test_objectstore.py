@@ -244,3 +244,18 @@ def test_the_cli_takes_a_uri_and_says_what_is_wrong_without_a_traceback(s3_env, 
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.startswith("error: s3://nowhere/x: the bucket 'nowhere' does not exist")
     assert s3_env.endpoint in done.stderr
+
+
+def test_uris_are_spelt_one_way_and_gs_gets_google_cloud_storage(monkeypatch):
+    from indexer.ingest import objectstore
+
+    assert objectstore.normalize("S3://photos//2024/") == "s3://photos/2024"
+    assert objectstore.normalize("gcs://photos/a") == "gs://photos/a"
+    assert objectstore.UriRoot("s3://photos/2024/a.jpg", False).parent.uri == "s3://photos/2024"
+    assert objectstore.UriRoot("s3://photos/a.jpg", False).parent.uri == "s3://photos"
+    for bad in ("s3://", "s3://photos/../x"):
+        with pytest.raises(ConfigError):
+            objectstore.normalize(bad)
+    monkeypatch.setenv("CLIPDEX_S3_ANONYMOUS", "1")  # no credentials looked up
+    store, path = objectstore.filesystem("gs://photos/2024")
+    assert type(store).__name__ == "GcsFileSystem" and path == "photos/2024"

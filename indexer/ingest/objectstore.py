@@ -27,6 +27,7 @@ object is a failure reason for that file alone.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import threading
@@ -191,7 +192,8 @@ def _make_filesystem(scheme: str, settings: Settings, uri: str) -> Any:
             f"{uri}: reading object storage needs pyarrow: pip install 'clipdex[s3]'",
         ) from exc
     if scheme in ("gs", "gcs"):
-        return fs.GcsFileSystem(anonymous=settings.anonymous, retry_time_limit=REQUEST_SECONDS)
+        limit = dt.timedelta(seconds=REQUEST_SECONDS)
+        return fs.GcsFileSystem(anonymous=settings.anonymous, retry_time_limit=limit)
     options: dict[str, Any] = {
         "anonymous": settings.anonymous,
         "connect_timeout": CONNECT_SECONDS,
