@@ -147,6 +147,23 @@ def test_repair_encodes_damaged_rows_of_objects_again(uploaded, fake_encoder, tm
     assert (report.vectors_damaged, report.reencoded, report.not_recovered) == (1, 1, [])
 
 
+def test_text_in_a_photo_in_the_bucket_is_read(s3_env, fake_encoder, tmp_path):
+    from tests import textphotos as tp
+
+    folder = tmp_path / "text"
+    (made,) = tp.make_text_set(folder, 1, seed=3, sizes=(64,), angles=(0.0,), contrasts=("high",))
+    s3_env.upload(folder, BUCKET, "text")
+    always = IndexOptions(ocr="always")
+    with Library.open(tmp_path / "lib", create=True) as library:
+        report = index_paths(library, fake_encoder, [f"s3://{BUCKET}/text"], always)
+        assert (report.ocr.read, report.ocr.with_text) == (1, 1)
+        catalog = library.catalog
+        rows = catalog.get_images(catalog.ids())
+        texts = [t for s, t, _ in catalog.texts_for(rows)[next(iter(rows))] if s == "ocr"]
+    words = {word.lower().strip(".,:;") for text in texts for word in text.split()}
+    assert words & {word.lower() for word in made.words}
+
+
 def test_search_shows_the_uri_and_the_server_streams_the_object(
     uploaded, s3_env, fake_encoder, tmp_path
 ):

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import ClipdexError, ConfigError
+from indexer.ingest import objectstore
 from indexer.ingest.decode import DEFAULT_MAX_MEGAPIXELS, open_rgb
 from indexer.model.identity import Encoder
 from indexer.model.ocr import OcrEngine, OcrUnavailable, TextLine, shared_engine
@@ -187,8 +188,10 @@ class OcrStage:
         started = time.monotonic()
         self.stats.read += 1
         try:
+            # A photo in object storage (s3://) is fetched again: its bytes are not kept.
+            source = objectstore.read_bytes(path) if objectstore.is_uri(path) else path
             image, _info = open_rgb(
-                path, max_megapixels=self.max_megapixels, draft=False, name=path
+                source, max_megapixels=self.max_megapixels, draft=False, name=path
             )
             lines = self.engine.read(np.asarray(image))
         except OcrUnavailable as exc:  # said once; the rest of the run reads no text
