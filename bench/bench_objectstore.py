@@ -65,8 +65,8 @@ def timed_runs(source: str, library: Path, options: IndexOptions) -> tuple[float
         again = index_paths(lib, encoder, [source], options)
         noop = time.perf_counter() - started
     assert again.indexed == 0, "the second run encoded something"
-    print(f"  {source}: indexed {report.indexed}, failed {report.failed}, {first:.2f} s")
-    return first, noop, report.indexed
+    print(f"  {source}: indexed {report.indexed}, copies {report.reused}, {first:.2f} s")
+    return first, noop, report.indexed + report.reused + report.failed
 
 
 def main() -> int:
@@ -98,13 +98,13 @@ def main() -> int:
                 results[name]["first"].append(first)
                 results[name]["noop"].append(noop)
     median = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
-    print(f"{count} photos, {args.workers} decode workers, {args.rounds} rounds (medians)")
+    print(f"{count} files, {args.workers} decode workers, {args.rounds} rounds (medians)")
     print(f"{'':10} {'disk':>9} {'s3 (moto)':>10} {'s3/disk':>8}")
     for kind, label in (("first", "first run"), ("noop", "no-op run")):
         disk, s3_time = median["disk"][kind], median["s3"][kind]
         print(f"{label:10} {disk:8.2f}s {s3_time:9.2f}s {s3_time / disk:7.2f}x")
     rate = {n: count / median[n]["first"] for n in median}
-    print(f"first-run rate: disk {rate['disk']:.1f} img/s, s3 {rate['s3']:.1f} img/s")
+    print(f"first-run rate: disk {rate['disk']:.1f} files/s, s3 {rate['s3']:.1f} files/s")
     if args.json:
         args.json.write_text(json.dumps({"photos": count, "runs": results, "median": median}))
     return 0
