@@ -165,3 +165,30 @@ def test_the_pair_ranks_once_where_its_best_member_ranks(tmp_path, spread_checkp
     assert once.results[0].score == pytest.approx(max(r.score for r in both.results[:2]))
     assert np.isclose(both.results[0].score, both.results[1].score, atol=0.05)
     assert once.results[1].score < once.results[0].score - 0.05
+
+
+def test_raw_rows_come_from_the_partial_index(shots):
+    """The pair map reads the RAW rows through ``ix_images_raw`` (no scan of the images
+    table, whose rows hold the vectors), both catalog kinds alike, and the frozen suffix
+    list of the index is the one RAW decoding uses (a new format needs a new index)."""
+    import sqlite3
+
+    from indexer.ingest.raw import RAW_SUFFIXES
+    from indexer.store.catalog_reader import CatalogReader
+    from indexer.store.rawindex import RAW_FILES_SQL, RAW_SUFFIXES_INDEXED
+
+    assert set(RAW_SUFFIXES_INDEXED) == RAW_SUFFIXES
+    root, folder = shots
+    path = Library.catalog_path(root)
+    with sqlite3.connect(path) as conn:
+        plan = " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {RAW_FILES_SQL}"))
+    assert "ix_images_raw" in plan, plan
+    with Library.open(root) as library:
+        written = sorted(library.catalog.raw_files())
+    reader = CatalogReader(path)
+    try:
+        assert sorted(reader.raw_files()) == written
+    finally:
+        reader.close()
+    assert [Path(p).name for _, p in written] == ["IMG_1.dng", "IMG_2.dng", "IMG_4.dng"]
+    assert all(Path(p).parent == folder for _, p in written)

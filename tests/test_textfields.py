@@ -17,7 +17,7 @@ from indexer.ingest import textfields
 from indexer.ingest.decode import open_rgb
 from indexer.ingest.pipeline import index_paths
 from indexer.store import textindex
-from indexer.store.catalog import Catalog
+from indexer.store.catalog import SCHEMA_VERSION, Catalog
 from indexer.store.library import Library
 from tests import textphotos as tp
 
@@ -225,7 +225,7 @@ def test_a_schema_6_library_gains_name_and_folder_words(tmp_path):
     conn.close()
     catalog = Catalog(path)
     try:
-        assert catalog.get_meta("schema_version") == "7"
+        assert catalog.get_meta("schema_version") == str(SCHEMA_VERSION)
         texts = catalog.texts_for([1, 2])
         assert texts[1] == [
             ("name", "fjord View fjordView", None),

@@ -249,7 +249,7 @@ def test_sigkill_during_a_video_leaves_no_partial_video(tmp_path, scenes):
 def test_a_schema_5_catalog_gains_the_video_columns_and_frames(tmp_path):
     import sqlite3
 
-    from indexer.store.catalog import Catalog
+    from indexer.store.catalog import SCHEMA_VERSION, Catalog
     from indexer.store.catalog_reader import CatalogReader
 
     path = tmp_path / "catalog.sqlite"
@@ -271,7 +271,7 @@ def test_a_schema_5_catalog_gains_the_video_columns_and_frames(tmp_path):
         reader.close()
     catalog = Catalog(path)
     try:
-        assert catalog.get_meta("schema_version") == "7"
+        assert catalog.get_meta("schema_version") == str(SCHEMA_VERSION)
         row = catalog.get_images([1])[1]
         assert row["kind"] == "photo" and row["duration"] is None
         assert list(catalog.frame_ids_of([1])) == []

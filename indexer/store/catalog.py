@@ -58,9 +58,10 @@ from indexer.store.catalog_reader import (  # the checks both catalog kinds shar
     sqlite_error,
     vector_is_sound,
 )
+from indexer.store.rawindex import RAW_FILES_SQL, RAW_INDEX_DDL
 from indexer.store.textsearch import TextHit, TextTerm
 
-SCHEMA_VERSION = 7  # == len(MIGRATIONS)
+SCHEMA_VERSION = 8  # == len(MIGRATIONS)
 metadata = MetaData()
 
 meta_table = Table(
@@ -262,6 +263,12 @@ def _migration_7(conn: Connection) -> None:
         Catalog._insert_texts(conn, texts)
 
 
+def _migration_8(conn: Connection) -> None:
+    """A partial index of the RAW files' rows (:mod:`indexer.store.rawindex`): the RAW+JPEG
+    pair map reads it instead of scanning every row. Creating it reads the table once."""
+    conn.exec_driver_sql(RAW_INDEX_DDL)
+
+
 def _common_root(conn: Connection) -> list[str]:
     """The folder every catalogued path lies in (the common folder of the least and greatest
     path is everyone's), as the one known root of a library from before schema 7."""
@@ -281,6 +288,7 @@ MIGRATIONS = [
     _migration_5,
     _migration_6,
     _migration_7,
+    _migration_8,
 ]
 
 IMAGE_FIELDS = (
@@ -717,6 +725,11 @@ class Catalog:
         with self.engine.connect() as conn:
             rows = conn.exec_driver_sql(sql, tuple(params)).all()
         return np.asarray([row[0] for row in rows], dtype=np.int64)
+
+    def raw_files(self) -> list[tuple[int, str]]:
+        """(id, path) of every camera RAW file in the library, through the partial index
+        ``ix_images_raw`` (:mod:`indexer.store.rawindex`): costs what the RAWs are."""
+        return [(i, from_db(path)) for i, path in self._run(RAW_FILES_SQL)]
 
     def formats(self) -> list[str]:
         """The distinct image formats in the library (for error messages)."""

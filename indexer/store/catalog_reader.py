@@ -28,11 +28,12 @@ from indexer.errors import DiskFull, LibraryDamaged, LibraryError
 from indexer.model.identity import EMBED_DIM
 from indexer.paths import from_db, to_db
 from indexer.store import textsearch
+from indexer.store.rawindex import RAW_FILES_SQL
 from indexer.store.textsearch import TextHit, TextTerm
 
 # Schema versions whose tables this reader's SQL was checked against (the catalog's
 # SCHEMA_VERSION must be one of them: tests/test_catalog_reader.py says so).
-READABLE_SCHEMAS = frozenset({3, 4, 5, 6, 7})
+READABLE_SCHEMAS = frozenset({3, 4, 5, 6, 7, 8})
 # Video frames (schema 6), as plain SQL both catalog kinds run; "{}" is an IN (...) list.
 FRAME_OWNERS = "SELECT id, image_id, time FROM frames WHERE id IN ({})"
 FRAME_IDS_OF = "SELECT id FROM frames WHERE image_id IN ({})"
@@ -379,6 +380,10 @@ class CatalogReader:
         """
         rows = self._rows(f"SELECT id FROM images WHERE {where} ORDER BY id", params)
         return np.asarray([row[0] for row in rows], dtype=np.int64)
+
+    def raw_files(self) -> list[tuple[int, str]]:
+        """(id, path) of every camera RAW file (the same contract as the catalog's)."""
+        return [(i, from_db(path)) for i, path in self._rows(RAW_FILES_SQL)]
 
     def formats(self) -> list[str]:
         """The distinct image formats in the library (for error messages)."""

@@ -8,9 +8,11 @@ once, at the better of the two ranks and scores, and notes the RAW beside it
 both files instead.
 
 The grouping is derived at query time from the paths in the catalog (no column, no
-migration): one SQL pass finds the RAW rows and their faces, and the map is kept until the
-catalog's generation changes (the next indexing checkpoint). A RAW is folded into its face
-only when the face passes the query's filters: ``--format dng`` still finds the RAW.
+migration beyond a partial index of RAW paths, :mod:`indexer.store.rawindex`): one SQL
+pass over that index finds the RAW rows, one lookup per candidate name their faces, and
+the map is kept until the catalog's generation changes (the next indexing checkpoint).
+A RAW is folded into its face only when the face passes the query's filters:
+``--format dng`` still finds the RAW.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from indexer.ingest.raw import RAW_SUFFIXES
 from indexer.paths import to_db
 
 # fmt: off
@@ -58,14 +59,16 @@ class RawPairs:
 
 
 def find_faces(catalog) -> dict[int, int]:
-    """Pair every catalogued RAW with the photo of the same folder and stem (lowest id)."""
-    raw_ids = catalog.ids_where(_raw_path_condition())
-    if not len(raw_ids):
+    """Pair every catalogued RAW with the photo of the same folder and stem (lowest id).
+
+    The RAW rows come from the catalog's partial index of RAW paths (``raw_files``): the
+    cost follows the number of RAW files, not the library's size."""
+    raw_rows = catalog.raw_files()
+    if not raw_rows:
         return {}
-    raw_rows = catalog.get_images(raw_ids.tolist())
     wanted: dict[str, int] = {}  # candidate face path (stored form) -> raw id
-    for raw_id, row in raw_rows.items():
-        stem = os.path.splitext(row["path"])[0]
+    for raw_id, path in raw_rows:
+        stem = os.path.splitext(path)[0]
         for suffix in FACE_SUFFIXES:
             for variant in (suffix, suffix.upper()):
                 wanted[to_db(stem + variant)] = raw_id
@@ -112,16 +115,6 @@ def fold_pairs(
         np.asarray(out_ids, dtype=np.int64),
         np.asarray(out_scores, dtype=np.float32),
         companions,
-    )
-
-
-def _raw_path_condition() -> str:
-    """SQL true for a path with a RAW suffix (the suffixes are our constants, not input)."""
-    lengths = sorted({len(suffix) for suffix in RAW_SUFFIXES})
-    return " OR ".join(
-        f"lower(substr(path, -{n})) IN "
-        f"({', '.join(repr(s) for s in sorted(RAW_SUFFIXES) if len(s) == n)})"
-        for n in lengths
     )
 
 
