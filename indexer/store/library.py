@@ -7,6 +7,9 @@ Layout (this class is the only code that spells these names; everything else ask
                                   catalog generation they match (replaced atomically)
     LIBRARY/vectors.<gen>.faiss   the base vector index, built when the catalog was at <gen>
                                   (+ ``.check``, its stamp, which also names its kind)
+    LIBRARY/vectors.<gen>.faiss.sample  a fixed random sample of the base's vectors (float16,
+                                  ~20k), read by the cut-off instead of the catalog
+                                  (:mod:`indexer.store.background`; absent for small bases)
     LIBRARY/delta.<gen>.vec       vectors added since (append-only rows: id + vector)
     LIBRARY/delta.<gen>.del       ids removed since (append-only tombstones)
     LIBRARY/write.lock            held (flock) by the one process allowed to write
@@ -49,6 +52,7 @@ import numpy as np
 from indexer.errors import LibraryDamaged, LibraryError, LibraryLocked, ModelMismatch
 from indexer.fsutil import file_key
 from indexer.model.identity import EMBED_DIM, ModelIdentity
+from indexer.store.background import draw_sample, sample_path
 from indexer.store.segments import (
     MANIFEST_FILE,
     Manifest,
@@ -86,7 +90,8 @@ INDEX_PATTERN = re.compile(r"^vectors\.(\d+)\.faiss$")
 # The index files, their stamps, the delta files, the manifest and the temporary files of
 # interrupted writes: what a checkpoint may remove when no manifest names it.
 INDEX_FAMILY = re.compile(
-    r"^(vectors\.(\d+)\.faiss(\.check)?|delta\.(\d+)\.(vec|del)|segments\.json)(\.[^.]+\.tmp)?$"
+    r"^(vectors\.(\d+)\.faiss(\.check|\.sample)?|delta\.(\d+)\.(vec|del)|segments\.json)"
+    r"(\.[^.]+\.tmp)?$"
 )
 LOAD_ATTEMPTS = 10  # a reader racing writers that keep replacing the newest file
 
@@ -111,6 +116,7 @@ class Library:
         # Where a compaction has an encoding kind's batches encoded (a cluster run sets its
         # tasks here for the run: indexer.ingest.cluster); None: in this process.
         self.part_encoder = None
+        self._sample_checked = False  # whether a checkpoint looked for the sample file
 
     # -- the folder's layout --------------------------------------------------------------
     @staticmethod
@@ -365,6 +371,18 @@ class Library:
             self.index.flush(self.root, generation)
         self.index_generation = generation
         self._drop_index_files()
+        self._draw_missing_sample()
+
+    def _draw_missing_sample(self) -> None:
+        """A base compacted by an older clipdex has no background sample file: draw it
+        once (about 20,000 catalog reads), so the next queries read it instead."""
+        name = self.index.manifest.base
+        if name is None or self._sample_checked:
+            return
+        self._sample_checked = True
+        path = sample_path(self.root / name)
+        if not path.exists() and draw_sample(path, self.index.base, self.catalog.vectors):
+            self.index.look_for_sample(path)
 
     def compact(self, kind: str | None = None) -> int:
         """Fold base, delta and tombstones into one new base file of ``kind`` (default: the
@@ -394,9 +412,10 @@ class Library:
             generation = self.catalog.bump_generation()
         path = self._index_path(generation)
         store.save(path)
+        draw_sample(sample_path(path), store, self.catalog.vectors)
         manifest = Manifest(generation, path.name, generation, store.dim)
         write_manifest(self.root, manifest)
-        self.index = SegmentedStore(store, manifest)
+        self.index = SegmentedStore(store, manifest, sample_path(path))
         self.index_generation = generation
         self._drop_index_files()
 
@@ -409,7 +428,8 @@ class Library:
         manifest = self.index.manifest
         keep = {MANIFEST_FILE, delta_name(manifest.segment), tombstone_name(manifest.segment)}
         if manifest.base:
-            keep |= {manifest.base, manifest.base + STAMP_SUFFIX}
+            base = self.root / manifest.base
+            keep |= {manifest.base, stamp_path(base).name, sample_path(base).name}
         doomed = [
             other
             for other in self.root.iterdir()
@@ -550,7 +570,8 @@ def _load_manifest(root: Path, manifest: Manifest) -> SegmentedStore:
         except UnstampedIndex:
             path = root / manifest.base
             raise LibraryDamaged(damage_message(path, "its stamp is missing")) from None
-    return SegmentedStore.load(root, base, manifest)
+    sample = sample_path(root / manifest.base) if manifest.base is not None else None
+    return SegmentedStore.load(root, base, manifest, sample)
 
 
 def _segment_on_disk(root: Path) -> int:

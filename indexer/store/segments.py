@@ -37,6 +37,7 @@ import numpy as np
 
 from indexer.errors import LibraryDamaged, LibraryError
 from indexer.fsutil import write_atomic
+from indexer.store.background import SampleFile, open_sample, sample_hash
 from indexer.store.vectors import VectorIndex, fsync_dir, write_error
 from indexer.store.vectorstore import VectorStore, damage_message
 
@@ -131,7 +132,10 @@ class SegmentedStore:
     as *pending* until :meth:`flush` appends them to the files.
     """
 
-    def __init__(self, base: VectorStore, manifest: Manifest) -> None:
+    def __init__(
+        self, base: VectorStore, manifest: Manifest, sample: Path | None = None
+    ) -> None:
+        """``sample``: the base's background sample file (:mod:`.background`), if any."""
         self.base = base
         self.dim = base.dim
         self.manifest = manifest  # what is on disk, as far as this store has read it
@@ -143,6 +147,11 @@ class SegmentedStore:
         self._pending_ids: list[np.ndarray] = []
         self._pending_vectors: list[np.ndarray] = []
         self._pending_dead: list[int] = []
+        self._sample_path = sample
+        self._sample: SampleFile | bool | None = None  # False: looked, none usable
+        self._sample_rows: dict[int, tuple] = {}  # limit -> what the file's prefix holds
+        self._background: dict[int, tuple] = {}  # limit -> (changes, ids, vectors)
+        self._changes = 0  # bumped by every add and removal (the background follows them)
 
     # -- what it is ---------------------------------------------------------------------
     @property
@@ -168,9 +177,12 @@ class SegmentedStore:
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
-    def load(cls, root: Path, base: VectorStore, manifest: Manifest) -> SegmentedStore:
+    def load(
+        cls, root: Path, base: VectorStore, manifest: Manifest, sample: Path | None = None
+    ) -> SegmentedStore:
         """The store ``manifest`` describes, over an already loaded ``base``."""
-        store = cls(base, replace(manifest, rows=0, rows_crc=0, deleted=0, deleted_crc=0))
+        empty = replace(manifest, rows=0, rows_crc=0, deleted=0, deleted_crc=0)
+        store = cls(base, empty, sample)
         store.extend(root, manifest)
         return store
 
@@ -211,6 +223,7 @@ class SegmentedStore:
         """Add delta rows, skipping ids this store holds already (added here by reconcile)."""
         fresh = self._fresh(ids)
         if fresh.any():
+            self._changes += 1
             self.delta.add(ids[fresh], vectors[fresh])
             self._delta_ids.update(ids[fresh].tolist())
 
@@ -229,6 +242,7 @@ class SegmentedStore:
         ids = np.asarray([i for i in ids.tolist() if i not in self._gone], dtype=np.int64)
         if len(ids) == 0:
             return
+        self._changes += 1
         in_delta = np.fromiter((int(i) in self._delta_ids for i in ids), bool, len(ids))
         if in_delta.any():
             self.delta.remove(ids[in_delta])
@@ -321,6 +335,52 @@ class SegmentedStore:
             other = hits != queries
             parts.append((queries[other], hits[other], hit_scores[other]))
         return tuple(np.concatenate(column) for column in zip(*parts))
+
+    def background(self, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids, float32 vectors) of a fixed uniform random sample of the live vectors,
+        about ``limit`` of them, from the base's sample file (:mod:`.background`): its first
+        rows minus tombstones, plus the delta's ids that hash below the same bound. None
+        when the base has no usable sample file: the caller reads vectors another way."""
+        cached = self._background.get(limit)
+        if cached is not None and cached[0] == self._changes:
+            return cached[1:]
+        rows = self._sample_prefix(limit)
+        if rows is None:
+            return None
+        ids, vectors, bound = rows
+        if len(self._dead):
+            keep = ~np.isin(ids, self._dead)
+            ids, vectors = ids[keep], vectors[keep]
+        vectors = vectors.astype(np.float32)
+        delta_ids = self.delta.ids()
+        chosen = delta_ids[sample_hash(delta_ids) < bound]
+        if len(chosen):
+            ids = np.concatenate([ids, chosen])
+            vectors = np.vstack([vectors, *(self.delta.reconstruct(int(i))[None] for i in chosen)])
+        self._background[limit] = (self._changes, ids, vectors)
+        return ids, vectors
+
+    def look_for_sample(self, path: Path) -> None:
+        """Use the sample file at ``path`` (just written for this base) from now on."""
+        self._sample_path, self._sample, self._sample_rows = path, None, {}
+        self._background = {}
+
+    def _sample_prefix(self, limit: int) -> tuple | None:
+        """The sample file's first ``limit`` rows (read once), or None without a sound file."""
+        if self._sample is None:
+            found = None
+            if self._sample_path is not None:
+                found = open_sample(self._sample_path, self.dim, len(self.base))
+            self._sample = found if found is not None else False
+        if self._sample is False:
+            return None
+        if limit not in self._sample_rows:
+            rows = self._sample.read(limit)
+            if rows is None:  # damaged: never again
+                self._sample = False
+                return None
+            self._sample_rows[limit] = rows
+        return self._sample_rows[limit]
 
     def in_memory(self) -> SegmentedStore:
         return self  # changes go to the delta and tombstones: always writable

@@ -9,7 +9,9 @@ query and their scores form a unimodal bulk, while relevant photos form a thin r
 Rule (``--cutoff auto``): with ``f = atanh(score)``, keep ``f > median + z(n) * sigma`` where
 
 - ``median`` and ``sigma = 1.4826 * MAD`` describe the bulk of the query's ``f`` over the
-  library (all of it, or a fixed random sample of ``SAMPLE`` photos in large libraries).
+  library (all of it, or a fixed random sample of about ``SAMPLE`` photos in large
+  libraries: the one a compaction stores beside the index, :mod:`indexer.store.background`,
+  read in one go; without that file, ``SAMPLE`` photos read from the catalog).
   Median and MAD are robust: the relevant tail, even a fifth of the library, barely moves
   them, where a mean and standard deviation would be dragged up by it.
 - ``atanh`` is Fisher's transform: a cosine of unit vectors behaves like a correlation
@@ -47,9 +49,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from indexer.store.background import SAMPLE as BACKGROUND_SAMPLE
 from retrieval.search.errors import QueryError
 
-SAMPLE = 20_000
+SAMPLE = BACKGROUND_SAMPLE
 MIN_POPULATION = 8
 MIN_Z = 2.0
 MAD_TO_SIGMA = 1.4826  # sigma of a normal distribution = 1.4826 * its MAD
@@ -136,3 +139,20 @@ def background_ids(ids: np.ndarray, sample: int = SAMPLE, seed: int = 0) -> np.n
         return None
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(ids, size=sample, replace=False))
+
+
+def background_scores(index, vector: np.ndarray, sample: int = SAMPLE) -> np.ndarray:
+    """The query's cosines over a fixed random sample of about ``sample`` live photos (all
+    of them in a library that small).
+
+    From the index's stored background sample when it has one (a few MB read in one go,
+    whatever the library's size); else from ``sample`` ids drawn with
+    :func:`background_ids` and scored by the index (a random read per photo in a large
+    library whose index re-ranks from the catalog)."""
+    stored = index.background(sample) if hasattr(index, "background") else None
+    if stored is not None:
+        _, vectors = stored
+        return np.einsum("ij,j->i", vectors, vector.astype(np.float32, copy=False))
+    ids = background_ids(index.ids(), sample)
+    _, scores, _ = index.range_search(vector[None], -np.inf, ids)
+    return scores

@@ -57,6 +57,7 @@ from retrieval.search.cutoff import (
     MIN_POPULATION,
     Cutoff,
     background_ids,
+    background_scores,
     combine_cutoffs,
     resolve_cutoff,
     universal_z,
@@ -286,8 +287,7 @@ def _bulk(
     is today's); otherwise from a smaller fixed sample whose vectors are kept in memory
     (``CALIBRATION_SAMPLE``: the spread of 2,048 scores is known to a few percent)."""
     if auto:
-        sample = background_ids(library.index.ids())
-        _, scores, _ = library.index.range_search(vector[None], -np.inf, sample)
+        scores = background_scores(library.index, vector)
     else:
         scores = _dot(_sample_matrix(library), vector)
     z = universal_z(population)
@@ -312,10 +312,14 @@ def _sample_matrix(library: Library) -> np.ndarray:
     cached = _SAMPLES.get(library)
     if cached is not None and cached[0] == key:
         return cached[1]
-    ids = background_ids(index.ids(), CALIBRATION_SAMPLE)
-    if ids is None:
-        ids = index.ids()
-    _, vectors = library.catalog.vectors(ids.tolist())
+    stored = index.background(CALIBRATION_SAMPLE) if hasattr(index, "background") else None
+    if stored is not None:  # the index's stored sample: one read of 2 MB
+        vectors = stored[1]
+    else:
+        ids = background_ids(index.ids(), CALIBRATION_SAMPLE)
+        if ids is None:
+            ids = index.ids()
+        _, vectors = library.catalog.vectors(ids.tolist())
     matrix = vectors if len(vectors) else np.zeros((0, EMBED_DIM), np.float32)
     _SAMPLES[library] = (key, matrix)
     return matrix

@@ -28,7 +28,7 @@ from indexer.store.library import Library
 from retrieval.search.cutoff import (
     Cutoff,
     auto_cutoff,
-    background_ids,
+    background_scores,
     combine_cutoffs,
     resolve_cutoff,
 )
@@ -131,9 +131,7 @@ def collapse_frames(
 
 def _auto(library: Library, vector: np.ndarray, population: int) -> Cutoff:
     """The auto cut-off from the query's scores over the library (or a fixed sample)."""
-    sample = background_ids(library.index.ids())
-    _, scores, _ = library.index.range_search(vector[None], -np.inf, sample)
-    return auto_cutoff(scores, population)
+    return auto_cutoff(background_scores(library.index, vector), population)
 
 
 def top_hits(library: Library, vector: np.ndarray, n: int, allowed):
