@@ -12,7 +12,13 @@ order of the sizes alternates, so machine drift hits both alike), it times fresh
 - ``clipdex info``;
 - ``clipdex index`` adding 64 new photos (a new folder each round);
 - a checkpoint of 64 new vectors in-process: time and bytes the process wrote;
-- a cold ``clipdex search "a dog"`` (fresh process): wall time and peak RSS;
+- a cold ``clipdex search "a dog" -k 10`` (fresh process) twice: with the library's files
+  in the OS page cache (``cold_search``: what a second search in a new shell costs), and
+  with them evicted first (``evicted_search``: ``posix_fadvise(DONTNEED)`` on every file
+  of the library, the first search after a reboot or a long pause; Python, its packages
+  and the model stay cached in both); wall time and peak RSS;
+- the same evicted search with ``--cutoff auto`` (``evicted_cutoff``: reads the background
+  sample, indexer/store/background.py);
 - bytes per photo on disk.
 
 ``--repo DIR`` runs the CLI (and the in-process checkpoint) from another checkout, to
@@ -231,6 +237,18 @@ def checkpoint_probe(repo: Path, library: Path, tag: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def evict(root: Path) -> None:
+    """Drop the library's files from the OS page cache (no root needed: fadvise)."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # dirty pages cannot be dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def disk_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
@@ -254,8 +272,21 @@ def one_round(repo: Path, setup: dict, size: int, label: str) -> dict:
     }
     probe = checkpoint_probe(repo, library, f"{label}{size}")
     figures["checkpoint_s"], figures["checkpoint_bytes"] = probe["seconds"], probe["bytes"]
-    cold = run_cli(repo, setup, ["search", "a dog", "-k", "10"], library)
+    search = ["search", "a dog", "-k", "10"]
+    cold = run_cli(repo, setup, search, library)
     figures["cold_search"], figures["cold_search_peak_mb"] = cold["seconds"], cold["peak_rss"] / 1e6
+    evict(library)
+    cold = run_cli(repo, setup, search, library)
+    figures["evicted_search"] = cold["seconds"]
+    figures["evicted_search_peak_mb"] = cold["peak_rss"] / 1e6
+    evict(library)
+    figures["evicted_cutoff"] = run_cli(repo, setup, [*search, "--cutoff", "auto"], library)[
+        "seconds"
+    ]
+    # Leave the page cache as the other figures expect it (the next round's no-op index
+    # and info are warm-cache figures): read again what a search and info read.
+    run_cli(repo, setup, ["info"], library)
+    run_cli(repo, setup, search, library)
     return figures
 
 
@@ -298,7 +329,12 @@ def report(args, sizes: list[int], rounds: dict[int, list[dict]], setup: dict) -
     small, large = sizes[0], sizes[-1]
     print(f"code: {args.repo}   rounds: {args.rounds} (medians)")
     print(f"{'':28}{small:>14,}{large:>14,}{'ratio':>9}")
-    units = {"checkpoint_bytes": "B", "cold_search_peak_mb": "MB", "bytes_per_photo": "B"}
+    units = {
+        "checkpoint_bytes": "B",
+        "cold_search_peak_mb": "MB",
+        "evicted_search_peak_mb": "MB",
+        "bytes_per_photo": "B",
+    }
     for key in medians[small]:
         a, b = medians[small][key], medians[large][key]
         unit = units.get(key, "s")

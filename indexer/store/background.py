@@ -9,7 +9,7 @@ from a cold disk. So a compaction writes the sample beside the base it builds
 of a size that does not grow with the library:
 
 - *Which photos*: those whose id hashes below ``rate = SAMPLE / base size``
-  (:func:`sample_hash`, a multiplicative hash of the id; ids are never reused). The same
+  (:func:`sample_hash`, splitmix64 of the id; ids are never reused). The same
   rule picks the delta's new photos at query time, and tombstoned ids are dropped, so the
   sample follows adds and deletes between compactions (the delta is bounded by the
   compaction threshold, so its size stays about ``SAMPLE``).
@@ -42,16 +42,22 @@ SAMPLE_SUFFIX = ".sample"  # beside the base file it was drawn from
 BLOCK_ROWS = 1024  # rows per CRC-32
 _MAGIC = b"CDXBKG01"
 _HEADER = struct.Struct("<8sIQQdI")  # magic, dim, base count, rows, rate, blocks
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: Fibonacci hashing
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's constants
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
 _HASH_RANGE = float(2**53)
 
 
 def sample_hash(ids: np.ndarray) -> np.ndarray:
-    """A uniform value in [0, 1) per id, fixed forever (Fibonacci hashing of the id)."""
-    ids = np.asarray(ids, dtype=np.int64).astype(np.uint64)
+    """A uniform value in [0, 1) per id, fixed forever: splitmix64 of the id, so
+    consecutive ids (one import, one video's frames) land all over [0, 1)."""
+    x = np.asarray(ids, dtype=np.int64).astype(np.uint64)
     with np.errstate(over="ignore"):
-        mixed = ids * _GOLDEN
-    return (mixed >> np.uint64(11)).astype(np.float64) / _HASH_RANGE
+        x = x + _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * _MIX1
+        x = (x ^ (x >> np.uint64(27))) * _MIX2
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / _HASH_RANGE
 
 
 def sample_rate(count: int, sample: int = SAMPLE) -> float:
