@@ -276,3 +276,10 @@ def test_uris_are_spelt_one_way_and_gs_gets_google_cloud_storage(monkeypatch):
     monkeypatch.setenv("CLIPDEX_S3_ANONYMOUS", "1")  # no credentials looked up
     store, path = objectstore.filesystem("gs://photos/2024")
     assert type(store).__name__ == "GcsFileSystem" and path == "photos/2024"
+
+
+def test_watching_a_bucket_says_to_index_it_again_instead():
+    from indexer.ingest.sync import Syncer
+
+    with pytest.raises(ConfigError, match="only folders on this machine can be watched"):
+        Syncer([ROOT_URI], lambda paths: None)

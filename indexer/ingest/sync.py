@@ -452,6 +452,12 @@ class Syncer:
 
 def _folder(path: str | os.PathLike) -> Path:
     """A folder to follow, absolute; a clear error when it is not one."""
+    if isinstance(path, str) and "://" in path:
+        raise ConfigError(
+            f"{path}: only folders on this machine can be watched (object storage sends no "
+            "events): index the bucket again with `clipdex index` when it changes, e.g. on a "
+            "schedule (unchanged objects cost one listing)"
+        )
     folder = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     if not folder.is_dir():
         what = "is a file" if folder.exists() else "does not exist"

@@ -398,7 +398,7 @@ def index(
 
 @cli_command
 def watch(
-    paths: Annotated[list[Path], typer.Argument(help="Folders to keep the library in step with.")],
+    paths: Annotated[list[str], typer.Argument(help="Folders to keep the library in step with.")],
     poll: Annotated[
         float | None,
         _opt(
