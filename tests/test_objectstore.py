@@ -132,10 +132,11 @@ def test_a_second_run_reads_only_changed_added_renamed_and_deleted_objects(
         assert (again.indexed, again.unchanged, fake_encoder.images_encoded) == (0, GOOD, 0)
 
 
-def test_repair_encodes_damaged_rows_of_objects_again(uploaded, fake_encoder, tmp_path):
+def test_repair_encodes_damaged_rows_of_objects_again(s3_env, photo_folder, fake_encoder, tmp_path):
     from indexer.ingest.repair import repair_library
 
-    _, uri = uploaded
+    s3_env.upload(photo_folder, BUCKET, "repair")
+    uri = f"s3://{BUCKET}/repair"
     root = tmp_path / "lib"
     with Library.open(root, create=True) as library:
         index_paths(library, fake_encoder, [uri])
@@ -283,3 +284,13 @@ def test_watching_a_bucket_says_to_index_it_again_instead():
 
     with pytest.raises(ConfigError, match="only folders on this machine can be watched"):
         Syncer([ROOT_URI], lambda paths: None)
+
+
+def test_without_pyarrow_the_error_names_the_extra(monkeypatch):
+    from indexer.ingest import objectstore
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
+    monkeypatch.setattr(objectstore, "_filesystems", {})
+    with pytest.raises(ObjectStoreError, match=r"pip install 'clipdex\[s3\]'") as caught:
+        objectstore.resolve(ROOT_URI)
+    assert ROOT_URI in str(caught.value)
