@@ -177,6 +177,35 @@ def test_untrained_store_trains_on_first_add_and_round_trips_its_stamp(tmp_path)
         load_store(path)
 
 
+@pytest.mark.parametrize("codes", ivf.CODES)
+def test_each_code_kind_round_trips_mapped_and_answers_exactly(tmp_path, codes):
+    """New indexes use RaBitQ codes; an sq8 index (built before them) still loads, maps,
+    copies and answers: the same exact top-10 (re-ranked) as the exact kind."""
+    vectors = ClipLike(6_000, seed=6).vectors()
+    ids = np.arange(len(vectors), dtype=np.int64) * 3 + 5
+    source = ArraySource(ids, vectors)
+    store = IVFIndex.build(source, codes=codes)
+    assert store.params["codes"] == codes and store.describe()["codes"] == codes
+    path = tmp_path / "vectors.1.faiss"
+    store.save(path)
+    mapped = load_store(path, mmap=True)
+    assert mapped.codes == codes and mapped.mmapped
+    copy = mapped.in_memory()
+    assert copy.codes == codes and not copy.mmapped
+    exact = VectorIndex()
+    exact.add(ids, vectors)
+    queries = vectors[:40] + 0.02
+    want_scores, want = exact.search(queries, 10)
+    for answer in (store, copy):
+        answer.attach_source(source.vectors)
+        scores, found = answer.search(queries, 10)
+        assert _recall(found, want) >= RECALL_TARGET - 0.02
+        hit = found == want
+        assert np.allclose(scores[hit], want_scores[hit], atol=1e-5)
+    with pytest.raises(ValueError, match="codes"):
+        IVFIndex(codes="pq")
+
+
 # -- in a library ---------------------------------------------------------------------------
 def _library(root, count: int, seed: int = 2):
     """A library of ``count`` synthetic photos (catalog + exact index), still open."""
