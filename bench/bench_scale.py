@@ -1,4 +1,5 @@
-"""How do the vector index kinds scale? exact (flat), ivf (ours) and FAISS HNSW, same run.
+"""How do the vector index kinds scale? exact (flat), ivf (ours: RaBitQ codes, and sq8 codes
+beside them as ``ivf-sq8``) and FAISS HNSW, same run.
 
 Synthetic CLIP-like vectors (tests/clipvectors.py: a shared component, Zipf-sized topics,
 anisotropic spread, ~5% near-copies in bursts, unit length; not uniform noise), with image-
@@ -151,11 +152,11 @@ def _exact(vectors) -> VectorIndex:
     return index
 
 
-def bench_ivf(vectors, queries, truth, extra) -> dict:
+def bench_ivf(vectors, queries, truth, extra, codes: str = ivf_module.DEFAULT_CODES) -> dict:
     n = len(vectors)
     source = ArraySource(np.arange(n, dtype=np.int64), vectors)
     set_search_threads(os.cpu_count() or 1)  # the build uses every core, as `clipdex index`
-    seconds, index = timed(lambda: IVFIndex.build(source))
+    seconds, index = timed(lambda: IVFIndex.build(source, codes=codes))
     index.attach_source(source.vectors)
     set_search_threads(1)
     p50, p99, found = latencies(lambda q: index.search(q, 10), queries)
@@ -183,6 +184,7 @@ def bench_ivf(vectors, queries, truth, extra) -> dict:
         "delete_10k_s": delete_s,
         "duplicates_s": dup_s,
         "duplicates_note": f"whole library through the lists: {len(pairs[0])} pairs",
+        "codes": facts["codes"],
         "nlist": facts["nlist"],
         "nprobe": facts["nprobe"],
         "tuned_recall_at_10": facts.get("recall_at_10"),
@@ -272,8 +274,10 @@ def run_size(n: int, hnsw_cap: int, kinds: list[str]) -> dict:
         started = time.perf_counter()
         if kind == "exact":
             rows[kind] = bench_exact(vectors, queries, truth, extra)
-        elif kind == "ivf":
+        elif kind == "ivf":  # the default codes (what a new index uses)
             rows[kind] = bench_ivf(vectors, queries, truth, extra)
+        elif kind.startswith("ivf-"):  # another code kind beside it: ivf-sq8
+            rows[kind] = bench_ivf(vectors, queries, truth, extra, codes=kind[4:])
         elif kind == "hnsw":
             rows[kind] = bench_hnsw(vectors, queries, hnsw_cap)
         print(f"{kind}: {time.perf_counter() - started:.0f}s", flush=True)
@@ -287,6 +291,13 @@ EXPONENTS = {
     # nlist ~ sqrt(n): assignment n*sqrt(n); a query scans nprobe lists of ~sqrt(n) codes;
     # near_pairs compares within lists: n * sqrt(n).
     "ivf": {"build_s": 1.5, "p50_ms": 0.5, "p99_ms": 0.5, "memory_mb": 1.0, "duplicates_s": 1.5},
+    "ivf-sq8": {
+        "build_s": 1.5,
+        "p50_ms": 0.5,
+        "p99_ms": 0.5,
+        "memory_mb": 1.0,
+        "duplicates_s": 1.5,
+    },
     "hnsw": {"build_s": 1.1, "p50_ms": 0.2, "p99_ms": 0.2, "memory_mb": 1.0},
 }
 
@@ -321,17 +332,18 @@ COLUMNS = [
 
 def print_table(title: str, rows: dict) -> None:
     print(f"\n{title}")
-    print(f"{'kind':6}" + "".join(f"{label:>11}" for _, label, _ in COLUMNS))
+    print(f"{'kind':8}" + "".join(f"{label:>11}" for _, label, _ in COLUMNS))
     for kind, row in rows.items():
         cells = [fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS]
-        print(f"{kind:6}" + "".join(f"{cell:>11}" for cell in cells))
+        print(f"{kind:8}" + "".join(f"{cell:>11}" for cell in cells))
     for kind, row in rows.items():
         for key in ("build_note", "latency_note", "duplicates_note"):
             if key in row:
                 print(f"  {kind} {key.split('_')[0]}: {row[key]}")
         if "nlist" in row:
             print(
-                f"  ivf: nlist {row['nlist']}, nprobe {row['nprobe']} (tuned recall@10 "
+                f"  {kind}: {row['codes']} codes, nlist {row['nlist']}, nprobe {row['nprobe']}"
+                f" (tuned recall@10 "
                 f"{row['tuned_recall_at_10']}, code score error {row['code_score_error']})"
             )
 
@@ -340,7 +352,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="100000,1000000", help="comma-separated sizes")
     parser.add_argument("--quick", action="store_true", help="one small size (20k), fast")
-    parser.add_argument("--kinds", default="exact,ivf,hnsw")
+    parser.add_argument(
+        "--kinds", default="exact,ivf,ivf-sq8,hnsw", help="ivf: default codes; ivf-sq8: sq8"
+    )
     parser.add_argument(
         "--hnsw-max",
         type=int,
@@ -373,6 +387,13 @@ def main() -> None:
         f"{fetch_ms:.2f} ms; catalog {catalog_per_photo:.0f} B/photo (vector + metadata), "
         "the same for every kind: a library is catalog + index file"
     )
+    for n in sizes:
+        for kind, row in figures["sizes"][str(n)].items():
+            if kind.startswith("ivf"):
+                print(
+                    f"{n:,} {kind}: p50 with the catalog re-rank fetch ~"
+                    f"{row['p50_ms'] + fetch_ms:.2f} ms (index p50 + fetch p50)"
+                )
     largest = max(sizes)
     if largest < 10_000_000:
         projected = project(figures["sizes"][str(largest)], largest, 10_000_000)

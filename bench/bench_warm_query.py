@@ -1,0 +1,119 @@
+"""Warm text query end to end: the same search at 10k and at 1M photos, same run.
+
+What a user's ``clipdex search "a dog"`` runs once the process is warm (library open, index
+loaded, caches filled), minus the text encoder: a fixed query vector (tests/clipvectors.py's
+text-like queries) with the parsed terms of a word query, through ``SearchEngine.search``
+with the default options (fusion with the stored words, the auto cut-off, the first page).
+Rounds alternate between the libraries so machine drift hits both alike; p50/p99 per
+library and the ratio of the p50s (issue 10's target: 1M <= 1.2x 10k).
+
+``--profile`` adds a cProfile of the largest library's queries (where the time goes: the
+index's scan and re-rank, the catalog reads, the cut-off, the fusion).
+
+Libraries: ``bench/bench_library_scale.py`` builds them (``--libs`` folder with
+``library_10000`` and ``library_1000000``); they are opened read-only, nothing is written.
+Example: ``python bench/bench_warm_query.py --libs /work/bench-libs2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from indexer.store.library import Library  # noqa: E402
+from indexer.store.vectors import set_search_threads  # noqa: E402
+from retrieval.search.engine import SearchEngine  # noqa: E402
+from retrieval.search.options import SearchOptions  # noqa: E402
+from retrieval.search.query import parse_query  # noqa: E402
+from tests.clipvectors import ClipLike  # noqa: E402
+
+WORDS = ("a dog", "beach at sunset", "red car", "birthday cake", "mountain lake")
+
+
+def open_engine(root: Path) -> SearchEngine:
+    """A read-only library and its engine (no encoder: the vectors are given)."""
+    library = Library.open(root, read_only=True)
+    return SearchEngine(library, lambda: None)
+
+
+def one_query(engine: SearchEngine, vector: np.ndarray, text: str) -> float:
+    started = time.perf_counter()
+    engine.search(vector, SearchOptions(), parse_query(text))
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--libs", type=Path, default=Path("/work/bench-libs2"))
+    parser.add_argument("--sizes", default="10000,1000000")
+    parser.add_argument("--queries", type=int, default=40, help="timed queries per library")
+    parser.add_argument("--threads", type=int, default=1, help="FAISS search threads")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    set_search_threads(args.threads)
+    engines = {}
+    for size in sizes:
+        started = time.perf_counter()
+        engines[size] = open_engine(args.libs / f"library_{size}")
+        index = engines[size].library.index  # load it: the process is warm
+        facts = index.describe() if hasattr(index, "describe") else {}
+        print(
+            f"library_{size}: opened in {time.perf_counter() - started:.1f}s, index "
+            + ", ".join(
+                f"{k} {facts[k]}" for k in ("kind", "codes", "nlist", "nprobe") if k in facts
+            ),
+            flush=True,
+        )
+    # The generator of the libraries (bench_library_scale: ClipLike(count), seed 0): queries
+    # across the modality gap from the largest library's topics.
+    vectors = ClipLike(max(sizes), seed=0).text_queries(args.queries + 5, seed=31)
+    texts = [WORDS[i % len(WORDS)] for i in range(len(vectors))]
+    for engine in engines.values():  # warm-up: caches, the cut-off's sample
+        for vector, text in zip(vectors[:5], texts[:5]):
+            one_query(engine, vector, text)
+    times = {size: [] for size in sizes}
+    for vector, text in zip(vectors[5:], texts[5:]):
+        for size, engine in engines.items():
+            times[size].append(one_query(engine, vector, text))
+    figures = {}
+    for size in sizes:
+        ms = np.asarray(times[size]) * 1000
+        figures[size] = {
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)),
+        }
+        print(
+            f"{size:>9,} photos: warm text query p50 {figures[size]['p50_ms']:.1f} ms, "
+            f"p99 {figures[size]['p99_ms']:.1f} ms"
+        )
+    small, large = min(sizes), max(sizes)
+    ratio = figures[large]["p50_ms"] / figures[small]["p50_ms"]
+    print(f"ratio {large:,} / {small:,} (p50): {ratio:.2f}x (target <= 1.2x)")
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for vector, text in zip(vectors[5:], texts[5:]):
+            one_query(engines[large], vector, text)
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(30)
+        print(out.getvalue())
+    if args.json:
+        args.json.write_text(json.dumps({"sizes": figures, "ratio_p50": ratio}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
