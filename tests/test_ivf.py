@@ -110,6 +110,25 @@ def test_selective_filter_is_exact_and_broad_filter_stays_inside(built):
     assert np.allclose(got_scores[0], vectors @ queries[0], atol=1e-6)
 
 
+def test_excluded_ids_are_skipped_in_the_scan_not_re_ranked(built):
+    """Tombstones passed as ``excluded_ids`` never come back, the answer is the exact top-10
+    of the rest (within the recall), and the re-rank reads no more than without them."""
+    generator, source, store, exact = built
+    queries = generator.text_queries(30, seed=21)
+    _, before = exact.search(queries, 10)
+    excluded = np.unique(before[:, :5])  # every query's 5 best are deleted
+    live = np.setdiff1d(source.ids(), excluded)
+    _, want = exact.search(queries, 10, live)
+    asked = []
+    store.attach_source(lambda ids: (asked.append(len(ids)), source.vectors(ids))[1])
+    try:
+        _, found = store.search(queries, 10, excluded_ids=excluded)
+    finally:
+        store.attach_source(source.vectors)
+    assert not set(found.ravel().tolist()) & set(excluded.tolist())
+    assert _recall(found, want) >= RECALL_TARGET - 0.02
+    assert sum(asked) <= len(queries) * (10 + ivf.RERANK_EXTRA)
+
 def test_range_search_is_exact_above_the_radius(built):
     generator, source, store, exact = built
     queries = generator.image_queries(5, seed=7)

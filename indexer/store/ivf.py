@@ -182,6 +182,7 @@ class IVFIndex:
         self.mmapped = False  # lists mapped from the file (read-only) instead of read in
         self._ids: np.ndarray | None = None  # cache of ids(), dropped on every change
         self._sample: tuple[bytes, np.ndarray, np.ndarray] | None = None  # see _sample_vectors
+        self._excluded: tuple | None = None  # see _exclusion
 
     # -- the re-rank source ---------------------------------------------------------------
     def attach_source(self, fetch: VectorFetch | None) -> None:
@@ -422,10 +423,20 @@ class IVFIndex:
         return removed
 
     # -- search ---------------------------------------------------------------------------
+    # A caller that hides ids (the segments' tombstones) passes them as ``excluded_ids``: they
+    # are skipped inside the scan, instead of asking for k + len(hidden) hits and re-ranking
+    # (reading from the catalog) that many candidates per query.
+    excludes: ClassVar[bool] = True
+
     def search(
-        self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed_ids: np.ndarray | None = None,
+        excluded_ids: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) per query row, exact scores; see the module docstring."""
+        """Top-k (scores, ids) per query row, exact scores; see the module docstring.
+        ``excluded_ids`` (only without ``allowed_ids``): ids never returned."""
         queries = _rows(queries, self.dim)
         if len(self) == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
@@ -434,7 +445,7 @@ class IVFIndex:
             allowed_ids = np.ascontiguousarray(allowed_ids, dtype=np.int64)
             if len(allowed_ids) <= EXACT_FILTER_LIMIT and self._fetch is not None:
                 return self._brute_force(queries, k, allowed_ids)
-        params = self._params(allowed_ids)
+        params = self._params(allowed_ids, excluded=excluded_ids)
         approx, cand = self.index.search(queries, k + max(k, RERANK_EXTRA), params=params)
         if self._fetch is None:
             return approx[:, :k], cand[:, :k]
@@ -536,6 +547,18 @@ class IVFIndex:
         keep = scores > radius
         return a[keep], b[keep], scores[keep]
 
+    def _exclusion(self, excluded: np.ndarray):
+        """A selector of every id but ``excluded``, kept while the same ids are asked for
+        (the tombstones change at a checkpoint, not per query)."""
+        excluded = np.ascontiguousarray(excluded, dtype=np.int64)
+        key = len(excluded).to_bytes(8, "little") + zlib.crc32(excluded.tobytes()).to_bytes(
+            4, "little"
+        )
+        if self._excluded is None or self._excluded[0] != key:
+            batch = faiss.IDSelectorBatch(excluded)
+            self._excluded = (key, batch, faiss.IDSelectorNot(batch))
+        return self._excluded[1], self._excluded[2]
+
     def _sample_vectors(self, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Full vectors of a set asked for whole again and again (the auto cut-off's fixed
         background sample), read once (from the source, else decoded) and kept."""
@@ -572,9 +595,20 @@ class IVFIndex:
         lims = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return lims, scores, cand
 
-    def _params(self, allowed: np.ndarray | None, nprobe: int | None = None):
-        """Search parameters: nprobe (scaled up by a filter's selectivity) and the filter."""
+    def _params(
+        self,
+        allowed: np.ndarray | None,
+        nprobe: int | None = None,
+        excluded: np.ndarray | None = None,
+    ):
+        """Search parameters: nprobe (scaled up by a filter's selectivity) and the filter
+        (the allowed ids, else every id but the excluded ones)."""
         nprobe = nprobe or self.nprobe
+        if allowed is None and excluded is not None and len(excluded):
+            batch, selector = self._exclusion(excluded)
+            params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
+            params._selector = (batch, selector)  # the parameters do not own them
+            return params
         if allowed is None:
             return faiss.SearchParametersIVF(nprobe=nprobe)
         fraction = max(len(allowed), 1) / max(len(self), 1)

@@ -447,6 +447,10 @@ class SegmentedStore:
         parts = []
         if len(self.base) > len(self._dead):
             base_allowed, extra = self._base_restriction(allowed_ids)
+            if extra and getattr(self.base, "excludes", False):
+                # The base skips the tombstones in its scan: no extra hits to ask for.
+                options = {**options, "excluded_ids": self._dead}
+                extra = 0
             want = min(k + extra, len(self.base))
             scores, ids = self.base.search(queries, want, base_allowed, **options)
             if extra:
