@@ -129,6 +129,7 @@ def test_excluded_ids_are_skipped_in_the_scan_not_re_ranked(built):
     assert _recall(found, want) >= RECALL_TARGET - 0.02
     assert sum(asked) <= len(queries) * (10 + ivf.RERANK_EXTRA)
 
+
 def test_range_search_is_exact_above_the_radius(built):
     generator, source, store, exact = built
     queries = generator.image_queries(5, seed=7)
