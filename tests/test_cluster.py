@@ -399,3 +399,32 @@ def test_a_node_lost_mid_run_costs_only_its_shard(ray_cluster, tmp_path):
     assert report.indexed == len(files) == sum(report.nodes.values())
     ids = [row[0] for row in rows.values()]
     assert len(set(ids)) == len(ids) == FILES_FOR_NODE_LOSS  # each file once
+
+
+def test_compactions_during_a_cluster_run_build_on_the_cluster(
+    ray_cluster, photo_folder, tmp_path, monkeypatch
+):
+    """A compaction due at a shard's checkpoint (an ivf base) has its batches encoded by
+    Ray tasks while the encoding actors still hold their CPUs: no wait on each other."""
+    from PIL import Image
+
+    from indexer.store import segments
+
+    with Collection.open(tmp_path / "library", encoder=FakeEncoder()) as photos:
+        photos.index(photo_folder, IndexOptions(workers=1, index_kind="ivf"))
+    more = tmp_path / "more"
+    more.mkdir()
+    for i in range(6):
+        Image.new("RGB", (80 + i, 60), (40 * i, 200 - 30 * i, 90)).save(more / f"n{i}.jpg")
+    monkeypatch.setattr(segments, "COMPACT_MIN", 1)  # every checkpoint compacts
+    cluster = ClusterOptions(ray_cluster.address, shard_size=2)
+    with Collection.open(tmp_path / "library", encoder=FakeEncoder()) as photos:
+        report = photos.index(more, IndexOptions(workers=1), cluster=cluster)
+        assert report.indexed == 6 and report.index_parts == 3  # one build per shard
+    rows, _ = library_rows(tmp_path / "library")
+    assert len(rows) == 12
+    from indexer.store.library import Library
+
+    with Library.open(tmp_path / "library", read_only=True) as library:
+        assert library.index.kind == "ivf" and len(library.index.base) == 12
+        assert library.index.manifest.rows == 0  # the last shard's compaction holds all

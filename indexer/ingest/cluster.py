@@ -17,6 +17,11 @@ actor is restarted and its shard retried by Ray; a killed coordinator leaves its
 behind, and the next run commits the rows that still match the files instead of encoding
 them again. The shards are deleted once a run completes.
 
+The index is built on the cluster too: while a cluster run holds the library, every ivf base
+it builds (a compaction at a shard's checkpoint, a kind switch or re-training at the end) is
+trained once here and its batches of vectors encoded by Ray tasks (:class:`RayParts`), then
+merged here into the index a local build makes (:meth:`indexer.store.ivf.IVFIndex.build`).
+
 Ray (and pyarrow, which comes with it) is imported only here, and only when a cluster is
 asked for (``pip install 'clipdex[ray]'``).
 """
