@@ -30,8 +30,9 @@ split into the coordinator's serial share (sample, train, merge, tune) and the e
 that tasks share, and a projection for N workers: ``coordinator + encoding / N``.
 
 Usage: ``python bench/bench_ray.py [--files 64] [--workers 2] [--shard-size 8] [--rounds 2]
-[--build-vectors 100000] [--weights FILE] [--cache-dir DIR] [--workdir DIR]``. The machine is
-shared: read the same-run ratios.
+[--build-vectors 100000] [--weights FILE] [--cache-dir DIR] [--workdir DIR]``
+(``--rounds 0``: the index build alone; ``--build-vectors 0``: the indexing alone). The
+machine is shared: read the same-run ratios.
 """
 
 from __future__ import annotations
@@ -272,20 +273,32 @@ def main() -> None:
 
     import ray
 
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="clipdex-bench-ray-"))
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    rounds = ingest_rounds(args, work) if args.rounds else []
+    build = build_figures(args.build_vectors) if args.build_vectors else None
+    ray.shutdown()
+    if rounds:
+        print_ingest(args, rounds, commit_cost(args.shard_size))
+    if build:
+        print_build(build)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def ingest_rounds(args, work: Path) -> list[dict]:
+    """(local, ray) results per round; the order alternates (the machine's load drifts)."""
     from indexer.ingest.cluster import ClusterOptions
     from retrieval.collection import EncoderLoader
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="clipdex-bench-ray-"))
     folder = make_folder(work / "photos", args.files)
     cache = Path(args.cache_dir) if args.cache_dir else work / "cache"
     loader = EncoderLoader(weights_file(args, work), "cpu", "onnx", cache)
     loader()  # the one-time ONNX export, outside both timings
-
-    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     cluster = ClusterOptions(
         "local", shard_size=args.shard_size, actors=1, cpus_per_actor=args.workers
     )
-    rounds = []  # (local, ray) per round; the order alternates (the machine's load drifts)
+    rounds = []
     for r in range(args.rounds):
         pair = {}
         for name in ("local", "ray") if r % 2 == 0 else ("ray", "local"):
@@ -293,10 +306,10 @@ def main() -> None:
             on_cluster = cluster if name == "ray" else None
             pair[name] = run(folder, library, loader, args.workers, on_cluster)
         rounds.append(pair)
-    build = build_figures(args.build_vectors) if args.build_vectors else None
-    ray.shutdown()
-    per_file = commit_cost(args.shard_size)
+    return rounds
 
+
+def print_ingest(args, rounds: list[dict], per_file: float) -> None:
     print(f"{args.files} photos, {args.workers} CPUs each way, shard {args.shard_size} files")
     print(f"{'round':<6} {'path':<6} {'seconds':>8} {'img/s':>7} {'steady img/s':>13}")
     for r, pair in enumerate(rounds):
@@ -320,10 +333,6 @@ def main() -> None:
     for n in (1, 2, 4, 8, 16, 32, 64, 128):
         rate = min(n * per_worker, limit)
         print(f"{n:>8} {rate:10.1f} {_days(1e6 / rate):>12} {_days(1e7 / rate):>12}")
-    if build:
-        print_build(build)
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _median(values) -> float:
