@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from indexer.ingest.repair import RepairReport
     from indexer.ingest.sync import BatchRecord, Syncer, SyncOptions
     from indexer.model.identity import Encoder
+    from indexer.store.catalog import Repage
     from indexer.store.library import Library
     from retrieval.search.classify import LabelSet, Prediction, TagReport
     from retrieval.search.duplicates import DuplicateGroup
@@ -96,6 +97,7 @@ class OptimizeReport:
     folded_removals: int  # tombstones folded in (removed since)
     kind: str  # the new base's index kind
     seconds: float
+    catalog: Repage | None = None  # the catalog rebuilt with larger pages, or why not
 
     def as_dict(self) -> dict:
         """The ``clipdex optimize --json`` document."""
@@ -105,6 +107,14 @@ class OptimizeReport:
             "folded_removals": self.folded_removals,
             "kind": self.kind,
             "seconds": round(self.seconds, 3),
+            "catalog": None if self.catalog is None else {
+                "rebuilt": self.catalog.done,
+                "page_size": self.catalog.page_size,
+                "bytes_before": self.catalog.bytes_before,
+                "bytes_after": self.catalog.bytes_after,
+                "seconds": round(self.catalog.seconds, 3),
+                "not_rebuilt_because": self.catalog.reason,
+            },
         }
 
 
@@ -324,7 +334,12 @@ class Collection:
         """Fold the vector index's delta (photos added since) and tombstones (photos
         removed since) into one new base file now, built from the catalog's vectors, of
         ``kind`` (default: the index's own). Checkpoints do this by themselves past a
-        threshold; searches in other processes go on meanwhile. Holds the writer lock."""
+        threshold; searches in other processes go on meanwhile. Holds the writer lock.
+
+        Then a catalog made with SQLite's smaller pages (before 16 KiB pages were the
+        default) is rebuilt with 16 KiB ones, ~40 % smaller
+        (:meth:`~indexer.store.catalog.Catalog.repage`): once, and only when no other
+        process has it open and the disk has room; ``catalog`` in the report says which."""
         import time
 
         library = self._writable_library()
@@ -332,12 +347,15 @@ class Collection:
         with library.writing():
             manifest = library.index.manifest
             photos = library.compact(kind)
+            repage = getattr(library.catalog, "repage", None)
+            catalog = repage() if repage is not None else None
         return OptimizeReport(
             photos=photos,
             folded_vectors=manifest.rows,
             folded_removals=manifest.deleted,
             kind=library.index.kind,
             seconds=time.monotonic() - started,
+            catalog=catalog,
         )
 
     # -- search -------------------------------------------------------------------------

@@ -9,9 +9,13 @@ the generation it was saved at, which tells on open whether the two agree.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+import sqlite3
+import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +47,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError, DisconnectionError, OperationalError
 
-from indexer.errors import LibraryDamaged, LibraryError
+from indexer.errors import DiskFull, LibraryDamaged, LibraryError
 from indexer.fsutil import file_key
 from indexer.paths import ESCAPE, from_db, to_db
 from indexer.store import textindex, textsearch
@@ -424,6 +428,66 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+@dataclass(frozen=True)
+class Repage:
+    """What :meth:`Catalog.repage` did: ``done`` when the file was rebuilt, ``reason``
+    when it was left as is although its pages are smaller than :data:`PAGE_SIZE`."""
+
+    done: bool
+    page_size: int  # now
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    reason: str | None = None
+
+
+def _leave_wal(conn: sqlite3.Connection) -> bool:
+    """Switch to rollback-journal mode; False when another connection has the file open."""
+    try:
+        return conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0] == "delete"
+    except sqlite3.OperationalError:  # "database is locked"
+        return False
+
+
+def _vacuum(conn: sqlite3.Connection, path: Path) -> None:
+    """VACUUM, with a full disk as :class:`DiskFull` (SQLite has rolled it back)."""
+    try:
+        conn.execute("VACUUM")
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == 13 or "full" in str(exc):
+            raise DiskFull.at(path.parent) from exc
+        raise
+
+
+def _sqlite_temp_folder() -> Path:
+    """Where SQLite's unix VFS puts a VACUUM's temporary copy (its own search order)."""
+    candidates = [os.environ.get("SQLITE_TMPDIR"), os.environ.get("TMPDIR")]
+    candidates += ["/var/tmp", "/usr/tmp", "/tmp"]
+    for folder in candidates:
+        if folder and os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+            return Path(folder)
+    return Path(tempfile.gettempdir())
+
+
+def _room_for_vacuum(path: Path, size: int) -> str | None:
+    """None if a VACUUM of a ``size``-byte file fits (a temporary copy where SQLite keeps
+    them, a journal beside the file, 10 % spare each), else what is missing."""
+    needs: dict[int, list] = {}
+    for folder in (path.parent, _sqlite_temp_folder()):
+        device = os.stat(folder).st_dev
+        needs.setdefault(device, [folder, 0])[1] += size * 11 // 10
+    for folder, needed in needs.values():
+        fs = os.statvfs(folder)
+        free = fs.f_bavail * fs.f_frsize
+        if free < needed:
+            return (
+                f"not enough free space to rebuild it: {needed / 1e6:,.0f} MB needed on the "
+                f"disk of {folder}, {free / 1e6:,.0f} MB free; free some and run "
+                "`clipdex optimize` again"
+            )
+    return None
+
+
 class Catalog:
     """Typed access to the library's SQLite database."""
 
@@ -499,6 +563,57 @@ class Catalog:
                     conn.exec_driver_sql(
                         f'SELECT * FROM "{table.name}" ORDER BY rowid {order} LIMIT 1'
                     ).all()
+
+    # -- page size ----------------------------------------------------------------------
+    def page_size(self) -> int:
+        """The file's SQLite page size (new catalogs: :data:`PAGE_SIZE`)."""
+        with self.engine.connect() as conn:
+            return int(conn.exec_driver_sql("PRAGMA page_size").scalar_one())
+
+    def repage(self) -> Repage:
+        """Rebuild a catalog made with smaller pages (SQLite's default 4 KiB, before
+        :data:`PAGE_SIZE`) with :data:`PAGE_SIZE` ones: ~4.2 KB a photo become ~2.4 KB.
+
+        One ``VACUUM``, which can change the page size only out of WAL mode: the file goes to
+        rollback-journal mode for it and back to WAL after. SQLite makes it atomic (a crash
+        midway is rolled back from the journal on the next open) and it keeps every rowid,
+        so the vector index stays valid. Left as is, with the reason, when it cannot be done
+        safely now: another process has the catalog open (a search, a server: switching out
+        of WAL needs the file alone), or the disk lacks room for the copy SQLite writes
+        (the file's size twice: a temporary copy and the journal). A writer's job.
+        """
+        started = time.monotonic()
+        before, size = self.page_size(), self._bytes()
+        if before >= PAGE_SIZE:
+            return Repage(False, before, size, size, 0.0)
+        short = _room_for_vacuum(self.path, size)
+        if short is not None:
+            return Repage(False, before, size, size, 0.0, short)
+        self.engine.dispose()  # this process's pooled connections: the file must be alone
+        conn = sqlite3.connect(self.path, timeout=0)
+        try:
+            if not _leave_wal(conn):
+                reason = (
+                    "another process has the catalog open (a search or a server): run "
+                    "`clipdex optimize` again when none does"
+                )
+                return Repage(False, before, size, size, 0.0, reason)
+            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            _vacuum(conn, self.path)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA journal_mode=WAL")  # else the next open sets it
+            conn.close()
+        after = self.page_size()
+        return Repage(after != before, after, size, self._bytes(), time.monotonic() - started)
+
+    def _bytes(self) -> int:
+        """The catalog's bytes on disk (the database and its WAL)."""
+        return sum(
+            os.stat(f"{self.path}{suffix}").st_size
+            for suffix in ("", "-wal")
+            if os.path.exists(f"{self.path}{suffix}")
+        )
 
     def quick_check(self) -> str:
         """SQLite's ``PRAGMA quick_check``: ``"ok"`` or the first problem found."""

@@ -7,8 +7,8 @@ The target is a freshly migrated catalog, whose schema (``PRAGMA table_info`` an
 ``foreign_key_list``) says which columns to copy and which rows would dangle: rows that
 reference a lost image are dropped too. The rows lost are counted from what still names
 them (every index entry holds its row's rowid; a foreign key names its parent's), not from
-failed lookups: rowids have gaps, and pages differ in size. Nothing here knows the catalog's tables by name
-but ``meta``, whose ``schema_version`` the target keeps.
+failed lookups: rowids have gaps, and pages differ in size. Nothing here knows the
+catalog's tables by name but ``meta``, whose ``schema_version`` the target keeps.
 """
 
 from __future__ import annotations

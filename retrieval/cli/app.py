@@ -776,7 +776,8 @@ def failures(library: LibraryOpt = None, json_out: JsonOpt = False) -> None:
 
 @cli_command
 def optimize(library: LibraryOpt = None, json_out: JsonOpt = False) -> None:
-    """Fold the index's recent changes into one base file now (searches go on meanwhile)."""
+    """Fold the index's recent changes into one base file now (searches go on meanwhile);
+    a catalog from before 16 KiB pages is rebuilt with them (~40 % smaller), once."""
     with open_collection(library) as photos:
         report = photos.optimize()
     if json_out:
@@ -787,6 +788,17 @@ def optimize(library: LibraryOpt = None, json_out: JsonOpt = False) -> None:
         f"{report.folded_vectors} added and {report.folded_removals} removed) in "
         f"{report.seconds:.1f}s"
     )
+    catalog = report.catalog
+    if catalog is not None and catalog.done:
+        stdout.print(
+            f"catalog: rebuilt with {catalog.page_size // 1024} KiB pages, "
+            f"{catalog.bytes_before / 1e6:,.1f} MB -> {catalog.bytes_after / 1e6:,.1f} MB "
+            f"in {catalog.seconds:.1f}s"
+        )
+    elif catalog is not None and catalog.reason:
+        stdout.print(
+            f"catalog: keeps its {catalog.page_size // 1024} KiB pages ({catalog.reason})"
+        )
 
 
 @cli_command
