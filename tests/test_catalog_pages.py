@@ -224,3 +224,19 @@ def test_optimize_rebuilds_an_old_catalog_once(tmp_path, monkeypatch):
     assert not second["rebuilt"] and second["not_rebuilt_because"] is None
     with Library.open(root) as library:
         assert library.catalog.count() == 300 and len(library.index) == 300
+
+
+def test_the_wal_file_is_cut_back_after_a_checkpoint(tmp_path):
+    """A long-running writer (a server) does not keep a WAL file at its largest size."""
+    path = tmp_path / "catalog.sqlite"
+    catalog = Catalog(path)
+    for start in range(0, 6000, 2000):
+        catalog.commit_batch(_records(2000, start))
+    wal = Path(f"{path}-wal")
+    assert wal.stat().st_size > catalog_module.WAL_SIZE_LIMIT  # ~14 MB of new pages
+    with catalog.engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").all()
+    catalog.set_meta("after", "1")  # the next write starts the WAL over
+    assert wal.stat().st_size <= catalog_module.WAL_SIZE_LIMIT
+    assert catalog.count() == 6000
+    catalog.close()

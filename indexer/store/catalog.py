@@ -71,6 +71,7 @@ SCHEMA_VERSION = 8  # == len(MIGRATIONS)
 # a photo. 16 KiB pages hold seven (~2.4 KB a photo). An older catalog keeps its page size
 # until `clipdex optimize` rebuilds it (Catalog.repage).
 PAGE_SIZE = 16384
+WAL_SIZE_LIMIT = 8 * 2**20  # bytes a WAL file is cut back to after a checkpoint
 metadata = MetaData()
 
 meta_table = Table(
@@ -423,6 +424,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # WAL: readers (searches) never block the indexer and always see a committed state.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    # A WAL file keeps its largest size after a checkpoint unless told: a long-running
+    # server's library would carry a checkpoint's worth of old pages (up to 1,000 pages).
+    cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
