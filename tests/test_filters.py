@@ -410,3 +410,29 @@ def test_cli_similar_with_cutoff_and_date_sort(fake_model, photo_folder):
     )
     assert document["cutoff"]["rule"] == "auto" and document["sort"] == "date"
     assert first["id"] in [r["id"] for r in document["results"]]
+
+
+def test_a_folder_filter_reads_the_path_index_not_every_row(library):
+    """`--in FOLDER` costs what lies in the folder: SQLite answers it from the path index
+    (a range), and the range holds the folder's subfolders but no sibling sharing a prefix."""
+    v = vectors(4)
+    store(
+        library,
+        [
+            record("/photos/a/x.jpg", v[0]),
+            record("/photos/a/deep/y.jpg", v[1]),
+            record("/photos/a0/z.jpg", v[2]),
+            record("/photos/a-b/w.jpg", v[3]),
+        ],
+    )
+    assert _paths(library, ImageFilter(folders=("/photos/a",))) == {
+        "/photos/a/x.jpg",
+        "/photos/a/deep/y.jpg",
+    }
+    where, params = filter_sql(ImageFilter(folders=("/photos/a",)))
+    with library.catalog.engine.connect() as conn:
+        plan = conn.exec_driver_sql(
+            f"EXPLAIN QUERY PLAN SELECT id FROM images WHERE {where}", tuple(params)
+        ).all()
+    detail = " ".join(str(row[-1]) for row in plan)
+    assert "USING" in detail and "INDEX" in detail and "(path>? AND path<?)" in detail, detail

@@ -293,9 +293,12 @@ def _folder_condition(folder: str, params: list[object]) -> str:
     if _GLOB_CHARS & set(folder):
         params.append(folder.rstrip("/").replace("[", "[[]") + "/*")
         return "images.path GLOB ?"
+    # A range on the path answers from the path's unique index, reading only the rows under
+    # the folder (substr(path, 1, n) = prefix read every row): stored paths compare by code
+    # point, and every path under "F/" lies in ["F/", "F0"), "0" being the character after "/".
     prefix = folder.rstrip("/") + "/"
-    params.extend([len(prefix), prefix])
-    return "substr(images.path, 1, ?) = ?"
+    params.extend([prefix, prefix[:-1] + "0"])
+    return "(images.path >= ? AND images.path < ?)"
 
 
 def _like_escape(text: str) -> str:
