@@ -264,3 +264,32 @@ def _big_enough(path: Path) -> None:
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
+
+
+def test_a_kind_filter_on_a_catalog_from_before_videos_treats_every_row_as_a_photo(
+    catalog_path,
+):
+    """A library indexed before schema 6 has no kind column (and no video): `--kind photo`
+    keeps every row, `--kind video` none, read-only (no migration) and without SQL errors."""
+    conn = sqlite3.connect(catalog_path)
+    with conn:
+        for column in ("kind", "duration", "codec", "frame_time"):
+            conn.execute(f"ALTER TABLE images DROP COLUMN {column}")
+        conn.execute("DROP TABLE frames")
+        conn.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+    everyone = [row[0] for row in conn.execute("SELECT id FROM images ORDER BY id")]
+    conn.close()
+    reader = CatalogReader(catalog_path)
+    try:
+        for spec, expected in [
+            (ImageFilter(kind="photo"), everyone),
+            (ImageFilter(kind="video"), []),
+            (ImageFilter(kind="photo", formats=("PNG",)), None),
+        ]:
+            found = reader.ids_where(*filter_sql(spec)).tolist()
+            if expected is None:  # the other filters still apply
+                expected = reader.ids_where(*filter_sql(ImageFilter(formats=("PNG",)))).tolist()
+                assert 0 < len(expected) < len(everyone)
+            assert found == expected, spec
+    finally:
+        reader.close()

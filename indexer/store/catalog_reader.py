@@ -41,6 +41,9 @@ VIDEO_FRAMES = (
     "SELECT id, frame_time AS time, vector FROM images WHERE id = ? AND kind = 'video' "
     "UNION ALL SELECT id, time, vector FROM frames WHERE image_id = ? ORDER BY time"
 )
+# A catalog from before videos (schema < 6) has no ``kind`` column: each row is a photo, so a
+# filter on the kind (``--kind photo|video``) reads the rows through this, not an SQL error.
+_IMAGES_BEFORE_VIDEOS = "(SELECT *, 'photo' AS kind FROM images) AS images"
 SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 10, 11, 13, 26  # primary codes
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _CHUNK = 500  # ids per IN (...) list, as the catalog does
@@ -378,12 +381,17 @@ class CatalogReader:
 
         The same contract as :meth:`indexer.store.catalog.Catalog.ids_where`.
         """
-        rows = self._rows(f"SELECT id FROM images WHERE {where} ORDER BY id", params)
+        source = "images" if self._has_kinds() else _IMAGES_BEFORE_VIDEOS
+        rows = self._rows(f"SELECT id FROM {source} WHERE {where} ORDER BY id", params)
         return np.asarray([row[0] for row in rows], dtype=np.int64)
 
     def raw_files(self) -> list[tuple[int, str]]:
         """(id, path) of every camera RAW file (the same contract as the catalog's)."""
         return [(i, from_db(path)) for i, path in self._rows(RAW_FILES_SQL)]
+
+    def _has_kinds(self) -> bool:
+        """Whether rows say photo or video (schema 6); before, every row is a photo."""
+        return "kind" in {row[1] for row in self._rows("PRAGMA table_info(images)")}
 
     def formats(self) -> list[str]:
         """The distinct image formats in the library (for error messages)."""
