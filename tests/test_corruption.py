@@ -23,7 +23,7 @@ from indexer.errors import DiskFull, LibraryDamaged
 from indexer.ingest.pipeline import IndexOptions, index_paths
 from indexer.ingest.repair import repair_library
 from indexer.store import segments
-from indexer.store.catalog import vector_is_sound
+from indexer.store.catalog import ImageRecord, vector_is_sound
 from indexer.store.library import Library, index_problem
 from retrieval.cli import app
 
@@ -419,3 +419,29 @@ def _fill(path: Path, leave: int = 0) -> None:
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
         handle.truncate(max(0, handle.tell() - leave))
+
+
+def test_a_damaged_video_frame_vector_takes_its_video_back_to_encoding(tmp_path):
+    """A frame's stored vector (frames table) is checked as a photo's is: the video's row
+    and frames go, the index is rebuilt without them, and the video is named to re-encode."""
+    root = tmp_path / "lib"
+    rng = np.random.default_rng(1)
+    unit = rng.standard_normal((6, 512)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    video = ImageRecord(str(tmp_path / "clip.mp4"), 1, 1, "f" * 64, unit[0], 64, 48, "MP4")
+    video.kind, video.frame_time = "video", 0.0
+    video.frame_times, video.frame_vectors = [0.0, 1.0, 2.0], unit[:3]
+    photo = ImageRecord(str(tmp_path / "a.jpg"), 1, 1, "a" * 64, unit[4], 64, 48, "JPEG")
+    with Library.open(root, create=True) as lib:
+        video_id, photo_id = lib.catalog.commit_batch([video, photo])
+        assert len(lib.catalog.ids()) == 4  # the video, two more frames, the photo
+    with sqlite3.connect(root / "catalog.sqlite") as conn:
+        conn.execute("UPDATE frames SET vector = zeroblob(2048) WHERE image_id = ?", (video_id,))
+    conn.close()
+    with Library.open(root) as lib:
+        assert lib.catalog.unsound_vectors() == [(video_id, video.path)]
+    report = repair_library(root)
+    assert report.vectors_damaged == 1
+    assert report.not_recovered == [(video.path, "the file is gone")]
+    with Library.open(root) as lib:
+        assert lib.catalog.ids().tolist() == [photo_id] and len(lib.index) == 1

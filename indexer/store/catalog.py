@@ -1138,11 +1138,22 @@ class Catalog:
             self._bump(conn)
 
     def unsound_vectors(self, batch: int = 5000) -> list[tuple[int, str]]:
-        """(id, real path) of every row whose stored vector is damaged (repair's input)."""
-        bad: list[tuple[int, str]] = []
+        """(id, real path) of every row whose stored vector is damaged, or the vector of one
+        of its video frames (repair's input: the row goes, its frames with it, and its file
+        is encoded again), in id order."""
+        bad: dict[int, str] = {}
         for rows in self._row_batches((images.c.id, images.c.path, images.c.vector), batch):
-            bad += [(r.id, from_db(r.path)) for r in rows if not vector_is_sound(r.vector)]
-        return bad
+            bad.update({r.id: from_db(r.path) for r in rows if not vector_is_sound(r.vector)})
+        owners: set[int] = set()
+        columns = (frames.c.id, frames.c.image_id, frames.c.vector)
+        for rows in self._row_batches(columns, batch, frames):
+            owners.update(r.image_id for r in rows if not vector_is_sound(r.vector))
+        owners -= set(bad)
+        if owners:
+            query = select(images.c.id, images.c.path).where(images.c.id.in_(sorted(owners)))
+            with self.engine.connect() as conn:
+                bad.update({r.id: from_db(r.path) for r in conn.execute(query)})
+        return sorted(bad.items())
 
     def touch(
         self,
