@@ -74,6 +74,10 @@ class CollectionInfo:
     bytes_on_disk: int
     reindex_queued: int = 0  # photos the server found changed: the next index reads them
     index: dict = field(default_factory=dict)  # vector index: kind, choice, ivf's recall...
+    # ``images`` = photos + videos; a video's searchable frames (its row's one included)
+    photos: int = 0
+    videos: int = 0
+    video_frames: int = 0
 
     def as_dict(self) -> dict:
         """The ``clipdex info --json`` document."""
@@ -81,6 +85,9 @@ class CollectionInfo:
             "library": self.library,
             "model": self.model,
             "images": self.images,
+            "photos": self.photos,
+            "videos": self.videos,
+            "video_frames": self.video_frames,
             "failed": self.failed,
             "bytes_on_disk": self.bytes_on_disk,
             "reindex_queued": self.reindex_queued,
@@ -538,11 +545,15 @@ class Collection:
 
         library = self.library
         identity = library.identity
+        counts = library.catalog.kind_counts()
         return CollectionInfo(
             library=str(library.root),
             model=json.loads(identity.to_json()) if identity else None,
             model_name=identity.name if identity else None,
-            images=library.catalog.count(),
+            images=counts["photos"] + counts["videos"],
+            photos=counts["photos"],
+            videos=counts["videos"],
+            video_frames=counts["video_frames"],
             failed=library.catalog.failure_count(),
             bytes_on_disk=library.bytes_on_disk(),
             reindex_queued=library.catalog.reindex_count(),

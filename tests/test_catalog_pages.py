@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from indexer.model.identity import EMBED_DIM
 from indexer.store import catalog as catalog_module

@@ -351,3 +351,44 @@ def test_a_new_photo_never_takes_a_frame_id(tmp_path, scenes):
         assert new not in frames
         ids = library.catalog.ids()
         assert len(set(ids.tolist())) == len(ids) == 4 == len(library.index)
+
+
+def test_info_counts_photos_videos_and_their_frames(tmp_path, fake_encoder):
+    """`clipdex info`, its --json and /api/info tell photos from videos and count the
+    videos' searchable frames; the videos are counted through their partial index."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from indexer.model.identity import l2_normalise
+    from indexer.store.catalog import ImageRecord
+    from retrieval.cli import app
+    from tests.live_server import served
+
+    rng = np.random.default_rng(4)
+    unit = l2_normalise(rng.standard_normal((7, 512)).astype(np.float32))
+    records = [ImageRecord(f"/p/{i}.jpg", 1, 1, f"{i:064x}", unit[i], 8, 8) for i in range(3)]
+    for n, frames in ((3, 4), (4, 1)):  # a video of four kept frames, one of one
+        video = ImageRecord(f"/v/{n}.mp4", 1, 1, f"{n:064x}", unit[n], 8, 8, "MP4")
+        video.kind, video.frame_time = "video", 0.0
+        video.frame_times, video.frame_vectors = list(range(frames)), unit[:frames]
+        records.append(video)
+    root = tmp_path / "lib"
+    with Library.open(root, create=True) as library:
+        library.bind_model(fake_encoder.identity)
+        library.catalog.commit_batch(records)
+        with library.catalog.engine.connect() as conn:
+            plan = conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN SELECT count(*) FROM images WHERE kind = 'video'"
+            ).all()
+        assert "ix_images_video" in str(plan)
+    expected = {"images": 5, "photos": 3, "videos": 2, "video_frames": 5}
+    shown = CliRunner().invoke(app, ["info", "--library", str(root), "--json"])
+    assert shown.exit_code == 0, shown.output
+    facts = json.loads(shown.output)
+    assert {key: facts[key] for key in expected} == expected
+    table = CliRunner().invoke(app, ["info", "--library", str(root)])
+    assert "3 photos, 2 videos with 5 searchable frames" in " ".join(table.output.split())
+    with served(root, fake_encoder) as (_, http):
+        document = http.get("/api/info").json()
+    assert {key: document[key] for key in expected} == expected

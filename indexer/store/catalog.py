@@ -52,9 +52,12 @@ from indexer.fsutil import file_key
 from indexer.paths import ESCAPE, from_db, to_db
 from indexer.store import textindex, textsearch
 from indexer.store.catalog_reader import (  # the checks both catalog kinds share
+    FRAME_COUNT,
     FRAME_IDS_OF,
     FRAME_OWNERS,
+    VIDEO_COUNT,
     VIDEO_FRAMES,
+    VIDEO_INDEX_DDL,
     blob_to_vector,
     catalog_damage_message,
     check_catalog_file,
@@ -65,7 +68,7 @@ from indexer.store.catalog_reader import (  # the checks both catalog kinds shar
 from indexer.store.rawindex import RAW_FILES_SQL, RAW_INDEX_DDL
 from indexer.store.textsearch import TextHit, TextTerm
 
-SCHEMA_VERSION = 8  # == len(MIGRATIONS)
+SCHEMA_VERSION = 9  # == len(MIGRATIONS)
 # SQLite page size of a new catalog. An images row is ~2.3 KB (its 512-d float32 vector is
 # 2,048 bytes), so SQLite's default 4 KiB page holds one row and ~1.7 KB of nothing: ~4.2 KB
 # a photo. 16 KiB pages hold seven (~2.4 KB a photo). An older catalog keeps its page size
@@ -279,6 +282,12 @@ def _migration_8(conn: Connection) -> None:
     conn.exec_driver_sql(RAW_INDEX_DDL)
 
 
+def _migration_9(conn: Connection) -> None:
+    """A partial index of the videos' rows: counting them (``clipdex info``) and
+    ``--kind video`` read the videos, not every row. Creating it reads the table once."""
+    conn.exec_driver_sql(VIDEO_INDEX_DDL)
+
+
 def _common_root(conn: Connection) -> list[str]:
     """The folder every catalogued path lies in (the common folder of the least and greatest
     path is everyone's), as the one known root of a library from before schema 7."""
@@ -299,6 +308,7 @@ MIGRATIONS = [
     _migration_6,
     _migration_7,
     _migration_8,
+    _migration_9,
 ]
 
 IMAGE_FIELDS = (
@@ -694,6 +704,15 @@ class Catalog:
     def count(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(images)).scalar_one()
+
+    def kind_counts(self) -> dict[str, int]:
+        """Photos, videos and the videos' searchable frames (each video's own row holds one
+        of them): the videos through their partial index, not a scan of every row."""
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(images)).scalar_one()
+            videos = conn.exec_driver_sql(VIDEO_COUNT).scalar_one()
+            frame_rows = conn.exec_driver_sql(FRAME_COUNT).scalar_one()
+        return {"photos": total - videos, "videos": videos, "video_frames": videos + frame_rows}
 
     def failure_count(self) -> int:
         with self.engine.connect() as conn:

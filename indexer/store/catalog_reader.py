@@ -33,7 +33,7 @@ from indexer.store.textsearch import TextHit, TextTerm
 
 # Schema versions whose tables this reader's SQL was checked against (the catalog's
 # SCHEMA_VERSION must be one of them: tests/test_catalog_reader.py says so).
-READABLE_SCHEMAS = frozenset({3, 4, 5, 6, 7, 8})
+READABLE_SCHEMAS = frozenset({3, 4, 5, 6, 7, 8, 9})
 # Video frames (schema 6), as plain SQL both catalog kinds run; "{}" is an IN (...) list.
 FRAME_OWNERS = "SELECT id, image_id, time FROM frames WHERE id IN ({})"
 FRAME_IDS_OF = "SELECT id FROM frames WHERE image_id IN ({})"
@@ -44,6 +44,11 @@ VIDEO_FRAMES = (
 # A catalog from before videos (schema < 6) has no ``kind`` column: each row is a photo, so a
 # filter on the kind (``--kind photo|video``) reads the rows through this, not an SQL error.
 _IMAGES_BEFORE_VIDEOS = "(SELECT *, 'photo' AS kind FROM images) AS images"
+# Videos are few among many photos: a partial index of their rows (schema 9) lets a count
+# of them, and `--kind video`, read only the videos' entries, not every row.
+VIDEO_INDEX_DDL = "CREATE INDEX IF NOT EXISTS ix_images_video ON images(id) WHERE kind = 'video'"
+VIDEO_COUNT = "SELECT count(*) FROM images WHERE kind = 'video'"
+FRAME_COUNT = "SELECT count(*) FROM frames"
 SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 10, 11, 13, 26  # primary codes
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _CHUNK = 500  # ids per IN (...) list, as the catalog does
@@ -284,6 +289,16 @@ class CatalogReader:
     # -- reads ----------------------------------------------------------------------------
     def count(self) -> int:
         return int(self._rows("SELECT count(*) FROM images")[0][0])
+
+    def kind_counts(self) -> dict[str, int]:
+        """Photos, videos and the videos' searchable frames (each video's own row holds one
+        of them); none of the last two before schema 6."""
+        total = self.count()
+        if not self._has_frames():
+            return {"photos": total, "videos": 0, "video_frames": 0}
+        videos = int(self._rows(VIDEO_COUNT)[0][0])
+        frames = int(self._rows(FRAME_COUNT)[0][0])
+        return {"photos": total - videos, "videos": videos, "video_frames": videos + frames}
 
     def reindex_count(self) -> int:
         """How many photos are queued for re-indexing (none before schema 5)."""

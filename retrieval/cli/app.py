@@ -731,7 +731,13 @@ def info(library: LibraryOpt = None, json_out: JsonOpt = False) -> None:
     table = Table(show_header=False, box=None)
     table.add_row("library", facts.library)
     table.add_row("model", facts.model_name or "(none yet)")
-    table.add_row("images", str(facts.images))
+    images = str(facts.images)
+    if facts.videos:  # a video is one result, searched at each of its kept frames
+        images += (
+            f" ({facts.photos} photos, {facts.videos} videos with "
+            f"{facts.video_frames} searchable frames)"
+        )
+    table.add_row("images", images)
     table.add_row("failed", str(facts.failed))
     if facts.reindex_queued:  # the server refused their files: `clipdex index` reads them
         note = "run `clipdex index` on their folders"

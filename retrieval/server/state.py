@@ -368,7 +368,10 @@ class ServerState:
             "model_state": self.model_state,
             "errors": {"library": self.library_error, "model": self.model_error},
             "library": str(self.settings.library),
-            "images": None,
+            "images": None,  # photos + videos
+            "photos": None,
+            "videos": None,
+            "video_frames": None,  # the videos' searchable frames (each row's own included)
             "failed": None,
             "reindex_queued": None,  # photos whose file changed, read again by the next index
             "index": None,  # the vector index: kind, choice; ivf: nlist, nprobe, recall
@@ -385,9 +388,13 @@ class ServerState:
         if self.library_state == "ready" and self.library is not None:
             catalog: Catalog = self.library.catalog
             identity = self.library.identity
+            counts = catalog.kind_counts()
             document.update(
                 library=str(self.library.root),
-                images=catalog.count(),
+                images=counts["photos"] + counts["videos"],
+                photos=counts["photos"],
+                videos=counts["videos"],
+                video_frames=counts["video_frames"],
                 failed=catalog.failure_count(),
                 reindex_queued=catalog.reindex_count(),
                 index=index_facts(self.library),
