@@ -167,6 +167,39 @@ def index_as(root: Path, kind: str) -> float:
     return time.monotonic() - started
 
 
+def _written() -> int:
+    """Bytes this process has had written to storage so far (Linux /proc/self/io)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes"):
+            return int(line.split()[1])
+    return 0
+
+
+def checkpoint_bytes(root: Path, size: int, plain: bool) -> int:
+    """Bytes written to add 64 photos in one commit and checkpoint (catalog WAL, the WAL's
+    copy into the database, the index's delta): larger pages write more per changed row."""
+    import os
+
+    from indexer.store.library import Library
+    from tests.clipvectors import ClipLike
+
+    vectors = ClipLike(64, seed=11).vectors()
+    make = _plain_records if plain else _records
+    records = make(vectors, size + 10_000_000)
+    with Library.open(root) as library:
+        library.acquire_lock()
+        len(library.index)  # read before measuring
+        os.sync()
+        before = _written()
+        ids = library.catalog.commit_batch(records)
+        library.index.add(np.asarray(ids, np.int64), vectors)
+        library.checkpoint()
+        with library.catalog.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").all()
+        os.sync()
+        return _written() - before
+
+
 def measure_size(size: int, kinds: list[str], work: Path, plain: bool = False) -> dict:
     root = work / f"library_{size}"
     shutil.rmtree(root, ignore_errors=True)
@@ -176,6 +209,8 @@ def measure_size(size: int, kinds: list[str], work: Path, plain: bool = False) -
         seconds = index_as(root, kind)
         out[kind] = {**library_bytes(root), "index_s": seconds}
         print(_row(size, kind, out[kind]), flush=True)
+    out["checkpoint_64_bytes"] = checkpoint_bytes(root, size, plain)
+    print(f"{'':12}adding 64 photos wrote {out['checkpoint_64_bytes'] / 1e6:.2f} MB", flush=True)
     shutil.rmtree(root, ignore_errors=True)
     return out
 

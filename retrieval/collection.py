@@ -343,8 +343,8 @@ class Collection:
         ``kind`` (default: the index's own). Checkpoints do this by themselves past a
         threshold; searches in other processes go on meanwhile. Holds the writer lock.
 
-        Then a catalog made with SQLite's smaller pages (before 16 KiB pages were the
-        default) is rebuilt with 16 KiB ones, ~40 % smaller
+        Then a catalog made with SQLite's smaller pages (before 32 KiB pages were the
+        default) is rebuilt with 32 KiB ones, ~40 % smaller
         (:meth:`~indexer.store.catalog.Catalog.repage`): once, and only when no other
         process has it open and the disk has room; ``catalog`` in the report says which."""
         import time

@@ -1,4 +1,4 @@
-"""The catalog's page size: new catalogs use 16 KiB pages (a ~2.3 KB row per 4 KiB page
+"""The catalog's page size: new catalogs use 32 KiB pages (a ~2.3 KB row per 4 KiB page
 wasted ~1.7 KB a photo); `clipdex optimize` rebuilds an older 4 KiB catalog with them,
 keeping every row, only when it can do so safely, and a kill midway loses nothing.
 """
@@ -37,7 +37,7 @@ def _records(count: int, start: int = 0, seed: int = 0) -> list[ImageRecord]:
 
 
 def _old_catalog(path: Path, rows: int, monkeypatch) -> None:
-    """A catalog made as before 16 KiB pages: SQLite's default 4 KiB."""
+    """A catalog made as before 32 KiB pages: SQLite's default 4 KiB."""
     with monkeypatch.context() as patch:
         patch.setattr(catalog_module, "PAGE_SIZE", 4096)
         catalog = Catalog(path)
@@ -74,7 +74,7 @@ def _content(path: Path) -> str:
 def test_a_new_catalog_has_large_pages_and_wal(tmp_path):
     path = tmp_path / "catalog.sqlite"
     Catalog(path).close()
-    assert _pragma(path, "page_size") == PAGE_SIZE == 16384
+    assert _pragma(path, "page_size") == PAGE_SIZE == 32768
     assert _pragma(path, "journal_mode") == "wal"
 
 

@@ -273,6 +273,7 @@ def test_a_kind_filter_on_a_catalog_from_before_videos_treats_every_row_as_a_pho
     keeps every row, `--kind video` none, read-only (no migration) and without SQL errors."""
     conn = sqlite3.connect(catalog_path)
     with conn:
+        conn.execute("DROP INDEX ix_images_video")  # schema 9's, on the kind column
         for column in ("kind", "duration", "codec", "frame_time"):
             conn.execute(f"ALTER TABLE images DROP COLUMN {column}")
         conn.execute("DROP TABLE frames")

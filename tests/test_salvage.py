@@ -40,7 +40,7 @@ def _records(rng: np.random.Generator, start: int, count: int) -> list[ImageReco
     return records
 
 
-@pytest.fixture(scope="module", params=[4096, 16384, 65536], ids=["4k", "16k", "64k"])
+@pytest.fixture(scope="module", params=[4096, 32768, 65536], ids=["4k", "32k", "64k"])
 def built(request, tmp_path_factory):
     """A catalog of 60 photos and videos with tags, deletions and failures, at a page size."""
     folder = tmp_path_factory.mktemp(f"catalog{request.param}")

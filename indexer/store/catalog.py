@@ -69,11 +69,13 @@ from indexer.store.rawindex import RAW_FILES_SQL, RAW_INDEX_DDL
 from indexer.store.textsearch import TextHit, TextTerm
 
 SCHEMA_VERSION = 9  # == len(MIGRATIONS)
-# SQLite page size of a new catalog. An images row is ~2.3 KB (its 512-d float32 vector is
-# 2,048 bytes), so SQLite's default 4 KiB page holds one row and ~1.7 KB of nothing: ~4.2 KB
-# a photo. 16 KiB pages hold seven (~2.4 KB a photo). An older catalog keeps its page size
-# until `clipdex optimize` rebuilds it (Catalog.repage).
-PAGE_SIZE = 16384
+# SQLite page size of a new catalog. An images row is ~2.2-2.4 KB (its 512-d float32 vector
+# is 2,048 bytes), so SQLite's default 4 KiB page holds one row and ~1.7 KB of nothing: ~4.2
+# KB a photo. A 16 KiB page holds six or seven (2.7 KB a photo for a 2.37 KB row), 32 KiB
+# thirteen or fourteen (2.5 KB), 64 KiB 27 (2.4 KB) but writes twice as much per row changed
+# (a commit writes whole pages): 32 KiB. An older catalog keeps its page size until
+# `clipdex optimize` rebuilds it (Catalog.repage). bench/bench_bytes.py --layouts measures.
+PAGE_SIZE = 32768
 WAL_SIZE_LIMIT = 8 * 2**20  # bytes a WAL file is cut back to after a checkpoint
 metadata = MetaData()
 
@@ -586,7 +588,7 @@ class Catalog:
 
     def repage(self) -> Repage:
         """Rebuild a catalog made with smaller pages (SQLite's default 4 KiB, before
-        :data:`PAGE_SIZE`) with :data:`PAGE_SIZE` ones: ~4.2 KB a photo become ~2.4 KB.
+        :data:`PAGE_SIZE`) with :data:`PAGE_SIZE` ones: ~4.2 KB a photo become ~2.5 KB.
 
         One ``VACUUM``, which can change the page size only out of WAL mode: the file goes to
         rollback-journal mode for it and back to WAL after. SQLite makes it atomic (a crash
