@@ -80,14 +80,14 @@ def test_a_new_catalog_has_large_pages_and_wal(tmp_path):
 
 def test_an_old_catalog_is_rebuilt_with_large_pages_keeping_every_row(tmp_path, monkeypatch):
     path = tmp_path / "catalog.sqlite"
-    _old_catalog(path, 1500, monkeypatch)
+    _old_catalog(path, 3000, monkeypatch)
     before = _content(path)
     catalog = Catalog(path)  # opening it does not change its pages
     assert catalog.page_size() == 4096
     result = catalog.repage()
     assert result.done and result.page_size == PAGE_SIZE and result.reason is None
-    assert result.bytes_after < result.bytes_before * 0.7  # ~4.5 KB -> ~2.7 KB a row
-    assert catalog.count() == 1500 and catalog.integrity_check() == "ok"
+    assert result.bytes_after < result.bytes_before * 0.75  # ~4.5 KB -> ~3 KB a row
+    assert catalog.count() == 3000 and catalog.integrity_check() == "ok"
     again = catalog.repage()  # nothing left to do
     assert not again.done and again.reason is None
     catalog.close()
@@ -201,8 +201,8 @@ def test_optimize_rebuilds_an_old_catalog_once(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(catalog_module, "PAGE_SIZE", 4096)
         with Library.open(root, create=True) as library:
-            ids = library.catalog.commit_batch(_records(300))
-            library.index.add(np.asarray(ids), np.stack([r.vector for r in _records(300)]))
+            ids = library.catalog.commit_batch(_records(1000))
+            library.index.add(np.asarray(ids), np.stack([r.vector for r in _records(1000)]))
             library.checkpoint()
 
     def optimize() -> dict:
@@ -222,7 +222,7 @@ def test_optimize_rebuilds_an_old_catalog_once(tmp_path, monkeypatch):
     second = optimize()
     assert not second["rebuilt"] and second["not_rebuilt_because"] is None
     with Library.open(root) as library:
-        assert library.catalog.count() == 300 and len(library.index) == 300
+        assert library.catalog.count() == 1000 and len(library.index) == 1000
 
 
 def test_the_wal_file_is_cut_back_after_a_checkpoint(tmp_path):
