@@ -215,8 +215,9 @@ def measure_size(size: int, kinds: list[str], work: Path, plain: bool = False) -
     return out
 
 
-def from_library(source: Path, work: Path) -> dict:
-    """An existing library as it is, and with its catalog copied to the new page size."""
+def from_library(source: Path, work: Path, reindex: str | None = None) -> dict:
+    """An existing library as it is, and with its catalog copied to the new page size
+    (then, with ``reindex``, its index rebuilt as that kind by today's code)."""
     from indexer.store import catalog as catalog_module
 
     page_size = catalog_module.PAGE_SIZE  # as --page-size left it
@@ -240,8 +241,13 @@ def from_library(source: Path, work: Path) -> dict:
     label = f"{page_size // 1024} KiB pages"
     print(_row(repaged["photos"], label, repaged) + f"  (VACUUM {seconds:.0f}s)", flush=True)
     tables = catalog_by_table(copy / "catalog.sqlite")
+    out = {"as_is": as_is, "repaged": repaged, "catalog_tables": tables}
+    if reindex:
+        seconds = index_as(copy, reindex)
+        out["reindexed"] = {**library_bytes(copy), "index_s": seconds}
+        print(_row(repaged["photos"], f"{label}, {reindex}", out["reindexed"]), flush=True)
     shutil.rmtree(copy, ignore_errors=True)
-    return {"as_is": as_is, "repaged": repaged, "catalog_tables": tables}
+    return out
 
 
 # -- vector layouts in raw SQLite ---------------------------------------------------------------
@@ -320,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layouts", action="store_true", help="also compare vector layouts")
     parser.add_argument("--layout-rows", type=int, default=20_000)
     parser.add_argument("--from-library", type=Path, help="measure this library (read only)")
+    parser.add_argument(
+        "--reindex", help="with --from-library: rebuild the copy's index as this kind"
+    )
     parser.add_argument("--work", type=Path, help="build here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
@@ -344,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
             kinds = [k for k in args.kinds.split(",") if k]
             figures["sizes"][str(size)] = measure_size(size, kinds, work, args.plain)
         if args.from_library:
-            figures["from_library"] = from_library(args.from_library, work)
+            figures["from_library"] = from_library(args.from_library, work, args.reindex)
         largest = figures["sizes"].get(str(max(sizes))) if sizes else None
         if largest:
             print(f"\ncatalog of {max(sizes):,} photos by table and index (bytes per photo):")
