@@ -345,7 +345,9 @@ def test_disk_full_in_the_catalog_commit_keeps_the_previous_checkpoint(
     """SQLite's own SQLITE_FULL (here through max_page_count): the transaction rolls back."""
     root, _, sound = built
     before = _files(root)
-    more = _photos(tmp_path / "more", 5, seed=1)
+    # Enough new rows (~2.3 KB each) to need new pages, not just fill the free room of the
+    # catalog's partly filled ones (32 KiB pages hold 13 rows).
+    more = _photos(tmp_path / "more", 40, seed=1)
     with Library.open(root) as lib:
         pages = lib.catalog.engine.connect().exec_driver_sql("PRAGMA page_count").scalar()
         lib.catalog.engine.dispose()
