@@ -164,11 +164,12 @@ def index_on_cluster(
         try:
             if todo:
                 _run_on_cluster(ray, todo, make_encoder, options, cluster, shards, sink)
+            # Every shard's rows are committed: the shards go before a long index build.
+            clear_shards(shards)
             finish_run(library, writer, report, options, started)
         finally:
             library.part_encoder = None
             report.index_parts = parts.count
-        clear_shards(shards)
     return report
 
 
