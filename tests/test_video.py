@@ -393,3 +393,26 @@ def test_info_counts_photos_videos_and_their_frames(tmp_path, fake_encoder):
     with served(root, fake_encoder) as (_, http):
         document = http.get("/api/info").json()
     assert {key: document[key] for key in expected} == expected
+
+
+def test_ids_follow_discovery_order_with_a_video_and_a_known_copy(tmp_path, scenes):
+    """A video and a copy of an already catalogued photo take their ids in discovery order,
+    not ahead of the photos waiting to be encoded (a cluster run gives the same ids)."""
+    first = tmp_path / "first"
+    first.mkdir()
+    shutil.copy(scenes[0], first / "known.jpg")
+    folder = tmp_path / "media"
+    folder.mkdir()
+    shutil.copy(scenes[1], folder / "p0.jpg")
+    shutil.copy(scenes[0], folder / "p1_copy_of_known.jpg")
+    write_video(folder / "p2_clip.mp4", scenes[2:4], 1.0)
+    shutil.copy(scenes[4], folder / "p3.jpg")
+    shutil.copy(scenes[5], folder / "p4.jpg")
+    with Library.open(tmp_path / "lib", create=True) as library:
+        index_paths(library, FakeEncoder(), [first], _options())
+        report = index_paths(library, FakeEncoder(), [folder], _options())
+        assert report.indexed == 4 and report.reused == 1
+        paths = sorted(str(p) for p in folder.iterdir())
+        ids = [library.catalog.id_for_path(path) for path in paths]
+    assert None not in ids
+    assert ids == sorted(ids), dict(zip(paths, ids))

@@ -57,6 +57,7 @@ from indexer.ingest.pipeline import (
     finish_run,
     plan,
     run_files,
+    write_known,
 )
 from indexer.ingest.workers import Outcome, hash_file
 from indexer.model.identity import Encoder
@@ -199,7 +200,9 @@ def _reuse_moved(
             continue
         fields, vector = known
         item = Outcome(found, sha256, fields=dict(fields), vector=vector)
-        _route(item, [], sink.writer, sink.report, sink.progress)
+        pending: list[Outcome] = []
+        _route(item, pending, sink.writer, sink.report, sink.progress)  # or fails it
+        write_known(pending, sink.writer, sink.report, sink.progress)
     return rest
 
 

@@ -473,6 +473,10 @@ def run_files(
             prepare()
         for item in pool.outcomes():
             if _is_video(item):
+                # The photos before it first: ids follow discovery order, as on a cluster.
+                if batch:
+                    _encode(batch, encoder, memo, writer, report, progress, ocr)
+                    batch = []
                 _encode_video(item, encoder, options.batch_size, memo, writer, report, progress)
                 writer.maybe_checkpoint()
                 continue
@@ -514,12 +518,18 @@ def _route(
         report.failures.append((item.found.path, item.error))
         progress.fail(item.found.path, item.error)
         progress.advance()
-    elif item.vector is not None:
+    else:  # to encode, or already known (its vector given): written in order by _encode
+        batch.append(item)
+
+
+def write_known(
+    batch: list[Outcome], writer: _Writer, report: IndexReport, progress: Progress
+) -> None:
+    """Write items whose content is already known (their vectors given), in order."""
+    for item in batch:
         writer.add(item, item.vector)
         report.reused += 1
         progress.advance()
-    else:
-        batch.append(item)
 
 
 def _is_video(item: Outcome) -> bool:
@@ -591,24 +601,29 @@ def _encode(
     progress: Progress,
     ocr: OcrStage,
 ) -> None:
-    """Encode each distinct content once; copies decoded in the same batch share the vector
-    (and the text OCR read in it, when the gate chose it)."""
+    """Encode each distinct content once and write the batch in its order (ids follow
+    discovery order); copies decoded in the same batch share the vector (and the text OCR
+    read in it, when the gate chose it); a known content (its vector given) is not encoded."""
     unique: dict[str, Outcome] = {}
     for item in batch:
-        unique.setdefault(item.sha256, item)
-    vectors = encoder.encode_images(np.stack([item.pixels for item in unique.values()]))
-    firsts = list(unique.values())
-    for item in firsts:
-        item.fields = dict(item.fields or {})
-    ocr.add_texts([i.found.path for i in firsts], [i.fields for i in firsts], vectors)
-    for item in batch:  # copies in the batch take the first's fields (its OCR text)
-        item.fields = unique[item.sha256].fields
-    by_hash = dict(zip(unique, vectors))
-    for sha256, vector in by_hash.items():
-        memo.remember(sha256, unique[sha256].fields, vector)
+        if item.vector is None:
+            unique.setdefault(item.sha256, item)
+    by_hash: dict[str, np.ndarray] = {}
+    if unique:
+        vectors = encoder.encode_images(np.stack([item.pixels for item in unique.values()]))
+        firsts = list(unique.values())
+        for item in firsts:
+            item.fields = dict(item.fields or {})
+        ocr.add_texts([i.found.path for i in firsts], [i.fields for i in firsts], vectors)
+        for item in batch:  # copies in the batch take the first's fields (its OCR text)
+            if item.vector is None:
+                item.fields = unique[item.sha256].fields
+        by_hash = dict(zip(unique, vectors))
+        for sha256, vector in by_hash.items():
+            memo.remember(sha256, unique[sha256].fields, vector)
     for item in batch:
         item.pixels = None
-        writer.add(item, by_hash[item.sha256])
+        writer.add(item, item.vector if item.vector is not None else by_hash[item.sha256])
     report.indexed += len(unique)
     report.reused += len(batch) - len(unique)
     progress.advance(len(batch))
