@@ -81,6 +81,14 @@ def corpus_sample(corpus, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def scenes(corpus) -> list[Path]:
+    """Six corpus photos (scenes for a test video, photos beside it)."""
+    folder = corpus / "photos" / "debian-mate"
+    names = ("Blinds.jpg", "Dune.jpg", "GreenMeadow.jpg", "LadyBird.jpg", "Storm.jpg", "Wood.jpg")
+    return [folder / name for name in names]
+
+
 def library_rows(root: Path) -> tuple[dict, dict]:
     """path -> (id, sha256, width, height, format, vector) and path -> failure reason."""
     with sqlite3.connect(root / "catalog.sqlite") as db:
@@ -112,6 +120,30 @@ def test_cluster_builds_the_same_library_as_a_local_run(
         *remote_fields, remote_vector = remote_rows[path]
         assert remote_fields == fields, path  # same id, hash and metadata
         np.testing.assert_allclose(remote_vector, vector, atol=2e-5)
+
+
+def test_a_folder_with_a_video_gets_the_same_ids_on_the_cluster(ray_cluster, scenes, tmp_path):
+    """A video between photos takes its id in discovery order on both paths (locally it
+    once jumped ahead of the photos waiting in the encoder's batch)."""
+    from tests.videogen import write_video
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    for i, scene in enumerate(scenes[:2]):
+        shutil.copy(scene, folder / f"p{i}.jpg")
+    write_video(folder / "p2_clip.mp4", scenes[2:4], 1.0)
+    for i, scene in enumerate(scenes[4:6], start=3):
+        shutil.copy(scene, folder / f"p{i}.jpg")
+    options = IndexOptions(workers=1, batch_size=4)
+    with Collection.open(tmp_path / "local", encoder=FakeEncoder()) as photos:
+        photos.index(folder, options)
+    cluster = ClusterOptions(ray_cluster.address, shard_size=2, encoder_source=FakeEncoder())
+    with Collection.open(tmp_path / "ray", encoder=FakeEncoder()) as photos:
+        photos.index(folder, options, cluster=cluster)
+    local, _ = library_rows(tmp_path / "local")
+    remote, _ = library_rows(tmp_path / "ray")
+    assert {p: r[0] for p, r in remote.items()} == {p: r[0] for p, r in local.items()}
+    assert len(local) == 5
 
 
 def test_cluster_indexes_a_bucket_as_a_local_run_indexes_the_folder(
