@@ -199,6 +199,11 @@ def test_search_shows_the_uri_and_the_server_streams_the_object(
         thumb = http.get(f"/api/images/{hit['id']}/thumbnail", params={"size": 128})
         assert thumb.status_code == 200
         assert max(Image.open(io.BytesIO(thumb.content)).size) <= 128
+        etag = {"If-None-Match": thumb.headers["etag"]}  # the cache and 304 the files share
+        again = http.get(f"/api/images/{hit['id']}/thumbnail", params={"size": 128}, headers=etag)
+        assert again.status_code == 304 and again.content == b""
+        cached = http.get(f"/api/images/{hit['id']}/thumbnail", params={"size": 128})
+        assert cached.content == thumb.content and cached.headers["etag"] == etag["If-None-Match"]
 
         clip = next(
             h

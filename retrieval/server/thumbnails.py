@@ -103,12 +103,9 @@ class ThumbnailCache:
             key = self.key(row, opened)
             if video:  # one thumbnail per frame asked for
                 key = hashlib.sha256(f"{key}@{at:.3f}".encode()).hexdigest()[:40]
-            etag = f'"{key[:24]}-{size}"'
-            if etag_matches(if_none_match, etag):
-                return Thumbnail(etag, not_modified=True)
-            cached = self.cache_path(key, size)
-            if cached.is_file():
-                return Thumbnail(etag, path=cached)
+            etag, cached, ready = self._cached(key, size, if_none_match)
+            if ready is not None:
+                return ready
             with self.slots:
                 if video:  # a video is read where needed (by seeking), never whole
                     data = self.render_frame(handle, at, size, row["id"])
@@ -129,12 +126,9 @@ class ThumbnailCache:
         if at is not None:
             stamp += f"@{at:.3f}"
         key = hashlib.sha256(stamp.encode()).hexdigest()[:40]
-        etag = f'"{key[:24]}-{size}"'
-        if etag_matches(if_none_match, etag):
-            return Thumbnail(etag, not_modified=True)
-        cached = self.cache_path(key, size)
-        if cached.is_file():
-            return Thumbnail(etag, path=cached)
+        etag, cached, ready = self._cached(key, size, if_none_match)
+        if ready is not None:
+            return ready
         if at is not None:  # a video: FFmpeg seeks in the object, which is not read whole
             with open_object(row, self.on_changed) as handle, self.slots:
                 data = self.render_frame(handle, at, size, row["id"])
@@ -144,6 +138,20 @@ class ThumbnailCache:
                 data = self.render(source, size, row["id"], name=row["path"])
         self._store(cached, data)
         return Thumbnail(etag, data=data)
+
+    def _cached(
+        self, key: str, size: int, if_none_match: str
+    ) -> tuple[str, Path, Thumbnail | None]:
+        """The ETag and cache file of thumbnail ``key`` at ``size``, and the answer when
+        nothing needs rendering: a 304 when the client names the ETag, else the cache file
+        when it is on disk (None: render, then store at the cache file)."""
+        etag = f'"{key[:24]}-{size}"'
+        cached = self.cache_path(key, size)
+        if etag_matches(if_none_match, etag):
+            return etag, cached, Thumbnail(etag, not_modified=True)
+        if cached.is_file():
+            return etag, cached, Thumbnail(etag, path=cached)
+        return etag, cached, None
 
     def _check_unchanged(self, row: dict, before: os.stat_result, after: os.stat_result) -> None:
         """The file was written while it was read: its bytes are not the keyed ones."""
