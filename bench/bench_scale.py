@@ -47,34 +47,12 @@ import faiss  # noqa: E402
 from indexer.store import ivf as ivf_module  # noqa: E402
 from indexer.store.ivf import IVFIndex  # noqa: E402
 from indexer.store.vectors import VectorIndex, set_search_threads  # noqa: E402
-from tests.clipvectors import ClipLike  # noqa: E402
+from tests.clipvectors import ArraySource, ClipLike  # noqa: E402
 
 QUERIES = 100  # per query type (image-like, text-like)
 CHANGE = 10_000  # photos added / deleted
 EXACT_DUP_SAMPLE = 50  # photos whose range search is timed for the exact kind
 EXACT_LATENCY_QUERIES = 40  # the exact kind's answers are the truth: timed on a subset
-
-
-class ArraySource:
-    """The vectors in memory, looked up by id (stands in for the catalog)."""
-
-    def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        self._ids, self._vectors = ids, vectors  # ids are row numbers here
-
-    def count(self) -> int:
-        return len(self._ids)
-
-    def ids(self) -> np.ndarray:
-        return self._ids
-
-    def vectors(self, wanted):
-        wanted = np.asarray(wanted, np.int64)
-        wanted = wanted[(wanted >= 0) & (wanted < len(self._ids))]
-        return wanted, self._vectors[wanted]
-
-    def iter_vectors(self, batch: int = 10_000):
-        for start in range(0, len(self._ids), batch):
-            yield self._ids[start : start + batch], self._vectors[start : start + batch]
 
 
 # -- measuring ------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Synthetic CLIP-like image vectors and text-like queries (seeded), for index tests and
+"""Synthetic CLIP-like image vectors and text-like queries (seeded), and
+:class:`ArraySource` (a catalog stand-in holding them), for index tests and
 bench/bench_scale.py.
 
 Not uniform noise, which no index finds structure in: real CLIP image embeddings share a
@@ -15,6 +16,8 @@ matches score ~0.3. This generator has each of those traits:
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -78,6 +81,37 @@ class ClipLike:
         noise = _unit(rng.standard_normal((count, self.dim)).astype(np.float32))
         rows = 0.9 * self.text_gap + 0.3 * self.shared + 0.3 * self.centres[topic] + 0.2 * noise
         return _unit(rows).astype(np.float32)
+
+
+class ArraySource:
+    """A catalog stand-in: ids and vectors in memory, looked up by id (what
+    ``IVFIndex.build`` reads). ``iter_vectors`` yields ``batch`` rows at a time by default
+    (a small batch gives a build several parts)."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, batch: int = 10_000) -> None:
+        self._ids, self._vectors, self.batch = np.asarray(ids, np.int64), vectors, batch
+        self._order = np.argsort(self._ids, kind="stable")  # ids need not be row numbers
+        self._sorted = self._ids[self._order]
+
+    def count(self) -> int:
+        return len(self._ids)
+
+    def ids(self) -> np.ndarray:
+        return self._ids
+
+    def vectors(self, wanted) -> tuple[np.ndarray, np.ndarray]:
+        """The ``wanted`` ids this source holds (in the order asked) and their vectors."""
+        wanted = np.asarray(wanted, np.int64).reshape(-1)
+        if not len(self._ids):
+            return wanted[:0], self._vectors[:0]
+        where = np.minimum(np.searchsorted(self._sorted, wanted), len(self._ids) - 1)
+        held = self._sorted[where] == wanted
+        return wanted[held], self._vectors[self._order[where[held]]]
+
+    def iter_vectors(self, batch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        batch = batch or self.batch
+        for start in range(0, len(self._ids), batch):
+            yield self._ids[start : start + batch], self._vectors[start : start + batch]
 
 
 def _fresh(library: ClipLike, count: int, seed: int) -> np.ndarray:

@@ -327,12 +327,12 @@ def test_ray_tasks_build_the_same_ivf_index_as_one_process(ray_cluster, monkeypa
     same order, same codes), the same tuned nprobe and the same answers as a local build."""
     from indexer.ingest.cluster import RayParts
     from indexer.store import ivf
-    from tests.clipvectors import ClipLike
-    from tests.test_ivf_parts import BATCH, LISTS, SIZE, ArraySource, assert_same_index
+    from tests.clipvectors import ArraySource, ClipLike
+    from tests.test_ivf_parts import BATCH, LISTS, SIZE, assert_same_index
 
     monkeypatch.setattr(ivf, "nlist_for", lambda count: LISTS)  # a small library, 12 lists
     generator = ClipLike(SIZE, seed=6)
-    source = ArraySource(np.arange(SIZE, dtype=np.int64) * 2 + 5, generator.vectors())
+    source = ArraySource(np.arange(SIZE, dtype=np.int64) * 2 + 5, generator.vectors(), BATCH)
     local = ivf.IVFIndex.build(source)
     parts = RayParts(ray)
     sharded = ivf.IVFIndex.build(source, parts=parts)

@@ -23,31 +23,9 @@ from retrieval.cli import app
 from retrieval.search.duplicates import find_duplicates
 from retrieval.search.options import SearchOptions
 from retrieval.search.ranking import rank
-from tests.clipvectors import ClipLike
+from tests.clipvectors import ArraySource, ClipLike
 
 RECALL_SIZE = 40_000  # 200 lists of ~200 photos (Zipf-sized); builds in a few seconds
-
-
-class ArraySource:
-    """A catalog stand-in: ids and vectors in memory (what IVFIndex.build reads)."""
-
-    def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        self._ids, self._vectors = ids, vectors
-        self._row = {int(i): row for row, i in enumerate(ids)}
-
-    def count(self) -> int:
-        return len(self._ids)
-
-    def ids(self) -> np.ndarray:
-        return self._ids
-
-    def vectors(self, wanted) -> tuple[np.ndarray, np.ndarray]:
-        rows = [self._row[int(i)] for i in wanted if int(i) in self._row]
-        return self._ids[rows], self._vectors[rows]
-
-    def iter_vectors(self, batch: int = 10_000):
-        for start in range(0, len(self._ids), batch):
-            yield self._ids[start : start + batch], self._vectors[start : start + batch]
 
 
 @pytest.fixture(scope="module")

@@ -20,32 +20,10 @@ from indexer.store import ivf
 from indexer.store.catalog import ImageRecord
 from indexer.store.ivf import IVFIndex, serial_parts
 from indexer.store.library import Library
-from tests.clipvectors import ClipLike
+from tests.clipvectors import ArraySource, ClipLike
 from tests.conftest import REPO
 
 SIZE, LISTS, BATCH = 3_000, 12, 700  # several batches, several lists, uneven last batch
-
-
-class ArraySource:
-    """A catalog stand-in whose ``iter_vectors`` yields small batches (several parts)."""
-
-    def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        self._ids, self._vectors = ids, vectors
-        self._row = {int(i): row for row, i in enumerate(ids)}
-
-    def count(self) -> int:
-        return len(self._ids)
-
-    def ids(self) -> np.ndarray:
-        return self._ids
-
-    def vectors(self, wanted) -> tuple[np.ndarray, np.ndarray]:
-        rows = [self._row[int(i)] for i in wanted if int(i) in self._row]
-        return self._ids[rows], self._vectors[rows]
-
-    def iter_vectors(self, batch: int = BATCH):
-        for start in range(0, len(self._ids), batch):
-            yield self._ids[start : start + batch], self._vectors[start : start + batch]
 
 
 def list_contents(store: IVFIndex) -> list[tuple[list[int], bytes]]:
@@ -78,7 +56,7 @@ def few_lists(monkeypatch):
 def test_an_index_built_from_parts_is_the_one_process_build(few_lists):
     generator = ClipLike(SIZE, seed=5)
     ids = np.arange(SIZE, dtype=np.int64) * 3 + 2
-    source = ArraySource(ids, generator.vectors())
+    source = ArraySource(ids, generator.vectors(), batch=BATCH)  # several parts
     whole = IVFIndex.build(source)
     seen = []
 
