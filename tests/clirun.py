@@ -29,6 +29,19 @@ def cli_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
+def optimize(library: Path) -> str:
+    """Run `clipdex optimize --json` on ``library`` (it must succeed); its JSON output."""
+    done = subprocess.run(
+        clipdex("optimize", "--library", str(library), "--json"),
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def make_photos(folder: Path, count: int, seed: int = 7) -> set[str]:
     """``count`` small distinct PNGs; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)

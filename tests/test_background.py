@@ -16,28 +16,13 @@ import pytest
 from indexer.model.identity import l2_normalise
 from indexer.store import background
 from indexer.store.background import sample_hash, sample_path
-from indexer.store.catalog import ImageRecord
 from indexer.store.library import Library
 from indexer.store.segments import read_manifest
 from retrieval.search.cutoff import auto_cutoff, background_scores
+from tests.records import random_records, store
 
 SAMPLE = 300  # the test's sample size (the product's is 20,000)
 N = 3000
-
-
-def _records(n: int, start: int = 0) -> list[ImageRecord]:
-    vectors = l2_normalise(np.random.default_rng(start).standard_normal((n, 512)))
-    return [
-        ImageRecord(f"/p/{start + i}.jpg", 1, 1, f"{start + i:064x}", vectors[i], 8, 8)
-        for i in range(n)
-    ]
-
-
-def _store(library: Library, records: list[ImageRecord]) -> list[int]:
-    ids = library.catalog.commit_batch(records)
-    library.index.add(np.asarray(ids), np.vstack([r.vector for r in records]))
-    library.checkpoint()
-    return ids
 
 
 def _catalog_copy(library: Library, ids: np.ndarray) -> np.ndarray:
@@ -59,7 +44,7 @@ def built(tmp_path, monkeypatch):
     root = tmp_path / "library"
     with Library.open(root, create=True) as library:
         library.acquire_lock()
-        _store(library, _records(N))
+        store(library, random_records(N))
         library.compact()
     return root
 
@@ -97,7 +82,7 @@ def test_the_sample_follows_adds_and_deletes_until_the_next_compaction(built):
         doomed = first[:20].tolist() + [int(i) for i in library.catalog.ids()[:50]]
         library.catalog.delete_ids(doomed)
         library.index.remove(np.asarray(doomed))
-        _store(library, _records(400, start=N))  # into the delta
+        store(library, random_records(400, start=N))  # into the delta
         live, _ = library.index.background(10 * SAMPLE)
         assert set(live.tolist()) == _expected(library, rate)
         assert not set(doomed) & set(live.tolist())
@@ -136,7 +121,7 @@ def test_an_unsound_sample_is_never_used(built, how, tmp_path):
         other = tmp_path / "other"
         with Library.open(other, create=True) as library:
             library.acquire_lock()
-            _store(library, _records(N + 10, start=7))
+            store(library, random_records(N + 10, start=7))
             library.compact()
         path.write_bytes(_sample_file(other).read_bytes())
     else:
@@ -166,7 +151,7 @@ def test_a_small_base_has_no_sample_file(tmp_path, monkeypatch):
     root = tmp_path / "small"
     with Library.open(root, create=True) as library:
         library.acquire_lock()
-        _store(library, _records(SAMPLE))
+        store(library, random_records(SAMPLE))
         library.compact()
         assert not _sample_file(root).exists()
         assert library.index.background(SAMPLE) is None
@@ -177,7 +162,7 @@ def test_a_sample_left_by_an_interrupted_compaction_is_removed(built):
     litter.write_bytes(b"left over")
     with Library.open(built) as library:
         library.acquire_lock()
-        _store(library, _records(3, start=N))
+        store(library, random_records(3, start=N))
         assert not litter.exists() and _sample_file(built).exists()
 
 
@@ -189,7 +174,7 @@ def test_a_checkpoint_draws_the_sample_a_base_lacks(built):
     with Library.open(built) as library:
         library.acquire_lock()
         assert library.index.background(10 * SAMPLE) is None
-        _store(library, _records(3, start=N))
+        store(library, random_records(3, start=N))
         assert path.exists()
         ids, _ = library.index.background(10 * SAMPLE)
         assert set(ids.tolist()) == _expected(library, SAMPLE / N)

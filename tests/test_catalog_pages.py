@@ -21,7 +21,8 @@ from indexer.model.identity import EMBED_DIM
 from indexer.store import catalog as catalog_module
 from indexer.store.catalog import PAGE_SIZE, Catalog, ImageRecord
 from indexer.store.library import Library
-from tests.clirun import cli_env
+from tests.clirun import cli_env, optimize
+from tests.records import store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,25 +202,12 @@ def test_optimize_rebuilds_an_old_catalog_once(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(catalog_module, "PAGE_SIZE", 4096)
         with Library.open(root, create=True) as library:
-            ids = library.catalog.commit_batch(_records(1000))
-            library.index.add(np.asarray(ids), np.stack([r.vector for r in _records(1000)]))
-            library.checkpoint()
+            store(library, _records(1000))
 
-    def optimize() -> dict:
-        done = subprocess.run(
-            [sys.executable, "-m", "retrieval.cli", "optimize", "--library", str(root), "--json"],
-            env=cli_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)["catalog"]
-
-    first = optimize()
+    first = json.loads(optimize(root))["catalog"]
     assert first["rebuilt"] and first["page_size"] == PAGE_SIZE
     assert first["bytes_after"] < first["bytes_before"]
-    second = optimize()
+    second = json.loads(optimize(root))["catalog"]
     assert not second["rebuilt"] and second["not_rebuilt_because"] is None
     with Library.open(root) as library:
         assert library.catalog.count() == 1000 and len(library.index) == 1000

@@ -32,6 +32,7 @@ from retrieval.search.filters import (
 )
 from retrieval.search.options import SearchOptions
 from tests.margins import assert_clear_order, threshold_between
+from tests.records import store
 
 runner = CliRunner()
 
@@ -50,13 +51,6 @@ def record(path: str, vector: np.ndarray, **fields) -> ImageRecord:
         format=fields.pop("format", "JPEG"),
         **fields,
     )
-
-
-def store(library: Library, records: list[ImageRecord]) -> list[int]:
-    ids = library.catalog.commit_batch(records)
-    library.index.add(np.asarray(ids), np.vstack([r.vector for r in records]))
-    library.checkpoint()
-    return ids
 
 
 def vectors(n: int, seed: int = 0) -> np.ndarray:

@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from indexer.errors import LibraryError, LibraryLocked, ModelMismatch
-from indexer.model.identity import ModelIdentity, l2_normalise
-from indexer.store.catalog import ImageRecord
+from indexer.model.identity import ModelIdentity
 from indexer.store.library import Library
-
-
-def _records(n: int, start: int = 0) -> list[ImageRecord]:
-    rng = np.random.default_rng(start)
-    vectors = l2_normalise(rng.standard_normal((n, 512)))
-    return [
-        ImageRecord(
-            f"/photos/p{start + i}.jpg", 100 + i, 1_000 + i, f"{start + i:064x}", vectors[i], 64, 48
-        )
-        for i in range(n)
-    ]
-
-
-def _store(library: Library, records: list[ImageRecord]) -> list[int]:
-    ids = library.catalog.commit_batch(records)
-    library.index.add(np.asarray(ids), np.vstack([r.vector for r in records]))
-    library.checkpoint()
-    return ids
+from tests.records import random_records, store
 
 
 def test_open_missing_library_says_how_to_create(tmp_path):
@@ -37,8 +18,8 @@ def test_open_missing_library_says_how_to_create(tmp_path):
 
 def test_stored_vectors_are_searchable_by_id(tmp_path):
     with Library.open(tmp_path / "lib", create=True) as library:
-        records = _records(5)
-        ids = _store(library, records)
+        records = random_records(5)
+        ids = store(library, records)
         scores, found = library.index.search(records[2].vector[None], 1)
         assert found[0][0] == ids[2]
         assert scores[0][0] == pytest.approx(1.0, abs=1e-5)
@@ -48,9 +29,9 @@ def test_stored_vectors_are_searchable_by_id(tmp_path):
 
 def test_reconcile_adds_rows_missing_from_index_and_drops_orphans(tmp_path):
     library = Library.open(tmp_path / "lib", create=True)
-    ids = _store(library, _records(4))
+    ids = store(library, random_records(4))
     # A crash after the catalog commit but before the index save:
-    library.catalog.commit_batch(_records(3, start=10))
+    library.catalog.commit_batch(random_records(3, start=10))
     # ...and an index holding an id whose row is gone:
     library.catalog.delete_ids([ids[0]])
     library.close()
@@ -62,8 +43,8 @@ def test_reconcile_adds_rows_missing_from_index_and_drops_orphans(tmp_path):
 def test_checkpoints_append_and_compaction_leaves_one_base_file(tmp_path):
     root = tmp_path / "lib"
     with Library.open(root, create=True) as library:
-        _store(library, _records(2))
-        _store(library, _records(2, start=5))
+        store(library, random_records(2))
+        store(library, random_records(2, start=5))
         assert sorted(p.name for p in root.glob("delta.*")) == ["delta.0.vec"]
         assert (root / "delta.0.vec").stat().st_size == 4 * (8 + 4 * 512)  # 4 rows appended
         assert library.compact() == 4
@@ -93,7 +74,7 @@ def test_second_writer_is_refused_clearly(tmp_path):
 
 def test_rebuild_index_from_catalog_alone(tmp_path):
     with Library.open(tmp_path / "lib", create=True) as library:
-        ids = _store(library, _records(7))
+        ids = store(library, random_records(7))
     for path in (tmp_path / "lib").iterdir():  # every index file: the catalog alone stays
         if path.name.startswith(("vectors.", "delta.", "segments.json")):
             path.unlink()

@@ -28,22 +28,8 @@ from indexer.store.catalog import ImageRecord
 from indexer.store.library import Library, index_problem
 from indexer.store.segments import read_manifest
 from indexer.store.vectors import VectorIndex
-from tests.clirun import cli_env
-
-
-def _records(n: int, start: int = 0) -> list[ImageRecord]:
-    vectors = l2_normalise(np.random.default_rng(start).standard_normal((n, 512)))
-    return [
-        ImageRecord(f"/p/{start + i}.jpg", 1, 1, f"{start + i:064x}", vectors[i], 8, 8)
-        for i in range(n)
-    ]
-
-
-def _store(library: Library, records: list[ImageRecord]) -> list[int]:
-    ids = library.catalog.commit_batch(records)
-    library.index.add(np.asarray(ids), np.vstack([r.vector for r in records]))
-    library.checkpoint()
-    return ids
+from tests.clirun import cli_env, optimize
+from tests.records import random_records, store
 
 
 def _remove(library: Library, ids) -> None:
@@ -63,9 +49,9 @@ def mixed(tmp_path):
     the removals hitting the base and some the delta."""
     root = tmp_path / "lib"
     library = Library.open(root, create=True)
-    base_ids = _store(library, _records(60))
+    base_ids = store(library, random_records(60))
     library.compact()
-    delta_ids = _store(library, _records(25, start=100))
+    delta_ids = store(library, random_records(25, start=100))
     _remove(library, base_ids[::7] + delta_ids[::5])
     yield library
     library.close()
@@ -138,9 +124,9 @@ def test_compaction_is_automatic_past_the_threshold(tmp_path, monkeypatch):
     monkeypatch.setattr(segments, "COMPACT_MIN", 10)
     root = tmp_path / "lib"
     with Library.open(root, create=True) as library:
-        _store(library, _records(6))
+        store(library, random_records(6))
         assert read_manifest(root).base is None  # below the threshold: delta only
-        _store(library, _records(6, start=10))  # 12 >= 10: folded into a base
+        store(library, random_records(6, start=10))  # 12 >= 10: folded into a base
         manifest = read_manifest(root)
         assert manifest.base is not None and manifest.rows == 0
         assert len(library.index) == 12 and len(library.index.base) == 12
@@ -157,11 +143,11 @@ def test_a_kind_that_wants_rebuilding_is_compacted(tmp_path, monkeypatch):
     monkeypatch.setattr(VectorIndex, "wants_rebuild", wants_rebuild, raising=False)
     root = tmp_path / "lib"
     with Library.open(root, create=True) as library:
-        _store(library, _records(4))  # empty base: 4 > 0, rebuilt at once
+        store(library, random_records(4))  # empty base: 4 > 0, rebuilt at once
         assert len(library.index.base) == 4
-        _store(library, _records(4, start=10))  # 8 > 8? no: stays in the delta
+        store(library, random_records(4, start=10))  # 8 > 8? no: stays in the delta
         assert len(library.index.base) == 4 and read_manifest(root).rows == 4
-        _store(library, _records(1, start=20))  # 9 > 8: rebuilt
+        store(library, random_records(1, start=20))  # 9 > 8: rebuilt
         assert len(library.index.base) == 9
     assert seen
 
@@ -169,17 +155,10 @@ def test_a_kind_that_wants_rebuilding_is_compacted(tmp_path, monkeypatch):
 def test_optimize_command_folds_the_delta(tmp_path):
     root = tmp_path / "lib"
     with Library.open(root, create=True) as library:
-        ids = _store(library, _records(8))
+        ids = store(library, random_records(8))
         _remove(library, ids[:3])
-    done = subprocess.run(
-        [sys.executable, "-m", "retrieval.cli", "optimize", "--library", str(root), "--json"],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert '"photos": 5' in done.stdout and '"folded_removals": 3' in done.stdout
+    output = optimize(root)
+    assert '"photos": 5' in output and '"folded_removals": 3' in output
     manifest = read_manifest(root)
     assert manifest.rows == manifest.deleted == 0 and manifest.base is not None
     assert index_problem(root) is None
@@ -247,7 +226,7 @@ def test_readers_during_compaction_see_exactly_one_checkpoint(tmp_path, monkeypa
             except Exception as exc:
                 problems.append(repr(exc))
 
-    ids = _store(writer, _records(5))
+    ids = store(writer, random_records(5))
     states[writer.index_generation] = frozenset(ids)
     threads = [threading.Thread(target=reader) for _ in range(2)]
     for thread in threads:
@@ -255,7 +234,7 @@ def test_readers_during_compaction_see_exactly_one_checkpoint(tmp_path, monkeypa
     live = set(ids)
     try:
         for step in range(30):
-            added = _commit(writer, _records(3, start=1000 + 10 * step))
+            added = _commit(writer, random_records(3, start=1000 + 10 * step))
             live |= set(added)
             dropped = sorted(live)[::4][:2]
             writer.catalog.delete_ids(dropped)
@@ -343,12 +322,12 @@ def test_a_library_from_before_segments_opens_and_carries_on(tmp_path):
     """An older clipdex left one stamped vectors.N.faiss and no manifest: it is the base."""
     root = tmp_path / "lib"
     with Library.open(root, create=True) as library:
-        ids = _store(library, _records(5))
+        ids = store(library, random_records(5))
         library.compact()
     (root / "segments.json").unlink()
     with Library.open(root) as library:
         assert sorted(library.index.ids()) == sorted(ids)
-        more = _store(library, _records(2, start=50))
+        more = store(library, random_records(2, start=50))
     with Library.open(root, read_only=True) as library:
         assert sorted(library.index.ids()) == sorted(ids + more)
     assert os.path.exists(root / "segments.json")
@@ -398,9 +377,9 @@ def test_info_reads_no_vector(tmp_path):
     loaded for them, and they agree with the loaded index's own."""
     root = tmp_path / "lib"
     with Library.open(root, create=True) as library:
-        ids = _store(library, _records(6))
+        ids = store(library, random_records(6))
         library.compact()
-        _store(library, _records(3, start=20))
+        store(library, random_records(3, start=20))
         _remove(library, ids[:2])
     with Library.open(root, read_only=True) as library:
         facts = library.index_summary()
