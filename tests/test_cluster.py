@@ -146,6 +146,24 @@ def test_a_folder_with_a_video_gets_the_same_ids_on_the_cluster(ray_cluster, sce
     assert len(local) == 5
 
 
+def test_a_moved_photo_takes_its_vector_on_the_coordinator(ray_cluster, photo_folder, tmp_path):
+    """A renamed photo is a known content: it takes its catalogued vector before the
+    cluster is asked (nothing encoded), as a local run does."""
+    cluster = ClusterOptions(ray_cluster.address, shard_size=2, encoder_source=FakeEncoder())
+    options = IndexOptions(workers=1)
+    old, new = photo_folder / "photo_1.jpg", photo_folder / "moved.jpg"
+    with Collection.open(tmp_path / "ray", encoder=FakeEncoder()) as photos:
+        photos.index(photo_folder, options, cluster=cluster)
+        before, _ = library_rows(tmp_path / "ray")
+        old.rename(new)
+        report = photos.index(photo_folder, options, cluster=cluster)
+    after, _ = library_rows(tmp_path / "ray")
+    assert (report.indexed, report.reused, report.failed) == (0, 1, 0)
+    assert str(old) not in after and len(after) == len(before)
+    assert after[str(new)][1] == before[str(old)][1]  # the same content (hash)
+    np.testing.assert_array_equal(after[str(new)][-1], before[str(old)][-1])
+
+
 def test_cluster_indexes_a_bucket_as_a_local_run_indexes_the_folder(
     ray_cluster, tmp_path, monkeypatch
 ):

@@ -51,7 +51,6 @@ from indexer.ingest.pipeline import (
     IndexOptions,
     IndexReport,
     Progress,
-    _route,
     _Writer,
     decode_pool,
     finish_run,
@@ -200,9 +199,7 @@ def _reuse_moved(
             continue
         fields, vector = known
         item = Outcome(found, sha256, fields=dict(fields), vector=vector)
-        pending: list[Outcome] = []
-        _route(item, pending, sink.writer, sink.report, sink.progress)  # or fails it
-        write_known(pending, sink.writer, sink.report, sink.progress)
+        write_known(item, sink.writer, sink.report, sink.progress)  # or fails it
     return rest
 
 

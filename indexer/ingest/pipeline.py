@@ -512,24 +512,30 @@ def decode_pool(options: IndexOptions, memo: HashMemo) -> DecodePool:
 def _route(
     item: Outcome, batch: list[Outcome], writer: _Writer, report: IndexReport, progress: Progress
 ) -> None:
-    item.error = _unstable(item.found) or item.error
-    if item.error is not None:
-        writer.fail(item.found, item.error)
-        report.failures.append((item.found.path, item.error))
-        progress.fail(item.found.path, item.error)
-        progress.advance()
-    else:  # to encode, or already known (its vector given): written in order by _encode
-        batch.append(item)
+    if not _failed(item, writer, report, progress):
+        batch.append(item)  # to encode, or already known (its vector given): see _encode
 
 
-def write_known(
-    batch: list[Outcome], writer: _Writer, report: IndexReport, progress: Progress
-) -> None:
-    """Write items whose content is already known (their vectors given), in order."""
-    for item in batch:
+def write_known(item: Outcome, writer: _Writer, report: IndexReport, progress: Progress) -> None:
+    """Write a file whose content is already known (its vector given) at once, or fail it
+    as a batch would when its file changed since discovery (a cluster run's moved photos)."""
+    if not _failed(item, writer, report, progress):
         writer.add(item, item.vector)
         report.reused += 1
         progress.advance()
+
+
+def _failed(item: Outcome, writer: _Writer, report: IndexReport, progress: Progress) -> bool:
+    """Record ``item`` as failed when its worker failed it or its file changed since
+    discovery (:func:`_unstable`); whether it was."""
+    item.error = _unstable(item.found) or item.error
+    if item.error is None:
+        return False
+    writer.fail(item.found, item.error)
+    report.failures.append((item.found.path, item.error))
+    progress.fail(item.found.path, item.error)
+    progress.advance()
+    return True
 
 
 def _is_video(item: Outcome) -> bool:
@@ -548,9 +554,7 @@ def _encode_video(
 ) -> None:
     """Encode all of a video's frames, then hand the writer the whole video at once: a
     checkpoint never holds part of a video."""
-    item.error = _unstable(item.found)
-    if item.error is not None:
-        _route(item, [], writer, report, progress)
+    if _failed(item, writer, report, progress):
         return
     frames = item.pixels
     item.pixels = None
