@@ -30,6 +30,7 @@ import json
 import pstats
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ from retrieval.search.query import parse_query  # noqa: E402
 from tests.clipvectors import ClipLike  # noqa: E402
 
 WORDS = ("a dog", "beach at sunset", "red car", "birthday cake", "mountain lake")
+WARM_UP = 5  # untimed queries per library first: model, index, caches, the cut-off's sample
 
 
 def open_engine(root: Path) -> SearchEngine:
@@ -65,6 +67,21 @@ def one_text_query(collection, text: str) -> float:
     return time.perf_counter() - started
 
 
+def interleaved(
+    targets: dict[int, object], queries: list, timed: Callable[[object, object], float]
+) -> dict[int, list[float]]:
+    """Seconds per query and library (``timed(target, query)``) after ``WARM_UP`` untimed
+    ones; each query runs on every library in turn, so machine drift hits all alike."""
+    for target in targets.values():
+        for query in queries[:WARM_UP]:
+            timed(target, query)
+    times = {size: [] for size in targets}
+    for query in queries[WARM_UP:]:
+        for size, target in targets.items():
+            times[size].append(timed(target, query))
+    return times
+
+
 def time_with_encoder(args, sizes: list[int]) -> dict[int, list[float]]:
     """Warm ``Collection.search(text)`` per library, one shared ONNX text encoder."""
     from retrieval.collection import Collection, EncoderLoader
@@ -74,15 +91,8 @@ def time_with_encoder(args, sizes: list[int]) -> dict[int, list[float]]:
         size: Collection.open(args.libs / f"library_{size}", encoder=encoder, read_only=True)
         for size in sizes
     }
-    texts = [f"{WORDS[i % len(WORDS)]} {i}" for i in range(args.queries + 5)]
-    for collection in collections.values():  # warm-up: model, index, caches
-        for text in texts[:5]:
-            one_text_query(collection, text)
-    times = {size: [] for size in sizes}
-    for text in texts[5:]:
-        for size, collection in collections.items():
-            times[size].append(one_text_query(collection, text))
-    return times
+    texts = [f"{WORDS[i % len(WORDS)]} {i}" for i in range(args.queries + WARM_UP)]
+    return interleaved(collections, texts, one_text_query)
 
 
 def report(label: str, times: dict[int, list[float]]) -> dict:
@@ -132,15 +142,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     # The generator of the libraries (bench_library_scale: ClipLike(count), seed 0): queries
     # across the modality gap from the largest library's topics.
-    vectors = ClipLike(max(sizes), seed=0).text_queries(args.queries + 5, seed=31)
+    vectors = ClipLike(max(sizes), seed=0).text_queries(args.queries + WARM_UP, seed=31)
     texts = [WORDS[i % len(WORDS)] for i in range(len(vectors))]
-    for engine in engines.values():  # warm-up: caches, the cut-off's sample
-        for vector, text in zip(vectors[:5], texts[:5]):
-            one_query(engine, vector, text)
-    times = {size: [] for size in sizes}
-    for vector, text in zip(vectors[5:], texts[5:]):
-        for size, engine in engines.items():
-            times[size].append(one_query(engine, vector, text))
+    queries = list(zip(vectors, texts))
+    times = interleaved(engines, queries, lambda engine, query: one_query(engine, *query))
     results = {"engine": report("engine only", times)}
     if args.weights:
         results["with_text_tower"] = report("with text tower", time_with_encoder(args, sizes))
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        for vector, text in zip(vectors[5:], texts[5:]):
+        for vector, text in queries[WARM_UP:]:
             one_query(engines[large], vector, text)
         profiler.disable()
         out = io.StringIO()
