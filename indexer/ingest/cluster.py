@@ -56,6 +56,7 @@ from indexer.ingest.pipeline import (
     finish_run,
     plan,
     run_files,
+    start_run,
     write_known,
 )
 from indexer.ingest.workers import Outcome, hash_file
@@ -150,10 +151,7 @@ def index_on_cluster(
         library.bind_model(encoder.identity)
         library.catalog.add_text_roots(str(r if r.is_dir() else r.parent) for r in roots)
         work = plan(library, roots, options.excludes, options.within)
-        report.unchanged = work.unchanged
-        report.failures.extend(work.problems)
-        progress.start(len(work.todo))
-        writer = _Writer(library, work, options)
+        writer = start_run(library, work, options, report, progress)
         sink = Committer(writer, report, progress)
         shards = library.shard_dir
         todo = commit_leftover_shards(shards, work.todo, sink)

@@ -299,11 +299,7 @@ def index_paths(
         library.bind_model(encoder.identity)
         library.catalog.add_text_roots(str(r if r.is_dir() else r.parent) for r in roots)
         work = plan(library, roots, options.excludes, options.within)
-        report.unchanged = work.unchanged
-        progress.start(len(work.todo))
-        writer = _Writer(library, work, options)
-        for path, reason in work.problems:
-            report.failures.append((path, reason))
+        writer = start_run(library, work, options, report, progress)
         memo = HashMemo(library.catalog.find_by_hash)
         ocr = ocr_stage(library, encoder, options)
         run_files(work.todo, memo, encoder, options, writer, report, progress, ocr=ocr)
@@ -336,16 +332,25 @@ def index_changes(
         library.bind_model(encoder.identity)
         library.catalog.add_text_roots(os.fspath(root) for root in roots)
         work, gone = plan_changes(library, [Path(p) for p in paths], options)
-        report.unchanged = work.unchanged
-        report.failures.extend(work.problems)
-        progress.start(len(work.todo))
-        writer = _Writer(library, work, options)
+        writer = start_run(library, work, options, report, progress)
         memo = HashMemo(library.catalog.find_by_hash)
         ocr = ocr_stage(library, encoder, options)
         run_files(work.todo, memo, encoder, options, writer, report, progress, ocr=ocr)
         # Gone paths also drop their failure rows (a failed file that was deleted); a
         # growing library may cross into another kind, or its ivf lists need re-training.
         return finish_run(library, writer, report, options, started, gone=gone, check_kind=True)
+
+
+def start_run(
+    library: Library, work: _Plan, options: IndexOptions, report: IndexReport, progress: Progress
+) -> _Writer:
+    """The start of every run once planned (:func:`index_paths`, :func:`index_changes`, a
+    cluster run): the plan's unchanged count and problems in the report, the progress
+    total, and the writer that stores the run's files. The caller holds the writer lock."""
+    report.unchanged = work.unchanged
+    report.failures.extend(work.problems)
+    progress.start(len(work.todo))
+    return _Writer(library, work, options)
 
 
 def finish_run(
