@@ -25,6 +25,15 @@ def clipdex(*args: str) -> list[str]:
     return [sys.executable, "-m", "retrieval.cli", *args]
 
 
+def run(*args: str):
+    """The CLI in this process (typer's test runner; an exception is raised, not caught)."""
+    from typer.testing import CliRunner
+
+    from retrieval.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
 def cli_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 

@@ -99,6 +99,13 @@ def fake_encoder() -> FakeEncoder:
     return FakeEncoder()
 
 
+@pytest.fixture
+def fake_model(monkeypatch, fake_encoder) -> FakeEncoder:
+    """``load_encoder`` (how the CLI and Collection load a model) hands out ``fake_encoder``."""
+    monkeypatch.setattr("indexer.model.encoders.load_encoder", lambda *a, **k: fake_encoder)
+    return fake_encoder
+
+
 @pytest.fixture(scope="session")
 def random_checkpoint(tmp_path_factory) -> Path:
     """The real MobileCLIP-S2 architecture with plain random weights, saved once per session.

@@ -9,14 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-import indexer.model.encoders
 from indexer.errors import ConfigError
 from indexer.model.identity import EMBED_DIM, ModelIdentity, l2_normalise
 from indexer.store.catalog import ImageRecord
 from indexer.store.library import Library
-from retrieval.cli import app
 from retrieval.search.classify import (
     DEFAULT_LABELS_FILE,
     DEFAULT_TEMPLATES,
@@ -34,10 +31,10 @@ from retrieval.search.classify import (
 from retrieval.search.engine import SearchEngine
 from retrieval.search.errors import QueryError
 from retrieval.search.options import SearchOptions
+from tests.clirun import run
 
 REAL_WEIGHTS = os.environ.get("CLIPDEX_WEIGHTS")  # read before the autouse fixture clears it
 CONCEPTS = ("cat", "dog", "car", "beach", "tree")
-runner = CliRunner()
 
 
 def concept_vector(name: str) -> np.ndarray:
@@ -235,16 +232,6 @@ def test_deleting_a_photo_deletes_its_tags(library, encoder):
 
 
 # -- CLI ------------------------------------------------------------------------------------
-@pytest.fixture
-def fake_model(monkeypatch, fake_encoder):
-    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
-    return fake_encoder
-
-
-def run(*args: str):
-    return runner.invoke(app, list(args), catch_exceptions=False)
-
-
 def test_cli_classify_tag_and_search_by_tag(fake_model, photo_folder):
     photo = str(photo_folder / "photo_1.jpg")
     # A plain file, before any library exists:

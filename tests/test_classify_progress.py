@@ -17,13 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-import indexer.model.encoders
 from indexer.ingest.pipeline import index_paths
 from indexer.store.library import Library
 from retrieval import Collection
-from retrieval.cli.app import app
 from retrieval.search import classify
 from retrieval.search.classify import (
     BATCH_SECONDS,
@@ -37,9 +34,9 @@ from retrieval.search.classify import (
     make_labelset,
 )
 from retrieval.server.labels import LabelPreparer
+from tests.clirun import run
 from tests.live_server import served
 
-runner = CliRunner()
 DEFAULT_PROMPTS = len(make_labelset().labels) * len(DEFAULT_TEMPLATES)
 
 
@@ -145,16 +142,6 @@ def test_collection_classify_and_tag_take_a_progress_callback(library, fake_enco
 
 
 # -- CLI ------------------------------------------------------------------------------------
-@pytest.fixture
-def fake_model(monkeypatch, fake_encoder):
-    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
-    return fake_encoder
-
-
-def run(*args: str):
-    return runner.invoke(app, list(args), catch_exceptions=False)
-
-
 NOTE = f"preparing the default labels once for this model: {DEFAULT_PROMPTS} prompts"
 
 

@@ -7,21 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import indexer.model.encoders
 from retrieval.cli import app
+from tests.clirun import run
 
 COMMANDS = ["index", "search", "similar", "embed", "info", "failures"]
 runner = CliRunner()
-
-
-@pytest.fixture
-def fake_model(monkeypatch, fake_encoder):
-    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
-    return fake_encoder
-
-
-def run(*args: str):
-    return runner.invoke(app, list(args), catch_exceptions=False)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

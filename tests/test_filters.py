@@ -10,13 +10,10 @@ import os
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-import indexer.model.encoders
 from indexer.model.identity import ModelIdentity, l2_normalise
 from indexer.store.catalog import ImageRecord
 from indexer.store.library import Library
-from retrieval.cli import app
 from retrieval.search.engine import SearchEngine
 from retrieval.search.errors import QueryError
 from retrieval.search.filters import (
@@ -31,10 +28,9 @@ from retrieval.search.filters import (
     parse_size,
 )
 from retrieval.search.options import SearchOptions
+from tests.clirun import run
 from tests.margins import assert_clear_order, threshold_between
 from tests.records import store
-
-runner = CliRunner()
 
 
 def record(path: str, vector: np.ndarray, **fields) -> ImageRecord:
@@ -363,16 +359,6 @@ def test_paging_limits_and_bad_values(library, engine):
 
 
 # -- CLI ------------------------------------------------------------------------------------
-@pytest.fixture
-def fake_model(monkeypatch, fake_encoder):
-    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
-    return fake_encoder
-
-
-def run(*args: str):
-    return runner.invoke(app, list(args), catch_exceptions=False)
-
-
 def test_cli_filters_json(fake_model, photo_folder, tmp_path):
     run("index", str(photo_folder), "--json")
 

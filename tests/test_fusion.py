@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import indexer.model.encoders
 from indexer.ingest.pipeline import index_paths
 from indexer.store.catalog_reader import CatalogReader
 from indexer.store.library import Library
@@ -301,12 +300,6 @@ def test_rrf_is_available_for_comparison(engine, texts_library):
 
 
 # -- interfaces -----------------------------------------------------------------------------
-@pytest.fixture
-def fake_model(monkeypatch, fake_encoder):
-    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
-    return fake_encoder
-
-
 def test_cli_search_json_carries_matched(fake_model, texts_library, monkeypatch):
     root, ids = texts_library
     result = runner.invoke(app, ["search", "gondola", "--library", str(root), "--json", "-k", "3"])

@@ -6,20 +6,16 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-import indexer.model.encoders
 from indexer.ingest.pipeline import index_paths
 from indexer.model.identity import l2_normalise
 from indexer.store.library import Library
-from retrieval.cli import app
 from retrieval.search.engine import SearchEngine
 from retrieval.search.errors import QueryError
 from retrieval.search.options import SearchOptions
 from retrieval.search.query import QuerySyntaxError, Term, combine, describe, parse_query
+from tests.clirun import run
 from tests.margins import assert_clear_order
-
-runner = CliRunner()
 
 
 @pytest.mark.parametrize(
@@ -146,16 +142,6 @@ def test_text_search_uses_the_grammar(engine, fake_encoder):
 
 
 # -- CLI ------------------------------------------------------------------------------------
-@pytest.fixture
-def fake_model(monkeypatch, fake_encoder):
-    monkeypatch.setattr(indexer.model.encoders, "load_encoder", lambda *a, **k: fake_encoder)
-    return fake_encoder
-
-
-def run(*args: str):
-    return runner.invoke(app, list(args), catch_exceptions=False)
-
-
 def test_cli_bad_query_exits_1_with_the_position(fake_model, photo_folder):
     run("index", str(photo_folder), "--json")
     result = run("search", "beach + + sunset")
