@@ -21,12 +21,15 @@ bytes a photo; indexes built before RaBitQ keep working). Against 2 KB a photo f
   answered exactly, by brute force over the allowed photos' full vectors; a broad one
   filters *inside* the IVF scan (a FAISS ``IDSelector``) with ``nprobe`` scaled by
   1 / (allowed fraction), so as many allowed codes are scanned as without a filter.
-- **range search** (cut-offs, duplicates): the probed lists are searched on the codes down
+- **range search** (cut-offs, a delta's duplicates): the probed lists are searched on the codes down
   to ``radius - margin`` (``margin`` bounds the code's score error, measured at build time),
   then the candidates are re-scored exactly and kept above ``radius``. A request for every
   score (``radius`` below -1: the auto cut-off's estimate of the bulk of a query's scores
   over a sample) is answered from the codes of the whole (allowed) set, within
   ``score_error`` of the exact scores: a robust median and MAD do not move at that scale.
+- **near pairs** (duplicates of the whole library): each list's full vectors (read from the
+  source one list at a time) against themselves and against the vectors whose nearest other
+  centroids include the list; exact scores, nothing from the codes (:meth:`near_pairs`).
 
 Without a vector source (a bare store, as in the protocol tests) scores come from the codes.
 
@@ -83,6 +86,12 @@ LISTS_PER_ROOT = 2
 TRAIN_PER_LIST = 40  # training vectors per centroid (FAISS warns below 39)
 MIN_TRAIN = 20_000  # ... but at least this many when the library has them
 FETCH_BATCH = 5_000
+# Near-copies in different lists: each vector is also compared with the lists of its this
+# many nearest other centroids. At 100k CLIP-like vectors (bench/bench_scale.py's), the
+# pairs above 0.95 missed: 12 of 5,323 with one (11 of them in the third-nearest list), 1
+# with two.
+NEIGHBOUR_LISTS = 2
+PAIR_BLOCK = 2_048  # rows of a list compared at once (a 2,048 x 50k block is 400 MB)
 PAD_SCORE = np.float32(-3.4028235e38)  # what FAISS pads a short inner-product result with
 SEED = 1234
 
@@ -502,54 +511,64 @@ class IVFIndex:
         copies), as (ids a, ids b, exact scores), each pair once or twice, never (x, x).
 
         Through the lists, not all pairs: each vector is compared with the vectors of its
-        own list and with those whose second-nearest centroid is that list (near-copies
-        fall in one list or in neighbouring ones), on vectors decoded from the codes, with
-        BLAS; candidates above ``radius - margin`` are re-scored exactly from the source.
+        own list and with those whose nearest other centroids (``NEIGHBOUR_LISTS``) include
+        that list (near-copies fall in one list or in neighbouring ones), with BLAS. With a
+        vector source the comparisons and the neighbouring lists are on the full vectors,
+        one list at a time (memory: a list, not the library); without one, on vectors
+        decoded from the codes, re-scored exactly where possible.
         """
         if self.index is None or len(self) < 2:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if self._fetch is None:
+            return self._near_pairs_decoded(radius, allowed_ids)
+        return self._near_pairs_exact(radius, allowed_ids)
+
+    def _near_pairs_exact(self, radius: float, allowed_ids: np.ndarray | None):
+        """:meth:`near_pairs` on the source's full vectors: pairs within each list, then
+        each list against its guests (the vectors whose nearest other centroids include it).
+        Each list's vectors are read twice and each vector once more per neighbouring list."""
+        members = [ids for ids, _ in _list_members(self.index, allowed_ids)]
+        centroids = _centroids(self.index)
+        guests: list[list[np.ndarray]] = [[] for _ in members]
+        found: list[tuple] = []
+        for number, ids in enumerate(members):
+            ids, vectors = _fetch_all(self._fetch, ids, self.dim)
+            members[number] = ids  # those the source knows, in the order it gave them
+            if not len(ids):
+                continue
+            found.append(_pairs_within(ids, vectors, radius))
+            for target, rows in _neighbour_list_rows(vectors, centroids, number):
+                guests[target].append(ids[rows])
+        for number, ids in enumerate(members):
+            if not len(ids) or not guests[number]:
+                continue
+            _, vectors = _fetch_all(self._fetch, ids, self.dim)
+            guest_ids, guest_vectors = _fetch_all(
+                self._fetch, np.concatenate(guests[number]), self.dim
+            )
+            found.append(_pairs_across(ids, vectors, guest_ids, guest_vectors, radius))
+        return _joined(found)
+
+    def _near_pairs_decoded(self, radius: float, allowed_ids: np.ndarray | None):
+        """:meth:`near_pairs` on vectors decoded from the codes (no vector source to read
+        full vectors from): the scores are approximations, close for sq8 codes, coarse for
+        RaBitQ's (made for estimating scores to a query, not for decoding)."""
         lists = _decoded_lists(self.index, allowed_ids)
-        decoded = [vectors for _, vectors in lists]
-        members = [ids for ids, _ in lists]
-        spill = _second_lists(self.index, decoded)
-        # Both sides are decoded codes here, each off by up to the codes' error: twice
-        # the margin (at 1M, RaBitQ codes with one margin missed ~2% of sq8's pairs).
-        floor = radius - 2 * self.margin
-        found_a, found_b = [], []
+        centroids = _centroids(self.index)
+        guests: list[list[tuple]] = [[] for _ in lists]
+        for number, (_, vectors) in enumerate(lists):
+            for target, rows in _neighbour_list_rows(vectors, centroids, number):
+                guests[target].append((number, rows))  # rows, not copies: memory
+        found = []
         for number, (ids, vectors) in enumerate(lists):
             if not len(ids):
                 continue
-            gram = vectors @ vectors.T
-            rows, cols = np.nonzero(np.triu(gram > floor, k=1))
-            found_a.append(ids[rows])
-            found_b.append(ids[cols])
-            guests = [
-                (members[other][where], decoded[other][where])
-                for other, where in spill.get(number, [])
-            ]
-            if guests:
-                guest_ids = np.concatenate([g[0] for g in guests])
-                rows, cols = np.nonzero(vectors @ np.vstack([g[1] for g in guests]).T > floor)
-                found_a.append(ids[rows])
-                found_b.append(guest_ids[cols])
-        a = np.concatenate(found_a) if found_a else np.zeros(0, np.int64)
-        b = np.concatenate(found_b) if found_b else np.zeros(0, np.int64)
-        return self._rescore_pairs(a, b, radius)
-
-    def _rescore_pairs(self, a: np.ndarray, b: np.ndarray, radius: float):
-        """Exact scores of candidate pairs; those above ``radius`` (codes without a source)."""
-        if not len(a):
-            return a, b, np.zeros(0, np.float32)
-        wanted = np.unique(np.concatenate([a, b]))
-        if self._fetch is None:
-            return a, b, np.zeros(len(a), np.float32)  # cannot re-score: keep the candidates
-        found, vectors = _fetch_all(self._fetch, wanted, self.dim)
-        pa, pb = _positions(found, a), _positions(found, b)
-        known = (pa >= 0) & (pb >= 0)
-        a, b, pa, pb = a[known], b[known], pa[known], pb[known]
-        scores = np.einsum("ij,ij->i", vectors[pa], vectors[pb]).astype(np.float32)
-        keep = scores > radius
-        return a[keep], b[keep], scores[keep]
+            found.append(_pairs_within(ids, vectors, radius))
+            if guests[number]:
+                guest_ids = np.concatenate([lists[o][0][rows] for o, rows in guests[number]])
+                guest_vectors = np.vstack([lists[o][1][rows] for o, rows in guests[number]])
+                found.append(_pairs_across(ids, vectors, guest_ids, guest_vectors, radius))
+        return _joined(found)
 
     def _exclusion(self, excluded: np.ndarray):
         """A selector of every id but ``excluded``, kept while the same ids are asked for
@@ -684,13 +703,13 @@ def _list_ids(index: faiss.IndexIVF) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def _decoded_lists(index: faiss.IndexIVF, allowed: np.ndarray | None):
-    """Per list: (ids, vectors decoded from the codes), only allowed ids if restricted."""
+def _list_members(index: faiss.IndexIVF, allowed: np.ndarray | None):
+    """Per list: (ids, codes) of its entries, only allowed ids if restricted."""
     out = []
     for number in range(index.nlist):
         size = index.invlists.list_size(number)
         if not size:
-            out.append((np.zeros(0, np.int64), np.zeros((0, index.d), np.float32)))
+            out.append((np.zeros(0, np.int64), np.zeros((0, index.code_size), np.uint8)))
             continue
         ids = faiss.rev_swig_ptr(index.invlists.get_ids(number), size).astype(np.int64)
         codes = faiss.rev_swig_ptr(index.invlists.get_codes(number), size * index.code_size)
@@ -698,9 +717,16 @@ def _decoded_lists(index: faiss.IndexIVF, allowed: np.ndarray | None):
         if allowed is not None:
             keep = np.isin(ids, allowed)
             ids, codes = ids[keep], codes[keep]
-        vectors = _decode(index, number, codes)
-        out.append((ids, vectors))
+        out.append((ids, codes))
     return out
+
+
+def _decoded_lists(index: faiss.IndexIVF, allowed: np.ndarray | None):
+    """Per list: (ids, vectors decoded from the codes), only allowed ids if restricted."""
+    return [
+        (ids, _decode(index, number, codes))
+        for number, (ids, codes) in enumerate(_list_members(index, allowed))
+    ]
 
 
 def _decode(index: faiss.IndexIVF, number: int, codes: np.ndarray) -> np.ndarray:
@@ -749,22 +775,48 @@ def _centroids(index: faiss.IndexIVF) -> np.ndarray:
     return faiss.rev_swig_ptr(flat.get_xb(), index.nlist * index.d).reshape(index.nlist, index.d)
 
 
-def _second_lists(index: faiss.IndexIVF, decoded: list[np.ndarray]) -> dict:
-    """list number -> [(other list, rows of it whose second-nearest centroid is it)]."""
-    if index.nlist < 2:
-        return {}
-    spill: dict[int, list] = {}
-    centroids = _centroids(index)
-    for number, vectors in enumerate(decoded):
-        if not len(vectors):
-            continue
-        scores = vectors @ centroids.T  # numpy's BLAS: many small FAISS calls cost more
-        scores[:, number] = -np.inf  # the own list: the best other one is the second
-        second = np.argmax(scores, axis=1)
-        for target in np.unique(second):
-            if target >= 0 and target != number:
-                spill.setdefault(int(target), []).append((number, np.nonzero(second == target)[0]))
-    return spill
+def _neighbour_list_rows(vectors: np.ndarray, centroids: np.ndarray, number: int):
+    """(other list, rows of ``vectors``) for the rows of list ``number`` whose nearest
+    ``NEIGHBOUR_LISTS`` other centroids include that list."""
+    count = min(NEIGHBOUR_LISTS, len(centroids) - 1)
+    if count < 1 or not len(vectors):
+        return []
+    scores = vectors @ centroids.T  # numpy's BLAS: many small FAISS calls cost more
+    scores[:, number] = -np.inf  # the own list is not a neighbour
+    nearest = np.argpartition(-scores, count - 1, axis=1)[:, :count]
+    rows = np.repeat(np.arange(len(vectors)), count)
+    targets = nearest.ravel()
+    return [(int(target), rows[targets == target]) for target in np.unique(targets)]
+
+
+def _pairs_within(ids: np.ndarray, vectors: np.ndarray, floor: float):
+    """(a, b, score) of the pairs of one list's vectors scoring above ``floor``, once each;
+    in blocks of rows, so a crowded list never needs its whole Gram matrix at once."""
+    found = []
+    for start in range(0, len(ids), PAIR_BLOCK):
+        scores = vectors[start : start + PAIR_BLOCK] @ vectors[start:].T
+        rows, cols = np.nonzero(scores > floor)
+        later = cols > rows  # the block's own diagonal and below: (x, x) and repeats
+        rows, cols = rows[later], cols[later]
+        found.append((ids[start + rows], ids[start + cols], scores[rows, cols]))
+    return _joined(found)
+
+
+def _pairs_across(ids, vectors, other_ids, other_vectors, floor: float):
+    """(a, b, score) of the pairs (one of ``ids``, one of ``other_ids``) above ``floor``."""
+    found = []
+    for start in range(0, len(ids), PAIR_BLOCK):
+        scores = vectors[start : start + PAIR_BLOCK] @ other_vectors.T
+        rows, cols = np.nonzero(scores > floor)
+        found.append((ids[start + rows], other_ids[cols], scores[rows, cols]))
+    return _joined(found)
+
+
+def _joined(found: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    a, b, scores = (np.concatenate(column) for column in zip(*found))
+    return a, b, scores.astype(np.float32)
 
 
 def _positions(found: np.ndarray, wanted: np.ndarray) -> np.ndarray:
