@@ -13,8 +13,12 @@ truth: exact search over the same vectors. Per size and kind:
   photo of the index file on disk;
 - add 10k photos, delete 10k photos (index time only; the catalog's cost is the same for
   every kind);
-- duplicates at 0.95: ivf through its lists (near_pairs, whole library); exact by range
-  search per photo, timed on a sample and scaled to the library (all pairs: O(n^2)).
+- duplicates at 0.95: ivf through its lists (near_pairs, whole library; at sizes up to
+  ``DUP_TRUTH_MAX`` also its recall of the true pairs, from an exact range search of every
+  photo); exact by range search per photo, timed on a sample and scaled to the library
+  (all pairs: O(n^2)).
+
+The process's peak resident memory is printed after each kind (a running maximum).
 
 The ivf kind re-ranks from an in-memory copy of the vectors here; in a library it reads them
 from the catalog: ``catalog fetch`` times that read (42 random vectors, the re-rank of a
@@ -32,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -52,6 +57,7 @@ from tests.clipvectors import ArraySource, ClipLike  # noqa: E402
 QUERIES = 100  # per query type (image-like, text-like)
 CHANGE = 10_000  # photos added / deleted
 EXACT_DUP_SAMPLE = 50  # photos whose range search is timed for the exact kind
+DUP_TRUTH_MAX = 100_000  # the true pairs (an exact range search of every photo) up to this
 EXACT_LATENCY_QUERIES = 40  # the exact kind's answers are the truth: timed on a subset
 
 
@@ -95,6 +101,28 @@ def score_error(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, vector
     return worst
 
 
+def true_pairs(vectors: np.ndarray, radius: float) -> set[tuple[int, int]]:
+    """Every pair (i < j) of rows scoring above ``radius``: an exact range search."""
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    pairs: set[tuple[int, int]] = set()
+    for start in range(0, len(vectors), 5_000):
+        lims, _, hits = flat.range_search(vectors[start : start + 5_000], radius)
+        rows = start + np.repeat(np.arange(len(lims) - 1), np.diff(lims.astype(np.int64)))
+        later = hits > rows
+        pairs.update(zip(rows[later].tolist(), hits[later].tolist()))
+    return pairs
+
+
+def pair_recall(a: np.ndarray, b: np.ndarray, truth: set) -> float:
+    found = set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
+    return len(found & truth) / max(1, len(truth))
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
 # -- the kinds ------------------------------------------------------------------------------
 def bench_exact(vectors, queries, truth, extra) -> dict:
     n = len(vectors)
@@ -130,7 +158,9 @@ def _exact(vectors) -> VectorIndex:
     return index
 
 
-def bench_ivf(vectors, queries, truth, extra, codes: str = ivf_module.DEFAULT_CODES) -> dict:
+def bench_ivf(
+    vectors, queries, truth, extra, dup_truth=None, codes: str = ivf_module.DEFAULT_CODES
+) -> dict:
     n = len(vectors)
     source = ArraySource(np.arange(n, dtype=np.int64), vectors)
     set_search_threads(os.cpu_count() or 1)  # the build uses every core, as `clipdex index`
@@ -140,8 +170,7 @@ def bench_ivf(vectors, queries, truth, extra, codes: str = ivf_module.DEFAULT_CO
     p50, p99, found = latencies(lambda q: index.search(q, 10), queries)
     scores, ids = index.search(queries, 10)
     size = file_bytes(index.save)
-    both = ArraySource(np.arange(n + CHANGE), np.vstack([vectors, extra]))
-    index.attach_source(both.vectors)
+    index.attach_source(_with_extra(source, n, extra))  # no copy of the library's vectors
     add_s, _ = timed(lambda: index.add(np.arange(n, n + CHANGE), extra))
     delete_s, _ = timed(lambda: index.remove(np.arange(n, n + CHANGE)))
     index.attach_source(source.vectors)
@@ -149,6 +178,10 @@ def bench_ivf(vectors, queries, truth, extra, codes: str = ivf_module.DEFAULT_CO
     dup_s, pairs = timed(lambda: index.near_pairs(0.95))
     set_search_threads(1)
     facts = index.describe()
+    unique = len(set(zip(np.minimum(*pairs[:2]).tolist(), np.maximum(*pairs[:2]).tolist())))
+    note = f"whole library through the lists: {unique} pairs"
+    if dup_truth is not None:
+        note += f", recall {pair_recall(pairs[0], pairs[1], dup_truth):.4f} of {len(dup_truth)}"
     return {
         "build_s": seconds,
         "recall_at_10": recall(found, truth, 10),
@@ -161,13 +194,25 @@ def bench_ivf(vectors, queries, truth, extra, codes: str = ivf_module.DEFAULT_CO
         "add_10k_s": add_s,
         "delete_10k_s": delete_s,
         "duplicates_s": dup_s,
-        "duplicates_note": f"whole library through the lists: {len(pairs[0])} pairs",
+        "duplicates_note": note,
         "codes": facts["codes"],
         "nlist": facts["nlist"],
         "nprobe": facts["nprobe"],
         "tuned_recall_at_10": facts.get("recall_at_10"),
         "code_score_error": facts.get("score_error"),
     }
+
+
+def _with_extra(source: ArraySource, n: int, extra: np.ndarray):
+    """A fetch over the library's vectors (ids 0..n-1) and ``extra`` (ids n...)."""
+
+    def fetch(wanted):
+        wanted = np.asarray(wanted, np.int64)
+        old, new = wanted[wanted < n], wanted[(wanted >= n) & (wanted < n + len(extra))]
+        found, vectors = source.vectors(old)
+        return np.concatenate([found, new]), np.vstack([vectors, extra[new - n]])
+
+    return fetch
 
 
 def bench_hnsw(vectors, queries, cap: int) -> dict:
@@ -247,18 +292,26 @@ def run_size(n: int, hnsw_cap: int, kinds: list[str]) -> dict:
     extra = ClipLike(CHANGE, seed=99).vectors()
     set_search_threads(os.cpu_count() or 1)
     _, truth = _exact(vectors).search(queries, 10)
+    dup_truth = None
+    if n <= DUP_TRUTH_MAX and any(kind.startswith("ivf") for kind in kinds):
+        seconds, dup_truth = timed(lambda: true_pairs(vectors, 0.95))
+        print(f"true pairs above 0.95: {len(dup_truth)} ({seconds:.0f}s)", flush=True)
     rows = {}
     for kind in kinds:
         started = time.perf_counter()
         if kind == "exact":
             rows[kind] = bench_exact(vectors, queries, truth, extra)
         elif kind == "ivf":  # the default codes (what a new index uses)
-            rows[kind] = bench_ivf(vectors, queries, truth, extra)
+            rows[kind] = bench_ivf(vectors, queries, truth, extra, dup_truth)
         elif kind.startswith("ivf-"):  # another code kind beside it: ivf-sq8
-            rows[kind] = bench_ivf(vectors, queries, truth, extra, codes=kind[4:])
+            rows[kind] = bench_ivf(vectors, queries, truth, extra, dup_truth, codes=kind[4:])
         elif kind == "hnsw":
             rows[kind] = bench_hnsw(vectors, queries, hnsw_cap)
-        print(f"{kind}: {time.perf_counter() - started:.0f}s", flush=True)
+        rows[kind]["peak_rss_gb"] = peak_rss_gb()
+        print(
+            f"{kind}: {time.perf_counter() - started:.0f}s, process peak {peak_rss_gb():.1f} GB",
+            flush=True,
+        )
         set_search_threads(os.cpu_count() or 1)
     return rows
 
