@@ -15,10 +15,10 @@ even when they open differently) and is one member of its group.
 Cost: one range search of the index per photo, and no model call (the vectors are in the
 library). With the ``exact`` kind that is a scan of the library per photo, O(n^2 d): about a
 minute for 100k photos on two cores. With the ``ivf`` kind each photo is compared with the
-photos of its own list and the lists whose second-nearest centroid it is
+photos of its own list and of the lists of its two nearest other centroids
 (:meth:`~indexer.store.ivf.IVFIndex.near_pairs`: near-copies share a list, or a neighbouring
-one) on vectors decoded from the codes, and candidates are re-scored exactly, so scores and
-the threshold are exact: minutes for a million photos.
+one) on its full vector read from the catalog, so scores and the threshold are exact: about
+three minutes for a million photos (``bench/bench_scale.py`` measures the pairs' recall).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from retrieval.search.filters import ImageFilter, allowed_ids, capture_time
 
 DEFAULT_THRESHOLD = 0.95
 QUERY_BATCH = 1024
+GROUP_BATCH = 2_000  # groups whose rows and vectors are read together
 
 
 @dataclass
@@ -121,9 +122,7 @@ def find_duplicates(
     for position in range(len(ids)):
         owner = owners.get(int(ids[position]), (int(ids[position]), 0.0))[0]
         components.setdefault(sets.find(position), {})[owner] = None
-    groups = [
-        _group(library, list(members)) for members in components.values() if len(members) > 1
-    ]
+    groups = _groups(library, [list(m) for m in components.values() if len(m) > 1])
     return sorted(groups, key=lambda g: (-len(g.members), g.keeper.path))
 
 
@@ -151,12 +150,29 @@ def _link_pairs(near_pairs, ids, threshold, allowed, sets: _UnionFind) -> None:
         sets.union(x, y)
 
 
-def _group(library: Library, member_ids: list[int]) -> DuplicateGroup:
-    rows = library.catalog.get_images(member_ids)
-    present = [i for i in member_ids if i in rows]
+def _groups(library: Library, member_lists: list[list[int]]) -> list[DuplicateGroup]:
+    """The groups of these member ids, their rows and vectors read for many groups at a
+    time (a million-photo library has tens of thousands of groups)."""
+    groups = []
+    for start in range(0, len(member_lists), GROUP_BATCH):
+        chunk = member_lists[start : start + GROUP_BATCH]
+        wanted = [i for members in chunk for i in members]
+        rows = library.catalog.get_images(wanted)
+        found, vectors = library.catalog.vectors([i for i in wanted if i in rows])
+        by_id = dict(zip(found.tolist(), vectors))
+        groups += [_group(present, rows, by_id) for present in _present(chunk, rows, by_id)]
+    return groups
+
+
+def _present(member_lists: list[list[int]], rows: dict, by_id: dict) -> list[list[int]]:
+    """Each group's members still in the catalog (a concurrent delete may remove some),
+    the groups that still have two."""
+    kept = [[i for i in members if i in rows and i in by_id] for members in member_lists]
+    return [members for members in kept if len(members) > 1]
+
+
+def _group(present: list[int], rows: dict, by_id: dict) -> DuplicateGroup:
     keeper = max(present, key=lambda i: _keeper_rank(rows[i]))
-    found, vectors = library.catalog.vectors(present)
-    by_id = dict(zip(found.tolist(), vectors))
     others = [i for i in present if i != keeper]
     ordered = [keeper, *sorted(others, key=lambda i: (-float(by_id[i] @ by_id[keeper]), i))]
     members = [
