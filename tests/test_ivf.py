@@ -25,7 +25,7 @@ from retrieval.search.options import SearchOptions
 from retrieval.search.ranking import rank
 from tests.clipvectors import ArraySource, ClipLike
 
-RECALL_SIZE = 40_000  # 200 lists of ~200 photos (Zipf-sized); builds in a few seconds
+RECALL_SIZE = 100_000  # the size issue 10 names: 632 lists (Zipf-sized), ~15 s to build
 
 
 @pytest.fixture(scope="module")
