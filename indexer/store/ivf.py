@@ -43,7 +43,6 @@ stamp, which is checked like every kind's.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import zlib
@@ -55,14 +54,12 @@ from typing import ClassVar, Protocol
 import faiss
 import numpy as np
 
-from indexer.errors import LibraryDamaged, LibraryError
+from indexer.errors import LibraryDamaged
 from indexer.model.identity import EMBED_DIM
-from indexer.store.vectors import save_faiss_index
+from indexer.store.vectors import check_count, read_faiss_index, save_faiss_index
 from indexer.store.vectorstore import (
-    check_stamp,
     damage_message,
     make_stamp,
-    read_stamp,
     stamp_path,
 )
 
@@ -335,26 +332,14 @@ class IVFIndex:
         """Read an index file; ``mmap`` maps its lists read-only (a query then reads only
         the lists it probes), else they are read in. See the protocol."""
         path = Path(path)
-        stamp = read_stamp(path) if verify else None
-        params = {}
-        if stamp is not None:
-            if stamp["kind"] != cls.kind:
-                raise LibraryError(f"{path} is a {stamp['kind']!r} index, not {cls.kind!r}")
-            check_stamp(path, stamp)
-            params = _stamp_params(path)
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        try:
-            index = faiss.read_index(str(path), flags)
-        except RuntimeError as exc:
-            if not path.exists():
-                raise FileNotFoundError(errno.ENOENT, "index file replaced", str(path)) from exc
-            raise LibraryDamaged(damage_message(path, str(exc).splitlines()[0][:120])) from exc
+        index, stamp = read_faiss_index(path, cls.kind, flags, verify)
+        params = _stamp_params(path) if stamp is not None else {}
         # read_index returns the concrete class (downcast_index would hand back a proxy that
         # does not own the index, freed with the one that does).
         if not isinstance(index, _INDEX_CLASSES):
             raise LibraryDamaged(damage_message(path, "not an IVF index of a known code"))
-        if stamp is not None and int(index.ntotal) != stamp["count"]:
-            raise LibraryDamaged(damage_message(path, "vector count differs from its stamp"))
+        check_count(path, index, stamp)
         if not index.is_trained:
             return cls(index.d, codes=_codes_of(index))
         if mmap:

@@ -57,24 +57,13 @@ class VectorIndex:
         (a writer replaced it) raises ``FileNotFoundError`` so the caller can look again.
         """
         path = Path(path)
-        stamp = read_stamp(path) if verify else None
-        if stamp is not None:
-            if stamp["kind"] != cls.kind:
-                raise LibraryError(f"{path} is a {stamp['kind']!r} index, not {cls.kind!r}")
-            check_stamp(path, stamp)
         # IO_FLAG_MMAP_IFC maps a flat index's vectors; IO_FLAG_MMAP alone still copies them.
         mapped = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
         flags = mapped | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        try:
-            index = faiss.read_index(str(path), flags)
-        except RuntimeError as exc:
-            if not path.exists():
-                raise FileNotFoundError(errno.ENOENT, "index file replaced", str(path)) from exc
-            raise LibraryDamaged(damage_message(path, str(exc).splitlines()[0][:120])) from exc
+        index, stamp = read_faiss_index(path, cls.kind, flags, verify)
         if not isinstance(index, faiss.IndexIDMap2):
             index = faiss.downcast_index(index)
-        if stamp is not None and int(index.ntotal) != stamp["count"]:
-            raise LibraryDamaged(damage_message(path, "vector count differs from its stamp"))
+        check_count(path, index, stamp)
         loaded = cls(index.d, index)
         loaded.mmapped = mmap
         return loaded
@@ -204,6 +193,35 @@ def save_faiss_index(path: Path, index: faiss.Index, stamp: Callable[[int, int],
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def read_faiss_index(
+    path: Path, kind: str, flags: int, verify: bool
+) -> tuple[faiss.Index, dict | None]:
+    """Read a FAISS-based kind's file: (the index, its stamp or None without ``verify``).
+
+    With ``verify`` the stamp must name ``kind`` and match the file's size (checked before
+    reading); a file FAISS cannot read is :class:`LibraryDamaged`; one that vanished (a
+    writer replaced it) raises ``FileNotFoundError`` so the caller can look again.
+    """
+    stamp = read_stamp(path) if verify else None
+    if stamp is not None:
+        if stamp["kind"] != kind:
+            raise LibraryError(f"{path} is a {stamp['kind']!r} index, not {kind!r}")
+        check_stamp(path, stamp)
+    try:
+        return faiss.read_index(str(path), flags), stamp
+    except RuntimeError as exc:
+        if not path.exists():
+            raise FileNotFoundError(errno.ENOENT, "index file replaced", str(path)) from exc
+        raise LibraryDamaged(damage_message(path, str(exc).splitlines()[0][:120])) from exc
+
+
+def check_count(path: Path, index: faiss.Index, stamp: dict | None) -> None:
+    """:class:`LibraryDamaged` when the index holds another number of vectors than its
+    stamp says."""
+    if stamp is not None and int(index.ntotal) != stamp["count"]:
+        raise LibraryDamaged(damage_message(path, "vector count differs from its stamp"))
 
 
 def _write_through_python(index: faiss.Index, handle) -> tuple[int, int]:
