@@ -26,6 +26,7 @@ from retrieval.search.filters import (
     parse_date,
     parse_formats,
     parse_size,
+    with_frames,
 )
 from retrieval.search.options import SearchOptions
 from tests.clirun import run
@@ -416,3 +417,17 @@ def test_a_folder_filter_reads_the_path_index_not_every_row(library):
         ).all()
     detail = " ".join(str(row[-1]) for row in plan)
     assert "USING" in detail and "INDEX" in detail and "(path>? AND path<?)" in detail, detail
+
+
+def test_with_frames_adds_the_frames_of_allowed_videos_and_nothing_else():
+    """A filter's allowed ids bring their videos' frames; without any (no video among them)
+    the allowed ids come back as they are (no union over a whole library per query)."""
+
+    class OneVideo:  # a catalog stand-in: video 5 is indexed as its row and frames 90, 91
+        def frame_ids_of(self, ids) -> np.ndarray:
+            return np.asarray([90, 91] if 5 in np.asarray(ids) else [], np.int64)
+
+    assert with_frames(OneVideo(), np.asarray([1, 5, 7])).tolist() == [1, 5, 7, 90, 91]
+    photos = np.asarray([1, 7], np.int64)
+    assert with_frames(OneVideo(), photos) is photos
+    assert with_frames(OneVideo(), np.asarray([7, 1, 7])).tolist() == [1, 7]

@@ -52,6 +52,7 @@ from indexer.fsutil import file_key
 from indexer.paths import ESCAPE, from_db, to_db
 from indexer.store import textindex, textsearch
 from indexer.store.catalog_reader import (  # the checks both catalog kinds share
+    ANY_FRAME,
     FRAME_COUNT,
     FRAME_IDS_OF,
     FRAME_OWNERS,
@@ -774,7 +775,11 @@ class Catalog:
         return {row[0]: (row[1], float(row[2])) for row in rows}
 
     def frame_ids_of(self, image_ids: Iterable[int]) -> np.ndarray:
-        """The ids of the frames of the given videos (their rows' own ids not included)."""
+        """The ids of the frames of the given videos (their rows' own ids not included).
+        A library without any frame answers at once, however many ids are given."""
+        with self.engine.connect() as conn:
+            if conn.exec_driver_sql(ANY_FRAME).first() is None:
+                return np.zeros(0, dtype=np.int64)
         rows = self._in_sql(FRAME_IDS_OF, image_ids)
         return np.asarray(sorted(row[0] for row in rows), dtype=np.int64)
 

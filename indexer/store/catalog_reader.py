@@ -37,6 +37,7 @@ READABLE_SCHEMAS = frozenset({3, 4, 5, 6, 7, 8, 9})
 # Video frames (schema 6), as plain SQL both catalog kinds run; "{}" is an IN (...) list.
 FRAME_OWNERS = "SELECT id, image_id, time FROM frames WHERE id IN ({})"
 FRAME_IDS_OF = "SELECT id FROM frames WHERE image_id IN ({})"
+ANY_FRAME = "SELECT 1 FROM frames LIMIT 1"
 VIDEO_FRAMES = (
     "SELECT id, frame_time AS time, vector FROM images WHERE id = ? AND kind = 'video' "
     "UNION ALL SELECT id, time, vector FROM frames WHERE image_id = ? ORDER BY time"
@@ -327,8 +328,9 @@ class CatalogReader:
         return {row[0]: (row[1], float(row[2])) for row in self._in(FRAME_OWNERS, ids)}
 
     def frame_ids_of(self, image_ids: Iterable[int]) -> np.ndarray:
-        """The ids of the frames of the given videos (their rows' own ids not included)."""
-        if not self._has_frames():
+        """The ids of the frames of the given videos (their rows' own ids not included).
+        A library without any frame answers at once, however many ids are given."""
+        if not self._has_frames() or not self._rows(ANY_FRAME):
             return np.zeros(0, dtype=np.int64)
         rows = self._in(FRAME_IDS_OF, image_ids)
         return np.asarray(sorted(row[0] for row in rows), dtype=np.int64)

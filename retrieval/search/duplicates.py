@@ -29,7 +29,7 @@ import numpy as np
 
 from indexer.store.library import Library
 from retrieval.search.errors import QueryError
-from retrieval.search.filters import ImageFilter, allowed_ids, capture_time
+from retrieval.search.filters import ImageFilter, allowed_ids, capture_time, with_frames
 
 DEFAULT_THRESHOLD = 0.95
 QUERY_BATCH = 1024
@@ -104,7 +104,7 @@ def find_duplicates(
     library.refresh()
     allowed = allowed_ids(library.catalog, spec or ImageFilter())
     if allowed is not None:  # an allowed video brings its frames
-        allowed = np.union1d(allowed, library.catalog.frame_ids_of(allowed.tolist()))
+        allowed = with_frames(library.catalog, allowed)
     ids = library.index.ids() if allowed is None else np.intersect1d(allowed, library.index.ids())
     ids = np.sort(ids)
     if len(ids) < 2:

@@ -225,6 +225,19 @@ def allowed_ids(catalog: Catalog | CatalogReader, spec: ImageFilter) -> np.ndarr
     return catalog.ids_where(*filter_sql(spec))
 
 
+def with_frames(catalog: Catalog | CatalogReader, allowed: np.ndarray) -> np.ndarray:
+    """``allowed`` (sorted ids) and the frames of its videos, sorted: the index holds a video
+    as several frames. Without a frame among them (a library without videos) ``allowed``
+    itself comes back: no union over every allowed id, per query (at 1M photos a filter
+    that keeps them all spent ~1 s a query in the frame lookup and the union)."""
+    frames = catalog.frame_ids_of(allowed)
+    if len(frames):
+        return np.union1d(allowed, frames)
+    if len(allowed) > 1 and not bool(np.all(allowed[1:] > allowed[:-1])):
+        return np.unique(allowed)
+    return allowed
+
+
 def capture_time(row: dict) -> dt.datetime:
     """A row's capture time: EXIF ``taken_at``, else its mtime as a naive local time.
 

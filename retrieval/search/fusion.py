@@ -63,7 +63,7 @@ from retrieval.search.cutoff import (
     universal_z,
 )
 from retrieval.search.errors import QueryError
-from retrieval.search.filters import allowed_ids
+from retrieval.search.filters import allowed_ids, with_frames
 from retrieval.search.options import SearchOptions
 from retrieval.search.pairs import RawPairs, fold_pairs
 from retrieval.search.query import Term
@@ -215,7 +215,7 @@ def rank_fused(
         return _words_only(library, hits, words, options, cutting, faces, allowed)
     population = len(allowed) if allowed is not None else len(library.index)
     if allowed is not None:  # an allowed video brings its frames
-        allowed = np.union1d(allowed, library.catalog.frame_ids_of(allowed.tolist()))
+        allowed = with_frames(library.catalog, allowed)
     bulk = _bulk(library, vector, population, auto, min_score)
     ids, cosines, times = _semantic(library, vector, bulk, pool, allowed)
     cosine = dict(zip(ids.tolist(), cosines.tolist()))

@@ -33,7 +33,7 @@ from retrieval.search.cutoff import (
     resolve_cutoff,
 )
 from retrieval.search.errors import QueryError
-from retrieval.search.filters import allowed_ids, capture_time
+from retrieval.search.filters import allowed_ids, capture_time, with_frames
 from retrieval.search.options import SearchOptions
 from retrieval.search.pairs import RawPairs, fold_pairs
 
@@ -77,7 +77,7 @@ def rank(
         return Ranking([], [], 0 if auto or min_score is not None else None, None)
     population = len(allowed) if allowed is not None else len(library.index)
     if allowed is not None:  # an allowed video brings its frames
-        allowed = np.union1d(allowed, library.catalog.frame_ids_of(allowed.tolist()))
+        allowed = with_frames(library.catalog, allowed)
     faces = pairs.faces(library.catalog) if pairs is not None and not options.raw_pairs else {}
     cut = combine_cutoffs(_auto(library, vector, population) if auto else None, min_score)
     if cut is None:
