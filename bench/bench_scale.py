@@ -12,7 +12,8 @@ truth: exact search over the same vectors. Per size and kind:
 - resident memory of the index (its serialised size: what a process holds) and bytes per
   photo of the index file on disk;
 - add 10k photos, delete 10k photos (index time only; the catalog's cost is the same for
-  every kind);
+  every kind); ivf: a compaction's fold of 10k added and 10k deleted into a new base (a copy
+  of the codes, the 10k encoded against the trained centroids), beside its full build;
 - duplicates at 0.95: ivf through its lists (near_pairs, whole library; at sizes up to
   ``DUP_TRUTH_MAX`` also its recall of the true pairs, from an exact range search of every
   photo); exact by range search per photo, timed on a sample and scaled to the library
@@ -173,6 +174,8 @@ def bench_ivf(
     index.attach_source(_with_extra(source, n, extra))  # no copy of the library's vectors
     add_s, _ = timed(lambda: index.add(np.arange(n, n + CHANGE), extra))
     delete_s, _ = timed(lambda: index.remove(np.arange(n, n + CHANGE)))
+    # A compaction's fold: a new base from this one with 10k added and 10k deleted.
+    fold_s, _ = timed(lambda: index.folded(np.arange(n, n + CHANGE), extra, np.arange(CHANGE)))
     index.attach_source(source.vectors)
     set_search_threads(os.cpu_count() or 1)
     dup_s, pairs = timed(lambda: index.near_pairs(0.95))
@@ -193,6 +196,7 @@ def bench_ivf(
         "bytes_per_photo": size / n,
         "add_10k_s": add_s,
         "delete_10k_s": delete_s,
+        "fold_10k_s": fold_s,
         "duplicates_s": dup_s,
         "duplicates_note": note,
         "codes": facts["codes"],
@@ -357,6 +361,7 @@ COLUMNS = [
     ("bytes_per_photo", "B/photo", "{:.0f}"),
     ("add_10k_s", "add 10k s", "{:.2f}"),
     ("delete_10k_s", "del 10k s", "{:.2f}"),
+    ("fold_10k_s", "fold 10k s", "{:.1f}"),
     ("duplicates_s", "dups s", "{:.0f}"),
 ]
 

@@ -353,7 +353,7 @@ class Collection:
         started = time.monotonic()
         with library.writing():
             manifest = library.index.manifest
-            photos = library.compact(kind)
+            photos = library.compact(kind, retrain=True)
             repage = getattr(library.catalog, "repage", None)
             catalog = repage() if repage is not None else None
         return OptimizeReport(

@@ -454,10 +454,13 @@ def test_a_node_lost_mid_run_costs_only_its_shard(ray_cluster, tmp_path):
 def test_compactions_during_a_cluster_run_build_on_the_cluster(
     ray_cluster, photo_folder, tmp_path, monkeypatch
 ):
-    """A compaction due at a shard's checkpoint (an ivf base) has its batches encoded by
-    Ray tasks while the encoding actors still hold their CPUs: no wait on each other."""
+    """A compaction due at a shard's checkpoint that trains the ivf base again (here every
+    one: a compaction that is not due for re-training folds the delta into the base, with
+    no build) has its batches encoded by Ray tasks while the encoding actors still hold
+    their CPUs: no wait on each other."""
     from PIL import Image
 
+    from indexer.store import library as library_module
     from indexer.store import segments
 
     with Collection.open(tmp_path / "library", encoder=FakeEncoder()) as photos:
@@ -467,6 +470,7 @@ def test_compactions_during_a_cluster_run_build_on_the_cluster(
     for i in range(6):
         Image.new("RGB", (80 + i, 60), (40 * i, 200 - 30 * i, 90)).save(more / f"n{i}.jpg")
     monkeypatch.setattr(segments, "COMPACT_MIN", 1)  # every checkpoint compacts
+    monkeypatch.setattr(library_module, "needs_retraining", lambda facts, count: True)
     cluster = ClusterOptions(ray_cluster.address, shard_size=2)
     with Collection.open(tmp_path / "library", encoder=FakeEncoder()) as photos:
         report = photos.index(more, IndexOptions(workers=1), cluster=cluster)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -333,20 +334,19 @@ def test_a_library_from_before_segments_opens_and_carries_on(tmp_path):
     assert os.path.exists(root / "segments.json")
 
 
-def test_an_ivf_base_under_delta_and_tombstones(tmp_path):
-    """The approximate kind as the base: tombstoned ids never come back, delta vectors are
-    found, range search and near pairs cover base + delta - tombstones exactly."""
+def _ivf_library_with_changes(root):
+    """An ivf base of 2,900 CLIP-like photos, then 100 near-copies of its first photos in the
+    delta and 60 deletions (50 from the base, 10 from the delta), checkpointed."""
     from tests.clipvectors import ClipLike
 
     vectors = ClipLike(3_000, seed=5).vectors()
-    root = tmp_path / "lib"
     library = Library.open(root, create=True)
     records = [
         ImageRecord(f"/p/{i}.jpg", 1, 1, f"{i:064x}", vectors[i], 8, 8) for i in range(2_900)
     ]
     base_ids = library.catalog.commit_batch(records)
-    assert library.compact("ivf") == 2_900 and library.index.kind == "ivf"
-    copy = vectors[:100].copy()  # near-copies of base photos arrive in the delta
+    library.compact("ivf")
+    copy = vectors[:100].copy()
     copy[:, :8] += 0.01
     copy /= np.linalg.norm(copy, axis=1, keepdims=True)
     added = _commit(
@@ -356,7 +356,24 @@ def test_an_ivf_base_under_delta_and_tombstones(tmp_path):
     library.catalog.delete_ids(dead)
     library.index.remove(np.asarray(dead))
     library.checkpoint()
-    library.close()
+    return SimpleNamespace(
+        library=library, vectors=vectors, copy=copy, added=added, dead=dead, base_ids=base_ids
+    )
+
+
+def test_an_ivf_base_under_delta_and_tombstones(tmp_path):
+    """The approximate kind as the base: tombstoned ids never come back, delta vectors are
+    found, range search and near pairs cover base + delta - tombstones exactly."""
+    root = tmp_path / "lib"
+    made = _ivf_library_with_changes(root)
+    copy, added, dead, base_ids, vectors = (
+        made.copy,
+        made.added,
+        made.dead,
+        made.base_ids,
+        made.vectors,
+    )
+    made.library.close()
     with Library.open(root, read_only=True) as reader:
         assert len(reader.index) == 2_900 + 100 - 60
         _, found = reader.index.search(copy[60:70], 1)
@@ -370,6 +387,60 @@ def test_an_ivf_base_under_delta_and_tombstones(tmp_path):
         live = [(base_ids[i], added[i]) for i in range(50, 100) if added[i] not in dead]
         assert {frozenset(p) for p in live} <= pairs  # every live photo with its copy
         assert not {i for p in pairs for i in p} & set(dead)
+
+
+def test_an_ivf_base_folds_its_delta_without_training_again(tmp_path, monkeypatch):
+    """A compaction of an ivf base encodes the delta against the trained centroids (its cost
+    follows the change): same centroids, same build report, the live photos exactly."""
+    from indexer.store import ivf
+
+    root = tmp_path / "lib"
+    made = _ivf_library_with_changes(root)
+    library, copy, added, dead = made.library, made.copy, made.added, made.dead
+    before = library.index.base
+    centroids, params = ivf._centroids(before.index).copy(), dict(before.params)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a fold trains nothing")
+
+    monkeypatch.setattr(ivf.IVFIndex, "build", no_training)
+    monkeypatch.setattr(ivf.IVFIndex, "train", no_training)
+    assert library.compact() == 2_900 + 100 - 60
+    library.close()
+    with Library.open(root, read_only=True) as reader:
+        base = reader.index.base
+        assert read_manifest(root).rows == 0 and base.kind == "ivf"
+        assert np.array_equal(ivf._centroids(base.index), centroids)
+        assert base.params == params
+        assert sorted(base.ids().tolist()) == sorted(reader.catalog.ids().tolist())
+        assert not set(base.ids().tolist()) & set(dead)
+        _, found = reader.index.search(copy[60:70], 1)
+        assert list(found[:, 0]) == added[60:70]  # folded delta vectors find themselves
+
+
+def test_an_ivf_base_due_for_retraining_or_optimized_is_built_again(tmp_path, monkeypatch):
+    """Past the growth that calls for new centroids, and under `clipdex optimize` (retrain),
+    a compaction trains again from the catalog."""
+    from indexer.store import ivf, kindchoice
+
+    root = tmp_path / "lib"
+    library = _ivf_library_with_changes(root).library
+    builds = []
+    real_build = ivf.IVFIndex.build.__func__
+
+    def counted(cls, *args, **kwargs):
+        builds.append(1)
+        return real_build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ivf.IVFIndex, "build", classmethod(counted))
+    library.compact()
+    assert builds == []  # folded
+    library.compact(retrain=True)
+    assert builds == [1]
+    monkeypatch.setattr(kindchoice, "RETRAIN_GROWTH", 0.5)  # 2,940 live > 0.5 x 2,940
+    library.compact()
+    assert builds == [1, 1]
+    library.close()
 
 
 def test_info_reads_no_vector(tmp_path):

@@ -370,6 +370,23 @@ class IVFIndex:
         copy.attach_source(self._fetch)
         return copy
 
+    def folded(
+        self, add_ids: np.ndarray, add_vectors: np.ndarray, dead_ids: np.ndarray
+    ) -> IVFIndex:
+        """A new store: this one's lists (copied: this one is left as it is, and searches
+        on it go on) without ``dead_ids`` and with the vectors added, encoded against the
+        same centroids. No training, no tuning: the cost follows the change (a compaction
+        of a big library; re-training is :func:`~indexer.store.kindchoice.needs_retraining`'s
+        call, which reads ``built_for``, kept here like the rest of the build report)."""
+        if self.index is None:
+            copy = IVFIndex(self.dim, codes=self.codes)
+        else:
+            copy = IVFIndex(self.dim, _writable_copy(self.index), self.params, self.codes)
+        copy.attach_source(self._fetch)
+        copy.remove(np.asarray(dead_ids, np.int64))
+        copy.add(np.asarray(add_ids, np.int64), add_vectors)
+        return copy
+
     def _make_writable(self) -> None:
         if self.mmapped:
             self.index, self.mmapped = _writable_copy(self.index), False

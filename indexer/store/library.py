@@ -53,6 +53,7 @@ from indexer.errors import LibraryDamaged, LibraryError, LibraryLocked, ModelMis
 from indexer.fsutil import file_key
 from indexer.model.identity import EMBED_DIM, ModelIdentity
 from indexer.store.background import draw_sample, sample_path
+from indexer.store.kindchoice import needs_retraining
 from indexer.store.segments import (
     MANIFEST_FILE,
     Manifest,
@@ -384,12 +385,18 @@ class Library:
         if not path.exists() and draw_sample(path, self.index.base, self.catalog.vectors):
             self.index.look_for_sample(path)
 
-    def compact(self, kind: str | None = None) -> int:
+    def compact(self, kind: str | None = None, retrain: bool = False) -> int:
         """Fold base, delta and tombstones into one new base file of ``kind`` (default: the
-        base's kind), built from the catalog's vectors the kind's way
+        base's kind); returns how many it holds.
+
+        A base that can fold (ivf) and is not due for re-training
+        (:func:`~indexer.store.kindchoice.needs_retraining`) takes the delta into a copy of
+        itself, encoded against its trained centroids: the cost follows the change, not the
+        library. Otherwise, or with ``retrain`` (``clipdex optimize``, a switch of kind), the
+        index is built from the catalog's vectors the kind's way
         (:func:`~indexer.store.vectorstore.build_store`: an ivf index trains again on what
-        the library holds now); returns how many it holds. With :attr:`part_encoder` set
-        (a cluster run), an ivf build's batches are encoded there and merged here.
+        the library holds now). With :attr:`part_encoder` set (a cluster run), an ivf
+        build's batches are encoded there and merged here.
 
         Readers in other processes go on searching the previous files meanwhile and pick
         the new checkpoint up on their next refresh; a crash before the new manifest is in
@@ -397,9 +404,22 @@ class Library:
         the next checkpoint). A writer's job: hold the lock.
         """
         kind = kind or self.index.kind
-        store = build_store(kind, self.catalog, self.index.dim, parts=self.part_encoder)
+        store = None if retrain or kind != self.index.kind else self._folded_base()
+        if store is None:
+            store = build_store(kind, self.catalog, self.index.dim, parts=self.part_encoder)
         self._install_base(store)
         return len(store)
+
+    def _folded_base(self) -> VectorStore | None:
+        """The index folded into a new base by its own kind (see :meth:`compact`), or None
+        when its kind cannot fold or it is due for re-training."""
+        facts = {"kind": self.index.kind, **self.index.params}
+        if needs_retraining(facts, len(self.index)):
+            return None
+        store = self.index.folded()
+        if store is not None:
+            attach_source(store, self.catalog.vectors)
+        return store
 
     def _install_base(self, store: VectorStore) -> None:
         """Save ``store`` as the new base (a never-used file name), then the manifest that
@@ -441,8 +461,8 @@ class Library:
 
     def rebuild_index(self, kind: str | None = None) -> int:
         """Build the index again from the catalog's vectors alone (no model call), as
-        ``kind`` (default: the same kind); returns its size."""
-        return self.compact(kind)
+        ``kind`` (default: the same kind), trained again; returns its size."""
+        return self.compact(kind, retrain=True)
 
     # -- writer lock --------------------------------------------------------------------
     def acquire_lock(self) -> None:

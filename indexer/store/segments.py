@@ -132,9 +132,7 @@ class SegmentedStore:
     as *pending* until :meth:`flush` appends them to the files.
     """
 
-    def __init__(
-        self, base: VectorStore, manifest: Manifest, sample: Path | None = None
-    ) -> None:
+    def __init__(self, base: VectorStore, manifest: Manifest, sample: Path | None = None) -> None:
         """``sample``: the base's background sample file (:mod:`.background`), if any."""
         self.base = base
         self.dim = base.dim
@@ -287,6 +285,21 @@ class SegmentedStore:
         attach = getattr(self.base, "attach_source", None)
         if attach is not None:
             attach(fetch)
+
+    def folded(self) -> VectorStore | None:
+        """A new base holding what this store holds live (base + delta - tombstones), made
+        by the base's kind from the base itself (``folded``: ivf encodes only the delta,
+        against its trained centroids); None for a kind that cannot (it is built again)."""
+        fold = getattr(self.base, "folded", None)
+        if fold is None:
+            return None
+        ids = self.delta.ids()
+        vectors = (
+            np.vstack([self.delta.reconstruct(int(i)) for i in ids])
+            if len(ids)
+            else np.zeros((0, self.dim), np.float32)
+        )
+        return fold(ids, vectors, self._dead)
 
     def describe(self) -> dict:
         """What `clipdex info` shows: the base's own facts, the live count, and the delta
