@@ -339,9 +339,10 @@ class Collection:
 
     def optimize(self, kind: str | None = None) -> OptimizeReport:
         """Fold the vector index's delta (photos added since) and tombstones (photos
-        removed since) into one new base file now, built from the catalog's vectors, of
-        ``kind`` (default: the index's own). Checkpoints do this by themselves past a
-        threshold; searches in other processes go on meanwhile. Holds the writer lock.
+        removed since) into one new base file now, built (an ivf index trained) again from
+        the catalog's vectors, of ``kind`` (default: the index's own). Checkpoints compact by
+        themselves past a threshold (an ivf base by folding: no training); searches in
+        other processes go on meanwhile. Holds the writer lock.
 
         Then a catalog made with SQLite's smaller pages (before 32 KiB pages were the
         default) is rebuilt with 32 KiB ones, ~40 % smaller

@@ -782,8 +782,9 @@ def failures(library: LibraryOpt = None, json_out: JsonOpt = False) -> None:
 
 @cli_command
 def optimize(library: LibraryOpt = None, json_out: JsonOpt = False) -> None:
-    """Fold the index's recent changes into one base file now (searches go on meanwhile);
-    a catalog from before 32 KiB pages is rebuilt with them (~40 % smaller), once."""
+    """Rebuild the index into one base file now (an ivf index trains again on what the
+    library holds; searches go on meanwhile); a catalog from before 32 KiB pages is rebuilt
+    with them (~40 % smaller), once."""
     with open_collection(library) as photos:
         report = photos.optimize()
     if json_out:
