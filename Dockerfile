@@ -4,7 +4,8 @@
 #
 # CPU-only torch comes from PyTorch's own index first, so pip does not pull the
 # multi-gigabyte CUDA wheels; the project is then installed (not editable) with its
-# `torch` extra, which also brings open_clip, timm and the ONNX exporter.
+# `torch` extra, which also brings open_clip, timm and the ONNX exporter, and its `s3`
+# extra (pyarrow's file systems: `clipdex index s3://...` / `gs://...` in the container).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -22,9 +23,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY indexer ./indexer
 COPY retrieval ./retrieval
-RUN pip install ".[torch]" \
+RUN pip install ".[torch,s3]" \
     && clipdex serve --help > /dev/null \
-    && python -c "import cv2, rapidocr_onnxruntime" \
+    && python -c "import cv2, rapidocr_onnxruntime, pyarrow.fs" \
     && python -c "import retrieval.server, importlib.resources as r; \
 assert (r.files('retrieval.server') / 'web' / 'index.html').is_file()"
 

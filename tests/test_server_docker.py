@@ -76,8 +76,10 @@ def test_compose_volumes_healthcheck_and_port(compose):
 
 
 def test_dockerfile_installs_the_project_and_runs_the_same_command(dockerfile, compose):
-    assert re.search(r'pip install "\.\[torch\]"', dockerfile)
+    assert re.search(r'pip install "\.\[torch,s3\]"', dockerfile)  # s3: bucket URIs
     assert "torch" in metadata.metadata("clipdex").get_all("Provides-Extra")
+    pyproject = (REPO / "pyproject.toml").read_text()  # (tomllib: Python 3.11+)
+    assert re.search(r"^s3 = \[", pyproject, re.MULTILINE)  # the extra the image installs
     for source in re.findall(r"^COPY (\S+)", dockerfile, re.MULTILINE):
         assert (REPO / source).exists(), source
     ignored = (REPO / ".dockerignore").read_text().split()
