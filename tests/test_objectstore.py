@@ -211,7 +211,9 @@ def test_search_shows_the_uri_and_the_server_streams_the_object(
             if h["path"].endswith("/sub/clip.mp4")
         )
         video = http.get(f"/api/images/{clip['id']}/file")
-        assert video.content == (folder / "sub" / "clip.mp4").read_bytes()
+        whole = (folder / "sub" / "clip.mp4").read_bytes()
+        assert video.content == whole and video.headers["accept-ranges"] == "bytes"
+        _check_object_ranges(http, f"/api/images/{clip['id']}/file", whole)
         frame = http.get(f"/api/images/{clip['id']}/thumbnail", params={"size": 128, "t": 0.5})
         assert frame.status_code == 200 and Image.open(io.BytesIO(frame.content)).format == "JPEG"
 
@@ -220,6 +222,24 @@ def test_search_shows_the_uri_and_the_server_streams_the_object(
         s3_env.client.put_object(Bucket=BUCKET, Key=target.split("/", 3)[3], Body=other.getvalue())
         changed = http.get(f"/api/images/{hit['id']}/file")
         assert changed.status_code == 404 and changed.json()["error"]["code"] == "file_changed"
+
+
+def _check_object_ranges(http, url: str, whole: bytes) -> None:
+    """A video from the bucket answers byte ranges (206, from a seek) like a file does."""
+    size = len(whole)
+    for asked, start, end in (("100-1099", 100, 1100), ("-50", size - 50, size), ("7-", 7, size)):
+        part = http.get(url, headers={"Range": f"bytes={asked}"})
+        assert part.status_code == 206 and part.content == whole[start:end]
+        assert part.headers["content-range"] == f"bytes {start}-{end - 1}/{size}"
+        assert int(part.headers["content-length"]) == end - start
+    several = http.get(url, headers={"Range": "bytes=0-9,20-29"})
+    assert several.status_code == 200 and several.content == whole  # several: the whole
+    outside = http.get(url, headers={"Range": f"bytes={size}-"})
+    assert outside.status_code == 416 and outside.headers["content-range"] == f"bytes */{size}"
+    assert outside.json()["error"]["code"] == "range_not_satisfiable"
+    malformed = http.get(url, headers={"Range": "pages=1-2"})
+    assert malformed.status_code == 400
+    assert "bytes=START-END" in malformed.json()["error"]["message"]
 
 
 def free_port() -> int:

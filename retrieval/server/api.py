@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse
 from PIL import Image
 
 from indexer.paths import display
@@ -26,9 +26,8 @@ from retrieval.server.originals import (
     CataloguedFileResponse,
     RangeCheckedFileResponse,
     is_object,
-    object_chunks,
+    object_video_response,
     open_catalogued,
-    open_object,
     read_object,
 )
 from retrieval.server.refine import Options, page_fields
@@ -196,7 +195,7 @@ def _jsonable(value):
     response_class=FileResponse,
     responses={200: {"content": {"image/*": {}}}, **errors(404, 422, 503)},
 )
-def image_file(state: State, image_id: ImageId) -> FileResponse:
+def image_file(request: Request, state: State, image_id: ImageId) -> Response:
     """The original file, with the content type of what was decoded when it was indexed.
     Range requests are answered (206), so a browser plays a video from any moment.
 
@@ -212,11 +211,10 @@ def image_file(state: State, image_id: ImageId) -> FileResponse:
             "Cache-Control": "private, max-age=3600",
             "Content-Disposition": f"inline; filename*=utf-8''{quote(name)}",
         }
-        if row.get("kind") == "video":  # streamed, never held whole
-            handle = open_object(row, state.queue_reindex)
-            headers["Content-Length"] = str(row["size"])
-            chunks = object_chunks(handle)
-            return StreamingResponse(chunks, media_type=media_type(row), headers=headers)
+        if row.get("kind") == "video":  # streamed, never held whole; Range from a seek
+            return object_video_response(
+                request, row, media_type(row), headers, state.queue_reindex
+            )
         data = read_object(row, state.queue_reindex)  # checked against the catalogued hash
         return Response(data, media_type=media_type(row), headers=headers)
     fd, stat = open_catalogued(row, state.queue_reindex)
@@ -253,8 +251,12 @@ def thumbnail(
     size: Annotated[ThumbnailSize, Query(description="Longest side in pixels.")] = 256,
     t: Annotated[
         float | None,
-        Query(ge=0, le=10**7, description="Videos: the frame at this second [default: the "
-              "frame the video's row holds]. Ignored for photos."),
+        Query(
+            ge=0,
+            le=10**7,
+            description="Videos: the frame at this second [default: the "
+            "frame the video's row holds]. Ignored for photos.",
+        ),
     ] = None,
 ) -> Response:
     """A JPEG thumbnail (EXIF orientation applied; of a video, one frame, rotation applied),

@@ -32,7 +32,12 @@ from collections.abc import Callable, Iterator
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
+from starlette.responses import (
+    FileResponse,
+    MalformedRangeHeader,
+    RangeNotSatisfiable,
+    StreamingResponse,
+)
 from starlette.types import Receive, Scope, Send
 
 from indexer.fsutil import file_key
@@ -129,13 +134,60 @@ def open_object(row: dict, on_changed: OnChanged | None = None):
     raise exc
 
 
-def object_chunks(handle, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """An open object's bytes in chunks (a streamed response), closing it at the end."""
+def object_video_response(
+    request: Request, row: dict, media_type: str, headers: dict, on_changed: OnChanged | None
+) -> StreamingResponse:
+    """A video indexed from object storage, streamed, never held whole (see
+    :func:`open_object`): one byte ``Range`` is answered 206 from a seek, so a player starts
+    anywhere without the bytes before; several ranges, or none, get the whole object. A
+    Range Starlette would refuse is the same JSON error as for a file (400 / 416)."""
+    size = int(row["size"])
+    handle = open_object(row, on_changed)
+    headers = {**headers, "Accept-Ranges": "bytes", "Content-Length": str(size)}
+    http_range = request.headers.get("range")
+    ranges, refused = parse_range(request, http_range, size) if http_range else ([], None)
+    if refused is not None:
+        handle.close()
+        return refused
+    if len(ranges) != 1:
+        return StreamingResponse(object_chunks(handle), media_type=media_type, headers=headers)
+    start, end = ranges[0]  # end exclusive
+    handle.seek(start)
+    headers["Content-Length"] = str(end - start)
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    chunks = object_chunks(handle, end - start)
+    return StreamingResponse(chunks, 206, media_type=media_type, headers=headers)
+
+
+def object_chunks(handle, limit: int | None = None, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """An open object's bytes in chunks (a streamed response), at most ``limit`` of them,
+    closing it at the end."""
+    left = limit
     try:
-        while data := handle.read(chunk):
+        while left is None or left > 0:
+            data = handle.read(chunk if left is None else min(chunk, left))
+            if not data:
+                break
+            if left is not None:
+                left -= len(data)
             yield data
     finally:
         handle.close()
+
+
+def parse_range(request: Request, http_range: str, size: int):
+    """(the byte ranges asked for, [(start, end exclusive)]; [] for more than Starlette
+    serves, None) or (None, the JSON error refusing the header: 400 ``bad_request``, 416
+    with ``Content-Range``)."""
+    try:
+        return FileResponse._parse_range_header(http_range, size), None
+    except MalformedRangeHeader as exc:
+        message = f"{exc.content or 'malformed Range header'}: use bytes=START-END"
+        return None, error_response(request, 400, "bad_request", message)
+    except RangeNotSatisfiable:
+        message = f"the Range is outside the file's {size} bytes"
+        headers = {"Content-Range": f"bytes */{size}"}
+        return None, error_response(request, 416, "range_not_satisfiable", message, headers)
 
 
 def serving_path(row: dict) -> str:
@@ -234,17 +286,7 @@ class RangeCheckedFileResponse(FileResponse):
         if_range = headers.get("if-range")
         if if_range is not None and not self._should_use_range(if_range):
             return None  # the whole file is sent
-        size = self.stat_result.st_size
-        try:
-            self._parse_range_header(http_range, size)
-        except MalformedRangeHeader as exc:
-            message = f"{exc.content or 'malformed Range header'}: use bytes=START-END"
-            return error_response(Request(scope), 400, "bad_request", message)
-        except RangeNotSatisfiable:
-            message = f"the Range is outside the file's {size} bytes"
-            headers = {"Content-Range": f"bytes */{size}"}
-            return error_response(Request(scope), 416, "range_not_satisfiable", message, headers)
-        return None
+        return parse_range(Request(scope), http_range, self.stat_result.st_size)[1]
 
 
 class CataloguedFileResponse(RangeCheckedFileResponse):
