@@ -148,20 +148,35 @@ def test_a_folder_with_a_video_gets_the_same_ids_on_the_cluster(ray_cluster, sce
 
 def test_a_moved_photo_takes_its_vector_on_the_coordinator(ray_cluster, photo_folder, tmp_path):
     """A renamed photo is a known content: it takes its catalogued vector before the
-    cluster is asked (nothing encoded), as a local run does."""
+    cluster is asked (nothing encoded), as a local run does, and is written where a local
+    run writes it (in discovery order among the new files): the same ids."""
+    from PIL import Image
+
     cluster = ClusterOptions(ray_cluster.address, shard_size=2, encoder_source=FakeEncoder())
     options = IndexOptions(workers=1)
-    old, new = photo_folder / "photo_1.jpg", photo_folder / "moved.jpg"
-    with Collection.open(tmp_path / "ray", encoder=FakeEncoder()) as photos:
-        photos.index(photo_folder, options, cluster=cluster)
-        before, _ = library_rows(tmp_path / "ray")
-        old.rename(new)
-        report = photos.index(photo_folder, options, cluster=cluster)
+    runs = {"local": None, "ray": cluster}
+    for name, where in runs.items():
+        with Collection.open(tmp_path / name, encoder=FakeEncoder()) as photos:
+            photos.index(photo_folder, options, cluster=where)
+    before, _ = library_rows(tmp_path / "ray")
+    old, new = photo_folder / "photo_1.jpg", photo_folder / "photo_3b.jpg"
+    old.rename(new)  # now between photo_3 and photo_4, after a new photo_0b
+    for number, name in enumerate(("photo_0b.jpg", "photo_9.jpg")):
+        Image.new("RGB", (90, 70 + number), (30, 160, 90 * number)).save(photo_folder / name)
+    reports = {}
+    for name, where in runs.items():
+        with Collection.open(tmp_path / name, encoder=FakeEncoder()) as photos:
+            reports[name] = photos.index(photo_folder, options, cluster=where)
     after, _ = library_rows(tmp_path / "ray")
-    assert (report.indexed, report.reused, report.failed) == (0, 1, 0)
-    assert str(old) not in after and len(after) == len(before)
+    local, _ = library_rows(tmp_path / "local")
+    for report in reports.values():
+        assert (report.indexed, report.reused, report.failed) == (2, 1, 0)
+    assert str(old) not in after and len(after) == len(before) + 2
     assert after[str(new)][1] == before[str(old)][1]  # the same content (hash)
     np.testing.assert_array_equal(after[str(new)][-1], before[str(old)][-1])
+    assert {path: row[0] for path, row in after.items()} == {
+        path: row[0] for path, row in local.items()
+    }
 
 
 def test_cluster_indexes_a_bucket_as_a_local_run_indexes_the_folder(

@@ -35,7 +35,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,7 @@ def index_on_cluster(
         try:
             if todo:
                 _run_on_cluster(ray, todo, make_encoder, options, cluster, shards, sink)
+            sink.write_known_until(None)  # known files after the last one of the cluster
             # Every shard's rows are committed: the shards go before a long index build.
             clear_shards(shards)
             finish_run(library, writer, report, options, started)
@@ -178,8 +179,9 @@ def _reuse_moved(
     sink: Committer,
 ) -> list[FoundFile]:
     """Files whose content the catalog already has (a moved or renamed photo) take its
-    vector here, as a local run does, instead of going to the cluster. Only files as large
-    as a vanished row are hashed: a move keeps the size."""
+    vector here, as a local run does, instead of going to the cluster; ``sink`` writes them
+    in discovery order among the cluster's files. Only files as large as a vanished row are
+    hashed: a move keeps the size."""
     sizes = {state.size for state in library.catalog.file_states_at(list(vanished)).values()}
     if not sizes:
         return todo
@@ -197,7 +199,9 @@ def _reuse_moved(
             continue
         fields, vector = known
         item = Outcome(found, sha256, fields=dict(fields), vector=vector)
-        write_known(item, sink.writer, sink.report, sink.progress)  # or fails it
+        # Written where a local run writes it: before the file that follows it in
+        # discovery order (its seq in the cluster's work list), so the ids are the same.
+        sink.known.append((len(rest), item))
     return rest
 
 
@@ -566,10 +570,16 @@ class Committer:
     writer: _Writer
     report: IndexReport
     progress: Progress
+    # (seq of the cluster's file it goes before, item): known contents, in discovery order
+    known: list[tuple[int, Outcome]] = field(default_factory=list)
 
     def commit(self, rows: list[dict], *, resumed: bool = False) -> None:
-        """One shard's rows in ONE checkpoint (catalog transaction, then the index)."""
+        """One shard's rows in ONE checkpoint (catalog transaction, then the index); the
+        known files due before each row are written before it (not for a resumed shard:
+        its rows are from another run's work list)."""
         for row in sorted(rows, key=lambda row: row["seq"]):
+            if not resumed:
+                self.write_known_until(row["seq"])
             found = FoundFile(
                 row["path"],
                 row["size"],
@@ -588,6 +598,12 @@ class Committer:
                     nodes[row["node"]] = nodes.get(row["node"], 0) + 1
             self.progress.advance()
         self.writer.checkpoint()
+
+    def write_known_until(self, seq: int | None) -> None:
+        """Write the known files due before the cluster's file ``seq`` (None: all left)."""
+        while self.known and (seq is None or self.known[0][0] <= seq):
+            _, item = self.known.pop(0)
+            write_known(item, self.writer, self.report, self.progress)  # or fails it
 
     def _fail(self, found: FoundFile, reason: str) -> None:
         self.writer.fail(found, reason)
