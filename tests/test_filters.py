@@ -431,3 +431,86 @@ def test_with_frames_adds_the_frames_of_allowed_videos_and_nothing_else():
     photos = np.asarray([1, 7], np.int64)
     assert with_frames(OneVideo(), photos) is photos
     assert with_frames(OneVideo(), np.asarray([7, 1, 7])).tolist() == [1, 7]
+
+
+# The date rule as the catalog's SQL wrote it before schema 10 (a scan of every row): the
+# index ranges must select the same rows.
+_JULIAN = (
+    "coalesce(julianday(images.taken_at), "
+    "julianday(images.mtime_ns / 1000000000.0, 'unixepoch', 'localtime'))"
+)
+
+
+def test_date_filters_are_ranges_of_the_capture_index_and_select_what_the_rule_says(library):
+    """`--after`/`--before` read the capture index (EXIF time, else mtime: schema 10), not
+    every row, and keep exactly the rows whose capture time (EXIF, else the local mtime) is
+    in range, checked against the rule written as a scan."""
+    rng = np.random.default_rng(7)
+    v = vectors(300, seed=3)
+    start = dt.datetime(2009, 1, 1)
+    records = []
+    for i in range(300):
+        when = start + dt.timedelta(days=float(rng.uniform(0, 15 * 365)))
+        exif = {"taken_at": when} if i % 3 else {}  # a third have only their mtime
+        mtime = when if not exif else when + dt.timedelta(days=400)  # copied later
+        records.append(record(f"/p/{i}.jpg", v[i], mtime=mtime, **exif))
+    store(library, records)
+    catalog = library.catalog
+    for after, before in ((2012, None), (None, 2015), (2013, 2014), (2016, 2022)):
+        spec = ImageFilter(
+            after=dt.datetime(after, 3, 1) if after else None,
+            before=dt.datetime(before, 7, 1) if before else None,
+        )
+        terms, params = [], []
+        if spec.after:
+            terms.append(f"{_JULIAN} >= julianday(?)")
+            params.append(spec.after.isoformat(sep=" "))
+        if spec.before:
+            terms.append(f"{_JULIAN} < julianday(?)")
+            params.append(spec.before.isoformat(sep=" "))
+        want = catalog.ids_where(" AND ".join(terms), params)
+        assert 0 < len(want) < 300
+        assert np.array_equal(allowed_ids(catalog, spec), want)
+        where, params = filter_sql(spec)
+        with catalog.engine.connect() as conn:
+            plan = conn.exec_driver_sql(
+                f"EXPLAIN QUERY PLAN SELECT id FROM images WHERE {where}", tuple(params)
+            ).all()
+        detail = " ".join(str(row[-1]) for row in plan)
+        assert "ix_images_capture" in detail and "SCAN images" not in detail, detail
+
+
+def test_kind_photo_in_a_library_without_videos_filters_nothing(library):
+    """Every row is a photo: `--kind photo` alone lets everything through without listing
+    the library's ids (a video makes it a real filter again)."""
+    v = vectors(3)
+    store(library, [record("/p/a.jpg", v[0]), record("/p/b.jpg", v[1])])
+    assert allowed_ids(library.catalog, ImageFilter(kind="photo")) is None
+    both = ImageFilter(kind="photo", formats=("JPEG",))
+    assert len(allowed_ids(library.catalog, both)) == 2
+    store(library, [record("/p/c.mp4", v[2], format="MP4", kind="video")])
+    photos = allowed_ids(library.catalog, ImageFilter(kind="photo"))
+    assert photos is not None and len(photos) == 2
+
+
+def test_a_catalog_from_schema_9_gets_the_capture_index(tmp_path):
+    import sqlite3
+
+    from indexer.store.catalog import SCHEMA_VERSION
+
+    root = tmp_path / "lib"
+    with Library.open(root, create=True) as lib:
+        store(lib, [record("/p/a.jpg", vectors(1)[0], taken_at=dt.datetime(2020, 1, 1))])
+    path = Library.catalog_path(root)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP INDEX ix_images_capture")
+        conn.execute("UPDATE meta SET value = '9' WHERE key = 'schema_version'")
+    conn.close()
+    with Library.open(root) as lib:
+        assert lib.catalog.get_meta("schema_version") == str(SCHEMA_VERSION) == "10"
+        spec = ImageFilter(after=dt.datetime(2019, 1, 1))
+        assert len(allowed_ids(lib.catalog, spec)) == 1
+    with sqlite3.connect(path) as conn:
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    conn.close()
+    assert "ix_images_capture" in names

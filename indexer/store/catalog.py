@@ -53,6 +53,8 @@ from indexer.paths import ESCAPE, from_db, to_db
 from indexer.store import textindex, textsearch
 from indexer.store.catalog_reader import (  # the checks both catalog kinds share
     ANY_FRAME,
+    ANY_VIDEO,
+    CAPTURE_INDEX_DDL,
     FRAME_COUNT,
     FRAME_IDS_OF,
     FRAME_OWNERS,
@@ -69,7 +71,7 @@ from indexer.store.catalog_reader import (  # the checks both catalog kinds shar
 from indexer.store.rawindex import RAW_FILES_SQL, RAW_INDEX_DDL
 from indexer.store.textsearch import TextHit, TextTerm
 
-SCHEMA_VERSION = 9  # == len(MIGRATIONS)
+SCHEMA_VERSION = 10  # == len(MIGRATIONS)
 # SQLite page size of a new catalog. An images row is ~2.2-2.4 KB (its 512-d float32 vector
 # is 2,048 bytes), so SQLite's default 4 KiB page holds one row and ~1.7 KB of nothing: ~4.2
 # KB a photo. A 16 KiB page holds six or seven (2.7 KB a photo for a 2.37 KB row), 32 KiB
@@ -291,6 +293,12 @@ def _migration_9(conn: Connection) -> None:
     conn.exec_driver_sql(VIDEO_INDEX_DDL)
 
 
+def _migration_10(conn: Connection) -> None:
+    """An index of the capture time (EXIF time, then mtime): a date filter reads the rows in
+    its range instead of every row. Creating it reads the table once."""
+    conn.exec_driver_sql(CAPTURE_INDEX_DDL)
+
+
 def _common_root(conn: Connection) -> list[str]:
     """The folder every catalogued path lies in (the common folder of the least and greatest
     path is everyone's), as the one known root of a library from before schema 7."""
@@ -312,6 +320,7 @@ MIGRATIONS = [
     _migration_7,
     _migration_8,
     _migration_9,
+    _migration_10,
 ]
 
 IMAGE_FIELDS = (
@@ -873,10 +882,12 @@ class Catalog:
         plain SQL so that any reader of the file (this one or a bare ``sqlite3`` one) can
         run it. Never format user text into ``where``; bind it.
         """
-        sql = f"SELECT id FROM images WHERE {where} ORDER BY id"
+        # Sorted here, not by ORDER BY id: that would have SQLite walk the table in id order
+        # rather than answer from an index (a date range, a folder) and sort what it found.
+        sql = f"SELECT id FROM images WHERE {where}"
         with self.engine.connect() as conn:
             rows = conn.exec_driver_sql(sql, tuple(params)).all()
-        return np.asarray([row[0] for row in rows], dtype=np.int64)
+        return np.sort(np.asarray([row[0] for row in rows], dtype=np.int64))
 
     def raw_files(self) -> list[tuple[int, str]]:
         """(id, path) of every camera RAW file in the library, through the partial index
@@ -927,6 +938,11 @@ class Catalog:
     def has_tags(self) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(select(tags.c.image_id).limit(1)).first() is not None
+
+    def has_videos(self) -> bool:
+        """Whether any row is a video (through the videos' partial index: at once)."""
+        with self.engine.connect() as conn:
+            return conn.exec_driver_sql(ANY_VIDEO).first() is not None
 
     def tags_for(self, ids: Iterable[int]) -> dict[int, list[tuple[str, float]]]:
         """Stored (label, score) pairs of the given images, best first; untagged ids absent."""

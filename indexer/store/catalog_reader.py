@@ -33,7 +33,7 @@ from indexer.store.textsearch import TextHit, TextTerm
 
 # Schema versions whose tables this reader's SQL was checked against (the catalog's
 # SCHEMA_VERSION must be one of them: tests/test_catalog_reader.py says so).
-READABLE_SCHEMAS = frozenset({3, 4, 5, 6, 7, 8, 9})
+READABLE_SCHEMAS = frozenset({3, 4, 5, 6, 7, 8, 9, 10})
 # Video frames (schema 6), as plain SQL both catalog kinds run; "{}" is an IN (...) list.
 FRAME_OWNERS = "SELECT id, image_id, time FROM frames WHERE id IN ({})"
 FRAME_IDS_OF = "SELECT id FROM frames WHERE image_id IN ({})"
@@ -49,6 +49,10 @@ _IMAGES_BEFORE_VIDEOS = "(SELECT *, 'photo' AS kind FROM images) AS images"
 # of them, and `--kind video`, read only the videos' entries, not every row.
 VIDEO_INDEX_DDL = "CREATE INDEX IF NOT EXISTS ix_images_video ON images(id) WHERE kind = 'video'"
 VIDEO_COUNT = "SELECT count(*) FROM images WHERE kind = 'video'"
+ANY_VIDEO = "SELECT 1 FROM images WHERE kind = 'video' LIMIT 1"
+# Date filters (retrieval/search/filters.py) are ranges of this index (schema 10): the EXIF
+# time, and the mtime of the rows without one.
+CAPTURE_INDEX_DDL = "CREATE INDEX IF NOT EXISTS ix_images_capture ON images(taken_at, mtime_ns)"
 FRAME_COUNT = "SELECT count(*) FROM frames"
 SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 10, 11, 13, 26  # primary codes
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -399,8 +403,8 @@ class CatalogReader:
         The same contract as :meth:`indexer.store.catalog.Catalog.ids_where`.
         """
         source = "images" if self._has_kinds() else _IMAGES_BEFORE_VIDEOS
-        rows = self._rows(f"SELECT id FROM {source} WHERE {where} ORDER BY id", params)
-        return np.asarray([row[0] for row in rows], dtype=np.int64)
+        rows = self._rows(f"SELECT id FROM {source} WHERE {where}", params)  # see the catalog's
+        return np.sort(np.asarray([row[0] for row in rows], dtype=np.int64))
 
     def raw_files(self) -> list[tuple[int, str]]:
         """(id, path) of every camera RAW file (the same contract as the catalog's)."""
@@ -422,6 +426,10 @@ class CatalogReader:
     # -- tags -----------------------------------------------------------------------------
     def has_tags(self) -> bool:
         return bool(self._rows("SELECT image_id FROM tags LIMIT 1"))
+
+    def has_videos(self) -> bool:
+        """Whether any row is a video (through the videos' partial index: at once)."""
+        return self._has_kinds() and bool(self._rows(ANY_VIDEO))
 
     def tag_counts(self) -> list[tuple[str, int]]:
         """Every stored label with the number of images carrying it, most frequent first."""
