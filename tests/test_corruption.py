@@ -364,11 +364,11 @@ def test_disk_full_in_the_catalog_commit_keeps_the_previous_checkpoint(
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 3 MB tmpfs: a real file system that really runs out of space (needs mount rights)."""
+    """A 4 MB tmpfs: a real file system that really runs out of space (needs mount rights)."""
     where = tmp_path / "tiny"
     where.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (not root?): {mounted.stderr.decode().strip()}")
