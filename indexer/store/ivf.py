@@ -514,27 +514,26 @@ class IVFIndex:
 
         Through the lists, not all pairs: each vector is compared with the vectors of its
         own list and with those whose nearest other centroids (``NEIGHBOUR_LISTS``) include
-        that list (near-copies fall in one list or in neighbouring ones), with BLAS. With a
-        vector source the comparisons and the neighbouring lists are on the full vectors,
-        one list at a time (memory: a list, not the library); without one, on vectors
-        decoded from the codes, re-scored exactly where possible.
+        that list (near-copies fall in one list or in neighbouring ones), with BLAS: pairs
+        within each list, then each list against its guests (the vectors whose nearest
+        other centroids include it). The comparisons and the neighbouring lists are on the
+        source's full vectors, read one list at a time (memory: a list, not the library;
+        each list is read twice, each vector once more per neighbouring list). Without a
+        source, on vectors decoded from the codes, held in memory: approximate scores,
+        close for sq8 codes, coarse for RaBitQ's (made for estimating scores to a query,
+        not for decoding).
         """
         if self.index is None or len(self) < 2:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        if self._fetch is None:
-            return self._near_pairs_decoded(radius, allowed_ids)
-        return self._near_pairs_exact(radius, allowed_ids)
-
-    def _near_pairs_exact(self, radius: float, allowed_ids: np.ndarray | None):
-        """:meth:`near_pairs` on the source's full vectors: pairs within each list, then
-        each list against its guests (the vectors whose nearest other centroids include it).
-        Each list's vectors are read twice and each vector once more per neighbouring list."""
+        fetch = self._fetch
+        if fetch is None:
+            fetch = _ArraySource(*_decode_ids(self.index, allowed_ids)).vectors
         members = [ids for ids, _ in _list_members(self.index, allowed_ids)]
         centroids = _centroids(self.index)
         guests: list[list[np.ndarray]] = [[] for _ in members]
         found: list[tuple] = []
         for number, ids in enumerate(members):
-            ids, vectors = _fetch_all(self._fetch, ids, self.dim)
+            ids, vectors = _fetch_all(fetch, ids, self.dim)
             members[number] = ids  # those the source knows, in the order it gave them
             if not len(ids):
                 continue
@@ -544,32 +543,9 @@ class IVFIndex:
         for number, ids in enumerate(members):
             if not len(ids) or not guests[number]:
                 continue
-            _, vectors = _fetch_all(self._fetch, ids, self.dim)
-            guest_ids, guest_vectors = _fetch_all(
-                self._fetch, np.concatenate(guests[number]), self.dim
-            )
+            _, vectors = _fetch_all(fetch, ids, self.dim)
+            guest_ids, guest_vectors = _fetch_all(fetch, np.concatenate(guests[number]), self.dim)
             found.append(_pairs_across(ids, vectors, guest_ids, guest_vectors, radius))
-        return _joined(found)
-
-    def _near_pairs_decoded(self, radius: float, allowed_ids: np.ndarray | None):
-        """:meth:`near_pairs` on vectors decoded from the codes (no vector source to read
-        full vectors from): the scores are approximations, close for sq8 codes, coarse for
-        RaBitQ's (made for estimating scores to a query, not for decoding)."""
-        lists = _decoded_lists(self.index, allowed_ids)
-        centroids = _centroids(self.index)
-        guests: list[list[tuple]] = [[] for _ in lists]
-        for number, (_, vectors) in enumerate(lists):
-            for target, rows in _neighbour_list_rows(vectors, centroids, number):
-                guests[target].append((number, rows))  # rows, not copies: memory
-        found = []
-        for number, (ids, vectors) in enumerate(lists):
-            if not len(ids):
-                continue
-            found.append(_pairs_within(ids, vectors, radius))
-            if guests[number]:
-                guest_ids = np.concatenate([lists[o][0][rows] for o, rows in guests[number]])
-                guest_vectors = np.vstack([lists[o][1][rows] for o, rows in guests[number]])
-                found.append(_pairs_across(ids, vectors, guest_ids, guest_vectors, radius))
         return _joined(found)
 
     def _exclusion(self, excluded: np.ndarray):
@@ -723,14 +699,6 @@ def _list_members(index: faiss.IndexIVF, allowed: np.ndarray | None):
     return out
 
 
-def _decoded_lists(index: faiss.IndexIVF, allowed: np.ndarray | None):
-    """Per list: (ids, vectors decoded from the codes), only allowed ids if restricted."""
-    return [
-        (ids, _decode(index, number, codes))
-        for number, (ids, codes) in enumerate(_list_members(index, allowed))
-    ]
-
-
 def _decode(index: faiss.IndexIVF, number: int, codes: np.ndarray) -> np.ndarray:
     """Vectors decoded from the codes of list ``number`` (centroid added back): FAISS's
     ``sa_decode`` takes each code behind its list number, so that is put in front."""
@@ -763,13 +731,16 @@ def _writable_copy(index: faiss.IndexIVF) -> faiss.IndexIVF:
     return copy
 
 
-def _decode_ids(index: faiss.IndexIVF, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors decoded from the codes) of the stored ids among ``wanted``."""
-    lists = _decoded_lists(index, wanted)
-    found = [ids for ids, _ in lists if len(ids)]
-    if not found:
+def _decode_ids(index: faiss.IndexIVF, wanted: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors decoded from the codes) of the stored ids among ``wanted`` (None: all)."""
+    lists = [
+        (ids, _decode(index, number, codes))
+        for number, (ids, codes) in enumerate(_list_members(index, wanted))
+        if len(ids)
+    ]
+    if not lists:
         return np.zeros(0, np.int64), np.zeros((0, index.d), np.float32)
-    return np.concatenate(found), np.vstack([v for ids, v in lists if len(ids)])
+    return np.concatenate([ids for ids, _ in lists]), np.vstack([v for _, v in lists])
 
 
 def _centroids(index: faiss.IndexIVF) -> np.ndarray:
@@ -891,16 +862,21 @@ def _memo(fetch: VectorFetch) -> VectorFetch:
 
 
 class _ArraySource:
-    """Vectors held in memory, looked up by id (tuning on an in-memory batch)."""
+    """Vectors held in memory, looked up by id (tuning on an in-memory batch; a bare store's
+    decoded vectors for near pairs); the ids are sorted once, not per lookup."""
 
     def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        self._ids, self._vectors = ids, vectors
+        self._ids, self._vectors = np.asarray(ids, np.int64), vectors
+        self._order = np.argsort(self._ids, kind="stable")
+        self._sorted = self._ids[self._order]
 
     def vectors(self, wanted) -> tuple[np.ndarray, np.ndarray]:
         wanted = np.asarray(wanted, np.int64)
-        position = _positions(self._ids, wanted)
-        keep = position >= 0
-        return wanted[keep], self._vectors[position[keep]]
+        if not len(self._ids):
+            return wanted[:0], self._vectors[:0]
+        where = np.minimum(np.searchsorted(self._sorted, wanted), len(self._ids) - 1)
+        held = self._sorted[where] == wanted
+        return wanted[held], self._vectors[self._order[where[held]]]
 
 
 def _tuning_queries(rng, source, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -294,12 +294,13 @@ class SegmentedStore:
         if fold is None:
             return None
         ids = self.delta.ids()
-        vectors = (
-            np.vstack([self.delta.reconstruct(int(i)) for i in ids])
-            if len(ids)
-            else np.zeros((0, self.dim), np.float32)
-        )
-        return fold(ids, vectors, self._dead)
+        return fold(ids, self._delta_vectors(ids), self._dead)
+
+    def _delta_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The delta's vectors of ``ids`` (delta ids), one row each."""
+        if not len(ids):
+            return np.zeros((0, self.dim), np.float32)
+        return np.vstack([self.delta.reconstruct(int(i)) for i in ids])
 
     def describe(self) -> dict:
         """What `clipdex info` shows: the base's own facts, the live count, and the delta
@@ -342,7 +343,7 @@ class SegmentedStore:
         if allowed_ids is not None:
             delta_ids = delta_ids[np.isin(delta_ids, allowed_ids)]
         if len(delta_ids):
-            vectors = np.vstack([self.delta.reconstruct(int(i)) for i in delta_ids])
+            vectors = self._delta_vectors(delta_ids)
             lims, hit_scores, hits = self.range_search(vectors, radius, allowed_ids)
             queries = np.repeat(delta_ids, np.diff(lims))
             other = hits != queries
@@ -369,7 +370,7 @@ class SegmentedStore:
         chosen = delta_ids[sample_hash(delta_ids) < bound]
         if len(chosen):
             ids = np.concatenate([ids, chosen])
-            vectors = np.vstack([vectors, *(self.delta.reconstruct(int(i))[None] for i in chosen)])
+            vectors = np.vstack([vectors, self._delta_vectors(chosen)])
         self._background[limit] = (self._changes, ids, vectors)
         return ids, vectors
 
