@@ -301,18 +301,12 @@ def _capture_condition(
     as ``YYYY-MM-DD HH:MM:SS.ffffff``, which orders as the times do), else the file's mtime
     against the bounds' instants in local time (the same as comparing the mtime's local wall
     time, but for the hour a clock turned back for daylight saving repeats)."""
-    exif, mtime = [], []
-    for bound, operator in ((after, ">="), (before, "<")):
-        if bound is not None:
-            exif.append((f"images.taken_at {operator} ?", _julian_text(bound)))
-            mtime.append((f"images.mtime_ns {operator} ?", _local_ns(bound)))
-    params.extend([value for _, value in exif] + [value for _, value in mtime])
-    return (
-        " AND ".join(term for term, _ in exif)
-        + " OR (images.taken_at IS NULL AND "
-        + " AND ".join(term for term, _ in mtime)
-        + ")"
-    )
+    bounds = [(bound, op) for bound, op in ((after, ">="), (before, "<")) if bound is not None]
+    exif = " AND ".join(f"images.taken_at {op} ?" for _, op in bounds)
+    mtime = " AND ".join(f"images.mtime_ns {op} ?" for _, op in bounds)
+    params.extend([_julian_text(bound) for bound, _ in bounds])
+    params.extend([_local_ns(bound) for bound, _ in bounds])
+    return f"{exif} OR (images.taken_at IS NULL AND {mtime})"
 
 
 def _local_ns(value: dt.datetime) -> int:
